@@ -1,0 +1,3 @@
+from hyloom.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Validating a loaded blueprint with pydantic models whose component unions come from the registries."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.metadata as md
+from typing import Annotated, Any, Union
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      PrivateAttr, StringConstraints, ValidationError, WithJsonSchema, create_model, model_validator)
+
+from hyloom.blueprint.errors import BlueprintError, Problem, dotted
+from hyloom.blueprint.load import Loaded
+from hyloom.registry import registry
+
+Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
+
+# Where component configs sit in a blueprint, and which registry they come from ("*": any key).
+SLOTS = {
+    ("model", "position"): "position",
+    ("model", "mixers", "*"): "mixer",
+    ("model", "ffn"): "ffn",
+    ("model", "norm"): "norm",
+}
+
+
+class SpecProblem(Exception):
+    """Raised from inside validation with a key path relative to `model` (pydantic would hide a ValueError's path)."""
+
+    def __init__(self, items: list[tuple[tuple, str]]):
+        self.items = items
+        super().__init__(items)
+
+
+def _expand_layout(value: Any) -> list[str]:
+    """'SLLL' (one letter a layer, spaces ignored), [S, L, ...], or {repeat: 'SLLL' | [..], times: N}."""
+    if isinstance(value, dict) and set(value) == {"repeat", "times"}:
+        times = value["times"]
+        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+            raise ValueError(f"layout.times must be a positive integer, got {times!r}")
+        return _expand_layout(value["repeat"]) * times
+    if isinstance(value, str):
+        return [c for c in value if not c.isspace()]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return list(value)
+    raise ValueError("expected a string of one-letter symbols ('SLLL'), a list of symbols, "
+                     "or {repeat: 'SLLL', times: N}")
+
+
+LAYOUT_SCHEMA = {"anyOf": [
+    {"type": "string", "description": "one symbol per character"},
+    {"type": "array", "items": {"type": "string"}},
+    {"type": "object", "properties": {"repeat": {"anyOf": [{"type": "string"}, {"type": "array"}]},
+                                      "times": {"type": "integer", "minimum": 1}},
+     "required": ["repeat", "times"], "additionalProperties": False},
+]}
+Layout = Annotated[list[str], BeforeValidator(_expand_layout), WithJsonSchema(LAYOUT_SCHEMA)]
+
+
+class _ModelSpecChecks(BaseModel):
+    """Cross-field checks of `model`; the fields themselves are declared in `blueprint_model`."""
+
+    _layers: list = PrivateAttr(default_factory=list)
+
+    @property
+    def layers(self) -> list:
+        """One mixer config per layer: the symbol's config with that layer's overrides applied."""
+        return self._layers
+
+    @model_validator(mode="after")
+    def _expand(self):
+        n = self.n_layers
+        if len(self.layout) != n:
+            raise SpecProblem([(("layout",), f"expands to {len(self.layout)} layers, but n_layers is {n}")])
+        for i, symbol in enumerate(self.layout):
+            if symbol not in self.mixers:
+                raise SpecProblem([(("layout",), f"layer {i} uses symbol {symbol!r}, which model.mixers does not "
+                                                f"define (defined: {', '.join(self.mixers) or 'none'})")])
+        layers = [self.mixers[s] for s in self.layout]
+        for i, patch in self.overrides.items():
+            if i >= n:
+                raise SpecProblem([(("overrides", i), f"layer index out of range: expected 0..{n - 1}")])
+            if "type" in patch:
+                raise SpecProblem([(("overrides", i, "type"), "an override cannot change a layer's mixer type; "
+                                                              "give the layer its own symbol in layout")])
+            base = layers[i]
+            try:
+                layers[i] = type(base).model_validate({**base.model_dump(), **patch})
+            except ValidationError as exc:
+                raise SpecProblem([(("overrides", i) + e["loc"], _plain_message(e)) for e in exc.errors()]) from None
+        for symbol, cfg in self.mixers.items():
+            caps = registry().get("mixer", cfg.type).capabilities
+            if not self.causal and not caps.bidirectional:
+                raise SpecProblem([(("mixers", symbol, "type"), f"mixer {cfg.type!r} cannot run bidirectionally, "
+                                                               "but model.causal is false")])
+            if self.causal and not caps.causal:
+                raise SpecProblem([(("mixers", symbol, "type"), f"mixer {cfg.type!r} is bidirectional only, "
+                                                               "but model.causal is true")])
+        self._layers = layers
+        return self
+
+
+def _union(kind: str):
+    configs = tuple(r.config for r in registry().all(kind) if r.config is not None)
+    if not configs:
+        raise RuntimeError(f"no {kind} with a config is registered")
+    return Annotated[Union[configs], Field(discriminator="type")]
+
+
+def _default(kind: str, name: str):
+    return Field(default_factory=lambda: registry().get(kind, name).config())
+
+
+@functools.cache
+def blueprint_model() -> type[BaseModel]:
+    """The `Blueprint` pydantic model for the plugins registered now."""
+    spec = create_model(
+        "ModelSpec",
+        __base__=_ModelSpecChecks,
+        d_model=(PositiveInt, ...),
+        n_layers=(PositiveInt, ...),
+        vocab_size=(PositiveInt, ...),
+        max_seq_len=(PositiveInt, 4096),
+        position=(_union("position"), _default("position", "rope")),
+        mixers=(dict[Symbol, _union("mixer")], ...),
+        layout=(Layout, ...),
+        overrides=(dict[NonNegativeInt, dict[str, Any]], {}),
+        ffn=(_union("ffn"), ...),
+        norm=(_union("norm"), _default("norm", "rmsnorm")),
+        causal=(bool, True),
+        tie_embeddings=(bool, False),
+        scale_emb=(PositiveFloat, 1.0),
+        scale_depth=(PositiveFloat | None, None),
+        dim_model_base=(PositiveInt | None, None),
+        init_std=(PositiveFloat, 0.02),
+    )
+    spec.model_config["extra"] = "forbid"
+    spec.model_rebuild(force=True)
+    return create_model(
+        "Blueprint",
+        __config__=ConfigDict(extra="forbid"),
+        model=(spec, ...),
+        requires=(list[str], []),
+    )
+
+
+def clear_cache() -> None:
+    blueprint_model.cache_clear()
+
+
+def json_schema() -> dict:
+    return blueprint_model().model_json_schema()
+
+
+# ---- turning pydantic's errors into messages a user can act on ------------------------------------------
+
+def _node(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, dict) and str(part) in data:
+            data = data[str(part)]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _strip_tags(loc: tuple, data: Any) -> tuple:
+    """Drop the union tags pydantic puts into error paths (model.mixers.S.attention.heads → model.mixers.S.heads)."""
+    out, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and str(part) not in node and node.get("type") == part:
+            continue
+        out.append(part)
+        node = _node(node, (part,))
+    return tuple(out)
+
+
+def _slot_kind(loc: tuple) -> str | None:
+    for pattern, kind in SLOTS.items():
+        if len(pattern) == len(loc) and all(p in ("*", str(q)) for p, q in zip(pattern, loc)):
+            return kind
+    return None
+
+
+def _fields_at(loc: tuple, data: Any) -> list[str] | None:
+    if loc == ():
+        return list(blueprint_model().model_fields)
+    if loc == ("model",):
+        return list(blueprint_model().model_fields["model"].annotation.model_fields)
+    kind, node = _slot_kind(loc), _node(data, loc)
+    if kind and isinstance(node, dict) and node.get("type") in registry().names(kind):
+        config = registry().get(kind, node["type"]).config
+        return [f for f in config.model_fields]
+    return None
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), options, n=2, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _plain_message(err: dict) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("missing",):
+        return "required key is missing"
+    return f"{msg} (got {err['input']!r})" if err["type"] not in ("extra_forbidden",) else msg
+
+
+def _message(err: dict, loc: tuple, data: Any) -> str:
+    kind = _slot_kind(loc)
+    if err["type"] == "union_tag_invalid":
+        tag = err["ctx"]["tag"]
+        known = registry().names(kind) if kind else []
+        return f"{tag!r} is not a registered {kind or 'component'}{_suggest(tag, known)} (registered: {', '.join(known)})"
+    if err["type"] == "union_tag_not_found":
+        known = ", ".join(registry().names(kind)) if kind else "?"
+        return f"expected a mapping with a 'type' key naming a registered {kind or 'component'} (one of: {known})"
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1], data) or []
+        key = loc[-1]
+        return f"unknown key {key!r}{_suggest(key, fields)} (expected one of: {', '.join(fields)})"
+    if err["type"] == "missing":
+        return "required key is missing"
+    return _plain_message(err)
+
+
+def _check_requires(requires: Any, loaded: Loaded) -> list[Problem]:
+    if not isinstance(requires, list):
+        return [Problem("requires", "expected a list of requirements like 'hyloom-myplugin>=0.3'", loaded.file_of(("requires",)))]
+    problems = []
+    plugins = {canonicalize_name(p.dist): p for p in registry().plugins}
+    for i, text in enumerate(requires):
+        where = ("requires", i)
+        try:
+            req = Requirement(str(text))
+        except InvalidRequirement as exc:
+            problems.append(Problem(dotted(where), f"not a valid requirement: {exc}", loaded.file_of(where)))
+            continue
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            problems.append(Problem(dotted(where), f"needs {text!r}, but {req.name} is not installed", loaded.file_of(where)))
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            problems.append(Problem(dotted(where), f"needs {text!r}, but {req.name} {version} is installed", loaded.file_of(where)))
+        plugin = plugins.get(canonicalize_name(req.name))
+        if plugin is not None and plugin.status != "ok":
+            problems.append(Problem(dotted(where), f"needs {req.name}, whose plugin is {plugin.status}"
+                                    + (f": {plugin.error}" if plugin.error else ""), loaded.file_of(where)))
+    return problems
+
+
+def validate(loaded: Loaded) -> BaseModel:
+    """Validate loaded blueprint data; raise BlueprintError naming file, key path and expectation."""
+    data = loaded.data
+    problems = _check_requires(data.get("requires", []), loaded)
+    if problems:
+        raise BlueprintError(problems)
+    try:
+        return blueprint_model().model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _strip_tags(err["loc"], data)
+            message = _message(err, loc, data)
+            if err["type"] == "union_tag_invalid":
+                loc += ("type",)
+            problems.append(Problem(dotted(loc), message, loaded.file_of(loc)))
+        raise BlueprintError(problems) from None
+    except SpecProblem as exc:
+        problems = [Problem(dotted(("model",) + loc), msg, loaded.file_of(("model",) + loc)) for loc, msg in exc.items]
+        raise BlueprintError(problems) from None

@@ -1,0 +1,204 @@
+"""The built-in commands. Each `add_*` adds one subparser; `func(args)` runs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from hyloom.blueprint import BlueprintError, Problem, builtin_names, json_schema, load, to_yaml, validate
+from hyloom.blueprint.load import builtin_path
+from hyloom.hookspecs import KINDS, hookimpl
+from hyloom.registry import registry
+
+
+def _parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _blueprint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("blueprint", help="a YAML file or builtin:NAME")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides like model.n_layers=8 or ~model.overrides")
+
+
+def _load(args):
+    return validate(load(args.blueprint, args.overrides))
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+# ---- plugins -----------------------------------------------------------------------------------------------
+
+def cmd_plugins(args) -> int:
+    plugins = registry().plugins
+    if args.json:
+        print(json.dumps([{"name": p.name, "distribution": p.dist, "version": p.version, "builtin": p.builtin,
+                           "status": p.status, "error": p.error,
+                           "registered": [f"{k}:{n}" for k, n in p.registered]} for p in plugins], indent=2))
+        return 0
+    for p in plugins:
+        where = "built-in" if p.builtin else f"{p.dist} {p.version}"
+        print(f"{p.status:8} {p.name:30} {where}")
+        if p.error:
+            print(f"         error: {p.error}")
+        elif p.registered:
+            print("         " + ", ".join(f"{k}:{n}" for k, n in p.registered))
+    return 0
+
+
+def add_plugins(sub):
+    p = _parser(sub, "plugins", "list loaded plugins, their distributions and what they register",
+                "  hyloom plugins\n  hyloom plugins --json\n  HYLOOM_DISABLE_PLUGINS=myplugin hyloom plugins\n")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+
+# ---- ls ----------------------------------------------------------------------------------------------------
+
+def _kind(text: str) -> str:
+    kinds = list(KINDS) + ["blueprint"]
+    for kind in kinds:
+        if text in (kind, kind + "s"):
+            return kind
+    raise BlueprintError([Problem("", f"unknown kind {text!r}; expected one of: {', '.join(kinds)}")])
+
+
+def cmd_ls(args) -> int:
+    kinds = [_kind(args.kind)] if args.kind else list(KINDS) + ["blueprint"]
+    for kind in kinds:
+        if len(kinds) > 1:
+            print(f"{kind}:")
+        if kind == "blueprint":
+            for name in builtin_names():
+                print(f"  builtin:{name}")
+            continue
+        for reg in registry().all(kind):
+            print(f"  {reg.name:22} {reg.summary}  [{reg.dist}]")
+    return 0
+
+
+def add_ls(sub):
+    p = _parser(sub, "ls", "list registered components of one kind (or all), or the built-in blueprints",
+                "  hyloom ls\n  hyloom ls mixer\n  hyloom ls blueprints\n")
+    p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}, blueprint")
+    p.set_defaults(func=cmd_ls)
+
+
+# ---- show / validate ---------------------------------------------------------------------------------------
+
+def _build_meta(bp):
+    from hyloom.model import build_model
+
+    return build_model(bp, device="meta")
+
+
+def cmd_show(args) -> int:
+    bp = _load(args)
+    spec = bp.model
+    model = _build_meta(bp)
+    per_token, fixed = model.cache_bytes(dtype_bytes=2)
+    print(f"blueprint: {args.blueprint}")
+    print(f"layers: {spec.n_layers}   d_model: {spec.d_model}   vocab: {spec.vocab_size}   "
+          f"position: {spec.position.type}   ffn: {spec.ffn.type}   norm: {spec.norm.type}")
+    print(f"layout: {''.join(s if len(s) == 1 else f'[{s}]' for s in spec.layout)}")
+    for symbol, cfg in spec.mixers.items():
+        print(f"  {symbol}: {json.dumps(cfg.model_dump())}")
+    print(f"parameters: {model.num_parameters():,} ({_human(model.num_parameters())})")
+    print(f"decode cache (bf16, one sequence): {_human(per_token, 'B')} per token + {_human(fixed, 'B')} fixed")
+    if args.tree:
+        for i, (block, cfg) in enumerate(zip(model.layers, spec.layers)):
+            n = sum(p.numel() for p in block.parameters())
+            t, f = block.mixer.cache_bytes(2)
+            print(f"  layers.{i:<3} {spec.layout[i]:>3} {cfg.type:14} {block.mixer.capabilities.family:8} "
+                  f"{type(block.position).__name__:13} params {_human(n):>7}   cache {t} B/token + {_human(f, 'B')}")
+    if args.yaml:
+        print(to_yaml(bp.model_dump(mode="json")))
+    return 0
+
+
+def add_show(sub):
+    p = _parser(sub, "show", "describe a blueprint: layers, parameter count, cache bytes per token",
+                "  hyloom show builtin:tiny\n  hyloom show builtin:qwen3-1.7b --tree\n"
+                "  hyloom show my.yaml model.n_layers=4 --yaml\n")
+    _blueprint_args(p)
+    p.add_argument("--tree", action="store_true", help="one line per layer")
+    p.add_argument("--yaml", action="store_true", help="print the fully resolved blueprint")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_validate(args) -> int:
+    bp = _load(args)
+    model = _build_meta(bp)
+    print(f"ok: {args.blueprint} ({bp.model.n_layers} layers, {_human(model.num_parameters())} parameters)")
+    return 0
+
+
+def add_validate(sub):
+    p = _parser(sub, "validate", "check a blueprint and build it on the meta device (no memory, no GPU)",
+                "  hyloom validate builtin:llama3-8b\n  hyloom validate my.yaml model.mixers.A.heads=8\n"
+                "  hyloom validate my.yaml ~model.overrides\n")
+    _blueprint_args(p)
+    p.set_defaults(func=cmd_validate)
+
+
+# ---- schema / cp -------------------------------------------------------------------------------------------
+
+def cmd_schema(args) -> int:
+    if args.markdown:
+        from hyloom.blueprint.reference import markdown
+
+        print(markdown(), end="")
+    else:
+        print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def add_schema(sub):
+    p = _parser(sub, "schema", "print the blueprint JSON Schema (every registered component's config included)",
+                "  hyloom schema > blueprint.schema.json\n  hyloom schema --markdown > docs/blueprint-reference.md\n")
+    p.add_argument("--markdown", action="store_true", help="the blueprint reference as Markdown")
+    p.set_defaults(func=cmd_schema)
+
+
+def cmd_cp(args) -> int:
+    if not args.source.startswith("builtin:"):
+        raise BlueprintError([Problem("", "expected builtin:NAME (see `hyloom ls blueprints`)", args.source)])
+    src = builtin_path(args.source[len("builtin:"):])
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise BlueprintError([Problem("", "already exists; pass --force to overwrite", str(dest))])
+    shutil.copyfile(src, dest)
+    print(f"copied {args.source} to {dest}")
+    return 0
+
+
+def add_cp(sub):
+    p = _parser(sub, "cp", "copy a built-in blueprint to a file you can edit",
+                "  hyloom cp builtin:tiny my.yaml\n  hyloom cp builtin:qwen3-1.7b blueprints/\n")
+    p.add_argument("source", help="builtin:NAME")
+    p.add_argument("dest", help="a file or folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_cp)
+
+
+@hookimpl
+def hyloom_register_commands(register):
+    for name, add, summary in [
+        ("plugins", add_plugins, "list plugins"),
+        ("ls", add_ls, "list components or built-in blueprints"),
+        ("show", add_show, "describe a blueprint"),
+        ("validate", add_validate, "validate a blueprint on the meta device"),
+        ("schema", add_schema, "print the blueprint schema"),
+        ("cp", add_cp, "copy a built-in blueprint"),
+    ]:
+        register(name, add, summary=summary)

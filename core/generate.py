@@ -1,0 +1,55 @@
+"""Batched generation over one model cache: greedy, temperature, top-k, top-p, stop tokens."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens=(), pad_id: int = 0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids). Prompts of different lengths are left-padded into one batch.
+    Returns the new tokens of each row, ending before the first stop token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, T - len(prompt):] = True
+    logits, cache = model.prefill(ids, valid)
+    logits = logits[:, -1]
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        done |= torch.isin(token, stops)
+        for row in (~done).nonzero()[:, 0].tolist():
+            out[row].append(int(token[row]))
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model.decode_step(token, cache)
+    return out

@@ -1,0 +1,94 @@
+"""Softmax attention: GQA, optional sliding window, QK-norm and sigmoid output gate, KV cache, SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, PositiveInt, model_validator
+from torch import nn
+
+from hyloom.mixer import Mixer, MixerCapabilities, MixerContext
+from hyloom.plugins.transformer.kv_cache import KVCache
+from hyloom.plugins.transformer.norm import RMSNorm
+
+
+class AttentionConfig(BaseModel):
+    heads: PositiveInt
+    kv_heads: PositiveInt | None = Field(None, description="key/value heads for GQA (default: heads)")
+    head_dim: PositiveInt | None = Field(None, description="default: d_model // heads")
+    window: PositiveInt | None = Field(None, description="sliding window in tokens (null: full causal)")
+    qk_norm: bool = Field(False, description="per-head RMSNorm on q and k before the position encoding")
+    gate: bool = Field(False, description="sigmoid output gate: o * sigmoid(x W_g) before W_o")
+    norm_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _gqa(self):
+        if self.heads % (self.kv_heads or self.heads):
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
+
+
+class Attention(Mixer):
+    capabilities = MixerCapabilities(family="softmax", causal=True, bidirectional=True, decode=True, varlen=True)
+
+    def __init__(self, cfg: AttentionConfig, d_model: int):
+        super().__init__()
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads or cfg.heads
+        self.head_dim = cfg.head_dim or d_model // cfg.heads
+        self.window = cfg.window
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        self.q_proj = nn.Linear(d_model, H * D, bias=False)
+        self.k_proj = nn.Linear(d_model, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(d_model, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d_model, bias=False)
+        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
+        self.g_proj = nn.Linear(d_model, H * D, bias=False) if cfg.gate else None
+
+    def forward(self, x_BTD, ctx: MixerContext):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ctx.position.apply(q, k, ctx.pos_BT)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if ctx.cache is not None:
+            k, v = ctx.cache.append(k, v)
+        mask = self._mask(ctx, T, k.shape[2], x_BTD.device)
+        is_causal = mask is None and ctx.causal and T > 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        o = o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x_BTD))
+        return self.o_proj(o)
+
+    def _mask(self, ctx: MixerContext, T: int, S: int, device) -> torch.Tensor | None:
+        """Boolean [B|1, 1, T, S] mask, or None when plain causal (or full) attention is exact."""
+        plain = ctx.valid_BS is None and self.window is None and ctx.cu_seqlens is None
+        if plain and (S == T or T == 1 or not ctx.causal):
+            return None
+        q_idx = torch.arange(S - T, S, device=device)[:, None]  # queries are the last T of S keys
+        k_idx = torch.arange(S, device=device)[None, :]
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device)
+        if ctx.causal:
+            allowed &= k_idx <= q_idx
+        if self.window is not None:
+            allowed &= (q_idx - k_idx).abs() < self.window
+        allowed = allowed[None, None]
+        if ctx.cu_seqlens is not None:
+            seq = torch.bucketize(torch.arange(S, device=device), ctx.cu_seqlens[1:], right=True)
+            allowed = allowed & (seq[S - T:, None] == seq[None, :])[None, None]
+        if ctx.valid_BS is not None:
+            allowed = allowed & ctx.valid_BS[:, None, None, :]
+        # A padding query may have no real key; let every query see itself so no row is empty (an empty row
+        # gives NaN, and NaN values poison real rows even at zero weight).
+        return allowed | (q_idx == k_idx)[None, None]
+
+    def new_cache(self, batch, device, dtype):
+        return KVCache(batch, self.kv_heads, self.head_dim, device, dtype)
+
+    def cache_bytes(self, dtype_bytes):
+        return 2 * self.kv_heads * self.head_dim * dtype_bytes, 0

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+
+class RMSNormConfig(BaseModel):
+    eps: float = Field(1e-6, gt=0)
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32 and scales after casting back, as Llama and Qwen3 do (so imported weights match)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
