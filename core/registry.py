@@ -224,7 +224,7 @@ def load_registry(*, no_plugins: bool = False) -> Registry:
 
     infos = {p.name: p for p in registry.plugins}
     for kind, hook_name in KINDS.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls()[::-1]:  # pluggy lists last-registered first
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order: built-ins first
             info = infos[impl.plugin_name]
             if info.status != "ok":
                 continue

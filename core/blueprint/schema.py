@@ -90,7 +90,9 @@ class _ModelSpecChecks(BaseModel):
             try:
                 layers[i] = type(base).model_validate({**base.model_dump(), **patch})
             except ValidationError as exc:
-                raise SpecProblem([(("overrides", i) + e["loc"], _plain_message(e)) for e in exc.errors()]) from None
+                fields = list(type(base).model_fields)
+                raise SpecProblem([(("overrides", i) + e["loc"], _message(e, e["loc"], None, fields))
+                                   for e in exc.errors()]) from None
         for symbol, cfg in self.mixers.items():
             caps = registry().get("mixer", cfg.type).capabilities
             if not self.causal and not caps.bidirectional:
@@ -110,8 +112,8 @@ def _union(kind: str):
     return Annotated[Union[configs], Field(discriminator="type")]
 
 
-def _default(kind: str, name: str):
-    return Field(default_factory=lambda: registry().get(kind, name).config())
+def _default(kind: str, name: str, description: str):
+    return Field(default_factory=lambda: registry().get(kind, name).config(), description=description)
 
 
 @functools.cache
@@ -120,30 +122,30 @@ def blueprint_model() -> type[BaseModel]:
     spec = create_model(
         "ModelSpec",
         __base__=_ModelSpecChecks,
-        d_model=(PositiveInt, ...),
-        n_layers=(PositiveInt, ...),
-        vocab_size=(PositiveInt, ...),
-        max_seq_len=(PositiveInt, 4096),
-        position=(_union("position"), _default("position", "rope")),
-        mixers=(dict[Symbol, _union("mixer")], ...),
-        layout=(Layout, ...),
-        overrides=(dict[NonNegativeInt, dict[str, Any]], {}),
-        ffn=(_union("ffn"), ...),
-        norm=(_union("norm"), _default("norm", "rmsnorm")),
-        causal=(bool, True),
-        tie_embeddings=(bool, False),
-        scale_emb=(PositiveFloat, 1.0),
-        scale_depth=(PositiveFloat | None, None),
-        dim_model_base=(PositiveInt | None, None),
-        init_std=(PositiveFloat, 0.02),
+        d_model=(PositiveInt, Field(description="width of the residual stream")),
+        n_layers=(PositiveInt, Field(description="number of blocks; layout must expand to this many")),
+        vocab_size=(PositiveInt, Field(description="rows of the embedding and the output head")),
+        max_seq_len=(PositiveInt, Field(4096, description="longest sequence the model is meant for")),
+        position=(_union("position"), _default("position", "rope", "position policy (default: rope)")),
+        mixers=(dict[Symbol, _union("mixer")], Field(description="mixer configs by symbol, used by layout")),
+        layout=(Layout, Field(description="one symbol per layer: 'SLLL', [S, L, ...] or {repeat: SLLL, times: 8}")),
+        overrides=(dict[NonNegativeInt, dict[str, Any]], Field({}, description="per-layer changes: {31: {topk: 32}}")),
+        ffn=(_union("ffn"), Field(description="feed-forward block")),
+        norm=(_union("norm"), _default("norm", "rmsnorm", "normalisation layer (default: rmsnorm)")),
+        causal=(bool, Field(True, description="false: bidirectional (masked diffusion); every mixer must support it")),
+        tie_embeddings=(bool, Field(False, description="output head shares the embedding matrix")),
+        scale_emb=(PositiveFloat, Field(1.0, description="embeddings are multiplied by this (MiniCPM: 12)")),
+        scale_depth=(PositiveFloat | None, Field(None, description="residual branches × scale_depth/√n_layers (MiniCPM: 1.4)")),
+        dim_model_base=(PositiveInt | None, Field(None, description="logits ÷ (d_model/dim_model_base) (MiniCPM: 256)")),
+        init_std=(PositiveFloat, Field(0.02, description="std of the normal init of linear and embedding weights")),
     )
     spec.model_config["extra"] = "forbid"
     spec.model_rebuild(force=True)
     return create_model(
         "Blueprint",
         __config__=ConfigDict(extra="forbid"),
-        model=(spec, ...),
-        requires=(list[str], []),
+        model=(spec, Field(description="the architecture")),
+        requires=(list[str], Field([], description="distributions this blueprint needs, e.g. 'hyloom-myplugin>=0.3'")),
     )
 
 
@@ -205,14 +207,7 @@ def _suggest(word: str, options: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
-def _plain_message(err: dict) -> str:
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] in ("missing",):
-        return "required key is missing"
-    return f"{msg} (got {err['input']!r})" if err["type"] not in ("extra_forbidden",) else msg
-
-
-def _message(err: dict, loc: tuple, data: Any) -> str:
+def _message(err: dict, loc: tuple, data: Any, fields: list[str] | None = None) -> str:
     kind = _slot_kind(loc)
     if err["type"] == "union_tag_invalid":
         tag = err["ctx"]["tag"]
@@ -222,12 +217,12 @@ def _message(err: dict, loc: tuple, data: Any) -> str:
         known = ", ".join(registry().names(kind)) if kind else "?"
         return f"expected a mapping with a 'type' key naming a registered {kind or 'component'} (one of: {known})"
     if err["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1], data) or []
+        fields = fields or _fields_at(loc[:-1], data) or []
         key = loc[-1]
         return f"unknown key {key!r}{_suggest(key, fields)} (expected one of: {', '.join(fields)})"
     if err["type"] == "missing":
         return "required key is missing"
-    return _plain_message(err)
+    return f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})"
 
 
 def _check_requires(requires: Any, loaded: Loaded) -> list[Problem]:

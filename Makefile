@@ -1,0 +1,25 @@
+# `make test` sets up everything on a fresh machine (a venv with the CPU build of torch) and runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test install docs clean
+
+test: install
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build (a plain `torch` requirement would pull several GB of CUDA wheels)
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+docs: install
+	$(VENV)/bin/hyloom --no-plugins schema --markdown > docs/blueprint-reference.md
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
