@@ -32,6 +32,8 @@ BUILTIN_PLUGINS = (
     "hyloom.cli.commands",
     "hyloom.plugins.transformer",
     "hyloom.plugins.position",
+    "hyloom.plugins.lightning",
+    "hyloom.plugins.infllm_v2",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -82,6 +82,18 @@ def _record(node, loc: tuple, file: str, sources: dict) -> None:
             _record(value, loc + (key,), file, sources)
 
 
+def _drop_retyped(parent: DictConfig, child: dict) -> None:
+    """A component whose `type` the child changes replaces the parent's mapping instead of merging into it
+    (a `rope` position's `theta` means nothing to `hype`)."""
+    for key, value in child.items():
+        if not isinstance(value, dict) or not isinstance(parent.get(key), DictConfig):
+            continue
+        if "type" in value and parent[key].get("type") not in (None, value["type"]):
+            del parent[key]
+        else:
+            _drop_retyped(parent[key], value)
+
+
 def _load_tree(path: Path, stack: tuple[Path, ...], sources: dict) -> DictConfig:
     path = path.resolve()
     if path in stack:
@@ -98,6 +110,7 @@ def _load_tree(path: Path, stack: tuple[Path, ...], sources: dict) -> DictConfig
         merged = OmegaConf.merge(merged, _load_tree(resolve(ref, path.parent), stack + (path,), sources))
     for key, value in raw.items():
         _record(value, (key,), str(path), sources)
+    _drop_retyped(merged, raw)
     try:
         return OmegaConf.merge(merged, OmegaConf.create(raw))
     except OmegaConfBaseException as exc:

@@ -171,3 +171,30 @@ def test_blueprint_reference_in_docs_is_current():
     reset(no_plugins=True)
     committed = (Path(__file__).resolve().parents[2] / "docs" / "blueprint-reference.md").read_text()
     assert committed == markdown(), "regenerate it with `make docs`"
+
+
+def test_real_architectures_are_built_exactly():
+    sala = load_blueprint("builtin:minicpm-sala").model
+    assert [i for i, s in enumerate(sala.layout) if s == "S"] == [0, 9, 16, 17, 22, 29, 30, 31]
+    sparse, linear = sala.layers[0], sala.layers[1]
+    assert (sparse.type, sparse.heads, sparse.kv_heads, sparse.head_dim, sparse.topk, sparse.dense_len) == \
+        ("infllm_v2", 32, 2, 128, 64, 8192)
+    assert sparse.qk_norm and sparse.gate and linear.qk_norm and linear.output_norm and linear.gate
+    assert (linear.type, linear.heads, linear.head_dim, linear.decay) == ("lightning", 32, 128, "alibi")
+    assert (sala.scale_emb, sala.scale_depth, sala.dim_model_base, sala.position.type) == (12, 1.4, 256, "hype")
+    model = hyloom.build_model(load_blueprint("builtin:minicpm-sala"), device="meta")
+    families = [b.mixer.capabilities.family for b in model.layers]
+    positions = [type(b.position).__name__ for b in model.layers]
+    assert all((f == "linear") == (p == "Rotary") for f, p in zip(families, positions))
+    assert 9.0e9 < model.num_parameters() < 9.6e9
+
+    hype = load_blueprint("builtin:hypenet-2b").model
+    assert [i for i, s in enumerate(hype.layout) if s == "A"] == [2, 3, 6, 8, 9, 21, 25]
+    assert (hype.position.type, hype.position.rope_theta, hype.position.a) == ("hype", 1e6, 500)
+    assert {c.type for c in load_blueprint("builtin:minicpm4-8b").model.layers} == {"infllm_v2"}
+
+
+def test_changing_a_component_type_in_a_child_replaces_the_mapping(tmp_path):
+    write(tmp_path, GOOD, "parent.yaml")
+    child = write(tmp_path, "extends: parent.yaml\nmodel: {position: {type: hype, a: 500}}\n", "child.yaml")
+    assert load_blueprint(child).model.position.model_dump() == {"rope_theta": 10000.0, "a": 500.0, "type": "hype"}

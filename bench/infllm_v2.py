@@ -1,0 +1,360 @@
+"""InfLLM-V2 on a GPU: bf16 correctness against the reference, then timings against SDPA and fla's parallel_nsa.
+
+    python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep]
+    python bench/infllm_v2.py --smoke   # CPU, Triton interpreter, tiny shapes: checks that the script runs
+
+Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prints a short table last.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn.functional as F
+
+from hyloom.kernels.infllm_v2 import (SparseConfig, block_scores, block_sparse_attn, compress_keys, infllm_v2_attn,
+                                      infllm_v2_decode, naive, ops, select_blocks, update_compressed_keys)
+
+MATMUL_TFLOPS = 799.0  # replaced by a measurement on the GPU
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("nan")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, smoke):
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- correctness (bf16 vs fp32 reference)
+def check_correctness(dev, dtype, smoke):
+    rows = []
+    if smoke:
+        shapes = [(2, 1, 16, 150, SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, window=32,
+                                                 dense_len=64))]
+    else:
+        small = SparseConfig(topk=16, window=512, dense_len=1024)  # 24 of 64 blocks at 4K: really sparse
+        shapes = [(16, 1, 128, 8192, SparseConfig()),  # the defaults, G = 16
+                  (1, 2, 64, 4096, small), (2, 2, 128, 4096, small), (4, 2, 64, 4096, small),
+                  (8, 2, 128, 4096, small), (16, 2, 64, 4096, small)]
+    for G, Hkv, D, T, cfg in shapes:
+        torch.manual_seed(G * 1000 + D + T)
+        H = G * Hkv
+        q = torch.randn(1, T, H, D, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+        kc = compress_keys(k.detach(), cfg)
+        ref_idx = naive.select_blocks_ref(q.detach(), kc, cfg)
+        idx = select_blocks(q, kc, cfg)
+        same_rows = (idx == ref_idx).all(-1).float().mean().item()
+        picks_kept = _overlap(idx, ref_idx)
+        scores = block_scores(q.detach(), kc, cfg)
+        ref_scores = naive.block_scores_ref(naive.kernel_scores_ref(q.detach(), kc, cfg), cfg, cfg.n_blocks(T))
+        fin = ref_scores.isfinite()
+        score_err = rel_err(scores[fin], ref_scores[fin])
+        o = block_sparse_attn(q, k, v, ref_idx, cfg.block_size)
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+        ref_o = naive.sparse_attn_ref(qf, kf, vf, ref_idx, cfg.block_size)
+        ref_grads = torch.autograd.grad(ref_o, (qf, kf, vf), do.float())
+        whole = infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg)
+        # decode of the last token, with the compressed-key cache built incrementally
+        kc_cache = torch.empty(1, cfg.n_kernels(T), Hkv, D, device=dev, dtype=dtype)
+        update_compressed_keys(k.detach(), kc_cache, 0, T - 5, cfg)
+        for t in range(T - 5, T):
+            update_compressed_keys(k.detach(), kc_cache, t, t + 1, cfg)
+        dec = infllm_v2_decode(q.detach()[:, -1], k.detach(), v.detach(), kc_cache, T, cfg)
+        row = dict(G=G, Hkv=Hkv, D=D, T=T, score_rel_err=score_err, rows_identical=same_rows, picks_shared=picks_kept,
+                   fwd_rel_err=rel_err(o, ref_o), whole_rel_err=rel_err(whole, ref_o),
+                   decode_rel_err=rel_err(dec, ref_o[:, -1]),
+                   **{f"d{n}_rel_err": rel_err(g, rg) for n, g, rg in zip("qkv", grads, ref_grads)})
+        row["ok"] = all(row[f] <= 1e-2 for f in ("fwd_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err",
+                                                  "score_rel_err", "decode_rel_err"))
+        log("check", json.dumps({k_: (round(v_, 6) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
+        rows.append(row)
+        del q, k, v, o, grads, ref_o, ref_grads, qf, kf, vf
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _overlap(idx, ref_idx):
+    """Share of the reference's picks that the kernel picked too."""
+    n = int(max(idx.max(), ref_idx.max())) + 2
+    a = torch.zeros(*idx.shape[:-1], n, dtype=torch.bool, device=idx.device)
+    b = torch.zeros_like(a)
+    a.scatter_(-1, idx.long().clamp(min=-1) % n, True)
+    b.scatter_(-1, ref_idx.long().clamp(min=-1) % n, True)
+    a[..., -1], b[..., -1] = False, False
+    return ((a & b).sum() / b.sum()).item()
+
+
+# ---------------------------------------------------------------- timings
+def sdpa_peer(q, k_rep, v_rep, backend):
+    from torch.nn.attention import sdpa_kernel
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k_rep, v_rep))
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    return run
+
+
+def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
+    res = {"T": T}
+    torch.manual_seed(T)
+    q = torch.randn(1, T, H, D, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+    do = torch.randn_like(q)
+    kc = compress_keys(k.detach(), cfg)
+    idx = select_blocks(q, kc, cfg)
+    n_sel = (idx >= 0).sum().item()  # (token, KV head) block picks
+    res["blocks_per_query"] = n_sel / (T * Hkv)
+    attn_flop = 4.0 * n_sel * cfg.block_size * (H // Hkv) * D  # QKᵀ and PV over every selected key
+    vis_kernels = sum(min(cfg.n_kernels(t + 1), 10**9) for t in range(0, T, 64)) * 64  # kernels seen, summed over tokens
+    select_flop = 2.0 * H * D * vis_kernels * (1 + cfg.pool_window / cfg.pool_stride)  # pass 1 + pooled pass 2
+    res["attn_flop"], res["select_flop"] = attn_flop, select_flop
+
+    res["compress_ms"] = bench(lambda: compress_keys(k.detach(), cfg), smoke)
+    res["scores_ms"] = bench(lambda: block_scores(q.detach(), kc, cfg), smoke)
+    scores = block_scores(q.detach(), kc, cfg)
+    res["topk_ms"] = bench(lambda: naive.topk_blocks(scores, cfg.k_total), smoke)
+    del scores
+    res["select_ms"] = bench(lambda: select_blocks(q, compress_keys(k.detach(), cfg), cfg), smoke)
+    res["attend_ms"] = bench(lambda: block_sparse_attn(q.detach(), k.detach(), v.detach(), idx, cfg.block_size), smoke)
+    res["fwd_ms"] = bench(lambda: infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg), smoke)
+
+    def attend_fwd_bwd():
+        o = block_sparse_attn(q, k, v, idx, cfg.block_size)
+        torch.autograd.grad(o, (q, k, v), do)
+    res["attend_fwd_bwd_ms"] = bench(attend_fwd_bwd, smoke)
+
+    def fwd_bwd():
+        o = infllm_v2_attn(q, k, v, cfg)
+        torch.autograd.grad(o, (q, k, v), do)
+    res["fwd_bwd_ms"] = bench(fwd_bwd, smoke)
+    res["attend_tflops"] = attn_flop / res["attend_ms"] / 1e9
+    res["attend_fwd_bwd_tflops"] = 3.5 * attn_flop / res["attend_fwd_bwd_ms"] / 1e9
+    res["select_tflops"] = select_flop / res["scores_ms"] / 1e9
+    res["floor_fwd_ms"] = (attn_flop + select_flop) / MATMUL_TFLOPS / 1e9
+    res["floor_fwd_bwd_ms"] = (3.5 * attn_flop + select_flop) / MATMUL_TFLOPS / 1e9
+    log(f"T={T} ours", json.dumps({k_: round(v_, 3) if isinstance(v_, float) else v_ for k_, v_ in res.items()}))
+
+    peers = {}
+    if not smoke:
+        from torch.nn.attention import SDPBackend
+        G = H // Hkv
+        k_rep = k.detach().repeat_interleave(G, dim=2).requires_grad_()
+        v_rep = v.detach().repeat_interleave(G, dim=2).requires_grad_()
+        for name, backend in (("sdpa.cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa.flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                run = sdpa_peer(q.detach(), k_rep.detach(), v_rep.detach(), backend)
+                peers[name + ".fwd"] = bench(run, smoke)
+                run_g = sdpa_peer(q, k_rep, v_rep, backend)
+
+                def run_fwd_bwd():
+                    o = run_g()
+                    torch.autograd.grad(o, (q, k_rep, v_rep), do.transpose(1, 2))
+                peers[name + ".fwd_bwd"] = bench(run_fwd_bwd, smoke)
+            except Exception as e:  # a backend missing on this build is reported, not fatal
+                log(f"{name} failed: {type(e).__name__}: {str(e)[:200]}")
+        del k_rep, v_rep
+        try:
+            from fla.ops.nsa import parallel_nsa
+            g_cmp = torch.rand(1, T, H, device=dev, dtype=dtype, requires_grad=True)
+            g_slc = torch.rand(1, T, H, device=dev, dtype=dtype, requires_grad=True)
+            nsa = lambda: parallel_nsa(q.detach(), k.detach(), v.detach(), g_cmp.detach(), g_slc.detach(),
+                                       block_counts=16, block_size=64)
+            peers["fla.parallel_nsa.fwd"] = bench(nsa, smoke)
+
+            def nsa_fwd_bwd():
+                o = parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64)
+                torch.autograd.grad(o, (q, k, v), do)
+            peers["fla.parallel_nsa.fwd_bwd"] = bench(nsa_fwd_bwd, smoke)
+        except Exception as e:
+            log(f"fla.parallel_nsa failed: {type(e).__name__}: {str(e)[:300]}")
+        log(f"T={T} peers", json.dumps({k_: round(v_, 3) for k_, v_ in peers.items()}))
+    res["peers"] = peers
+    del q, k, v, do, idx, kc
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def time_decode(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
+    torch.manual_seed(1)
+    q = torch.randn(1, H, D, device=dev, dtype=dtype)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype)
+    kc = compress_keys(k, cfg)
+    out = {"T": T, "ours_ms": bench(lambda: infllm_v2_decode(q, k, v, kc, T, cfg), smoke)}
+    out["update_kc_ms"] = bench(lambda: update_compressed_keys(k, kc, T - 1, T, cfg), smoke)
+    if not smoke:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        G = H // Hkv
+        kt = k.repeat_interleave(G, dim=2).transpose(1, 2)
+        vt = v.repeat_interleave(G, dim=2).transpose(1, 2)
+        qt = q.unsqueeze(2)
+        for name, backend in (("sdpa.flash", SDPBackend.FLASH_ATTENTION), ("sdpa.cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("sdpa.efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                def run():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(qt, kt, vt)
+                out[name] = bench(run, smoke)
+            except Exception as e:
+                log(f"decode {name} failed: {type(e).__name__}: {str(e)[:200]}")
+    log("decode", json.dumps({k_: round(v_, 4) for k_, v_ in out.items()}))
+    return out
+
+
+def sweep(cfg, dev, dtype, T=65536):
+    """Launch settings of the attention and scoring kernels at one length; keeps the fastest in ops.TUNE."""
+    H, Hkv, D = 32, 2, 128
+    q = torch.randn(1, T, H, D, device=dev, dtype=dtype)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype)
+    kc = compress_keys(k, cfg)
+    idx = select_blocks(q, kc, cfg)
+    found = {}
+    for key, fn, options in (
+            ("fwd", lambda: block_sparse_attn(q, k, v, idx, cfg.block_size),
+             [dict(num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]),
+            ("scores", lambda: block_scores(q, kc, cfg),
+             [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]),
+            ("lse", lambda: block_scores(q, kc, cfg),
+             [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])):
+        best = None
+        for opt in options:
+            ops.TUNE[key] = opt
+            try:
+                ms = bench(fn, False)
+            except Exception as e:
+                log(f"sweep {key} {opt} failed: {str(e)[:120]}")
+                continue
+            log(f"sweep {key} {opt}: {ms:.3f} ms")
+            if best is None or ms < best[0]:
+                best = (ms, opt)
+        ops.TUNE[key] = best[1]
+        found[key] = {"ms": best[0], **best[1]}
+    for key, value in (("select_rows", 128), ("select_blocks", 64)):
+        old = ops.TUNE[key]
+        base = bench(lambda: block_scores(q, kc, cfg), False)
+        ops.TUNE[key] = value
+        try:
+            ms = bench(lambda: block_scores(q, kc, cfg), False)
+        except Exception as e:
+            ms = float("inf")
+            log(f"sweep {key}={value} failed: {str(e)[:120]}")
+        log(f"sweep {key}: {old} -> {base:.3f} ms, {value} -> {ms:.3f} ms")
+        if ms >= base:
+            ops.TUNE[key] = old
+    return found
+
+
+def main():
+    global MATMUL_TFLOPS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--lengths", default="16384,32768,65536,131072")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    smoke = args.smoke
+    dev = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    cfg = SparseConfig()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if smoke:
+        cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, window=32, dense_len=64)
+        lengths = [96]
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    if dev == "cuda":
+        a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        MATMUL_TFLOPS = 2 * 8192 ** 3 / bench(lambda: a @ a, False) / 1e9
+        log(f"{device_name}: bf16 matmul {MATMUL_TFLOPS:.0f} TFLOP/s")
+        del a
+    checks = [] if args.skip_check else check_correctness(dev, dtype, smoke)
+    tuned = sweep(cfg, dev, dtype) if args.sweep and not smoke else {}
+    log("TUNE", json.dumps(ops.TUNE))
+    timings = []
+    for T in lengths:
+        try:
+            timings.append(time_length(T, cfg, dev, dtype, smoke))
+        except Exception:
+            log(f"T={T} failed:\n{traceback.format_exc()[-1500:]}")
+    try:
+        decode = time_decode(max(lengths), cfg, dev, dtype, smoke)
+    except Exception:
+        decode = None
+        log(f"decode failed:\n{traceback.format_exc()[-1500:]}")
+
+    import triton
+    rows = []
+    base = {"B": 1, "H": 32, "Hkv": 2, "D": 128, "dtype": str(dtype).replace("torch.", "")}
+    err = max((c["fwd_rel_err"] for c in checks), default=None)
+    for r in timings:
+        p = r["peers"]
+        common = dict(base, T=r["T"], blocks_per_query=round(r["blocks_per_query"], 2))
+        rows.append(dict(common, case="select", ours_ms=r["select_ms"], scores_ms=r["scores_ms"], topk_ms=r["topk_ms"],
+                         compress_ms=r["compress_ms"], tflops_scores=r["select_tflops"], peers={},
+                         floor_ms=r["select_flop"] / MATMUL_TFLOPS / 1e9))
+        rows.append(dict(common, case="attend", ours_ms=r["attend_ms"], tflops=r["attend_tflops"], peers={},
+                         floor_ms=r["attn_flop"] / MATMUL_TFLOPS / 1e9, max_rel_err_vs_ref=err))
+        rows.append(dict(common, case="fwd", ours_ms=r["fwd_ms"], floor_ms=r["floor_fwd_ms"], max_rel_err_vs_ref=err,
+                         peers={k_[:-4]: v_ for k_, v_ in p.items() if k_.endswith(".fwd")}))
+        rows.append(dict(common, case="fwd_bwd", ours_ms=r["fwd_bwd_ms"], attend_fwd_bwd_ms=r["attend_fwd_bwd_ms"],
+                         tflops_attend=r["attend_fwd_bwd_tflops"], floor_ms=r["floor_fwd_bwd_ms"],
+                         peers={k_[:-8]: v_ for k_, v_ in p.items() if k_.endswith(".fwd_bwd")}))
+    if decode:
+        rows.append(dict(base, case="decode", T=decode["T"], ours_ms=decode["ours_ms"],
+                         update_kc_ms=decode["update_kc_ms"],
+                         peers={k_: v_ for k_, v_ in decode.items() if k_.startswith("sdpa")}))
+    today = datetime.date.today()
+    short = device_name.split()[-1].lower() if dev == "cuda" else "cpu"
+    record = {"op": "infllm_v2", "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+              "command": "python bench/infllm_v2.py " + " ".join(sys.argv[1:]), "date": str(today),
+              "matmul_tflops": MATMUL_TFLOPS, "tune": ops.TUNE, "sweep": tuned, "checks": checks, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"infllm_v2-{short}-{today.strftime('%Y%m%d')}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    log(f"wrote {path}")
+
+    log(f"\n{device_name}, bf16 matmul {MATMUL_TFLOPS:.0f} TFLOP/s; B=1 H=32 Hkv=2 D=128, {cfg.k_total} blocks of 64")
+    log(f"{'T':>7} {'case':8} {'ours ms':>9} {'cudnn':>9} {'flash':>9} {'fla nsa':>9} {'x cudnn':>8} {'x flash':>8} {'x nsa':>7}")
+    for r in rows:
+        p = r["peers"]
+        ratio = lambda name: f"{p[name] / r['ours_ms']:.2f}" if name in p else "-"
+        cell = lambda name: f"{p[name]:.2f}" if name in p else "-"
+        log(f"{r['T']:>7} {r['case']:8} {r['ours_ms']:>9.2f} {cell('sdpa.cudnn'):>9} {cell('sdpa.flash'):>9} "
+            f"{cell('fla.parallel_nsa'):>9} {ratio('sdpa.cudnn'):>8} {ratio('sdpa.flash'):>8} {ratio('fla.parallel_nsa'):>7}")
+    bad = [c for c in checks if not c["ok"]]
+    log(f"correctness: {len(checks) - len(bad)}/{len(checks)} shapes within 1e-2")
+
+
+if __name__ == "__main__":
+    main()

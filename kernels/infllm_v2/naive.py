@@ -1,0 +1,131 @@
+"""Readable, differentiable PyTorch reference of InfLLM-V2 (SPEC §2). Slow and memory-hungry: O(T²) tensors.
+
+Layout: q [B, T, H, D], k/v [B, Tk, Hkv, D], G = H // Hkv; query i sits at absolute position q_offset + i, key j
+at position j (causal self-attention over a prefix of Tk = q_offset + T keys).
+
+Conventions (also in docs/kernels-infllm_v2.md):
+- kernel j = mean(K[j*stride : j*stride + kernel_size]); only full kernels exist.
+- causal at kernel granularity: a query at position t may score kernel j only if its last key is <= t,
+  i.e. j*stride + kernel_size - 1 <= t. A query that sees no kernel gets all-zero kernel scores.
+- kernel scores: softmax over the visible kernels of q·kc*scale per query head, summed over the G heads of the group.
+- block b's score: max of the kernel scores over kernels [b*pool_stride - pool_padding, ... + pool_window)
+  (missing or invisible kernels count 0; scores are probabilities, so 0 never beats a visible kernel).
+- forced (+inf): init blocks b < init_blocks and local blocks bq - window//block_size <= b <= bq, bq = t // block_size.
+  future blocks b > bq: -inf. Top-k_total by score, ties to the later block; -inf picks become -1; indices
+  sorted ascending, -1 last.
+"""
+import torch
+import torch.nn.functional as F
+
+from .config import SparseConfig
+
+
+def compress_keys_ref(k_BTKD: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Mean of each full kernel of keys: [B, n_kernels, Hkv, D]."""
+    B, T, Hkv, D = k_BTKD.shape
+    n = cfg.n_kernels(T)
+    if n == 0:
+        return k_BTKD.new_zeros(B, 0, Hkv, D)
+    windows = k_BTKD.unfold(1, cfg.kernel_size, cfg.kernel_stride)  # [B, n, Hkv, D, kernel_size]
+    return windows[:, :n].float().mean(-1).to(k_BTKD.dtype)
+
+
+def kernel_scores_ref(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> torch.Tensor:
+    """Group-summed softmax probabilities over kernels: [B, Hkv, T, n_kernels] (fp32)."""
+    B, T, H, D = q_BTHD.shape
+    N, Hkv = kc_BNKD.shape[1], kc_BNKD.shape[2]
+    G = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    q = q_BTHD.float().view(B, T, Hkv, G, D)
+    logits = torch.einsum("btkgd,bnkd->bkgtn", q, kc_BNKD.float()) * scale
+    pos_T = torch.arange(T, device=q.device) + q_offset
+    last_key_N = torch.arange(N, device=q.device) * cfg.kernel_stride + cfg.kernel_size - 1
+    visible_TN = last_key_N[None, :] <= pos_T[:, None]
+    logits = logits.masked_fill(~visible_TN, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without a visible kernel -> zeros
+    return probs.sum(2)
+
+
+def block_scores_ref(kernel_scores_BKTN, cfg: SparseConfig, n_blocks: int, q_offset=0) -> torch.Tensor:
+    """Max-pool kernel scores onto blocks, then force init/local blocks (+inf) and drop future ones (-inf)."""
+    T, N = kernel_scores_BKTN.shape[-2:]
+    need = (n_blocks - 1) * cfg.pool_stride + cfg.pool_window
+    padded = F.pad(kernel_scores_BKTN, (cfg.pool_padding, max(0, need - N - cfg.pool_padding)))[..., :need]
+    scores = padded.unfold(-1, cfg.pool_window, cfg.pool_stride).amax(-1)  # [B, Hkv, T, n_blocks]
+    block_T = (torch.arange(T, device=scores.device) + q_offset) // cfg.block_size
+    b = torch.arange(n_blocks, device=scores.device)
+    forced = (b[None, :] < cfg.init_blocks) | (
+        (b[None, :] <= block_T[:, None]) & (b[None, :] >= block_T[:, None] - cfg.window // cfg.block_size))
+    scores = scores.masked_fill(forced, float("inf"))
+    return scores.masked_fill(b[None, :] > block_T[:, None], float("-inf"))
+
+
+def topk_blocks(block_scores, k_total: int) -> torch.Tensor:
+    """Top-k_total block indices per row, ascending, -1 (dropped or missing) last: int32 [..., k_total].
+
+    Ties are common, not rare: neighbouring blocks share a kernel in their pooling windows, so both often get
+    that kernel's score. They are broken towards the later block (nearer the query), so every implementation
+    picks the same blocks: the key is (score bits, block index) as one int64 (scores are >= 0 or ±inf, and
+    the bits of non-negative floats sort like the floats).
+    """
+    n_blocks = block_scores.shape[-1]
+    k = min(k_total, n_blocks)
+    b = torch.arange(n_blocks, device=block_scores.device)
+    key = (block_scores.float().view(torch.int32).long() << 32) | b
+    key = key.masked_fill(block_scores == float("-inf"), -1)
+    idx = key.topk(k, dim=-1, sorted=False).values
+    idx = torch.where(idx < 0, n_blocks, idx & 0xFFFFFFFF)  # dropped picks sort after every real block
+    idx = idx.sort(dim=-1).values
+    idx = idx.masked_fill(idx == n_blocks, -1).to(torch.int32)
+    if k < k_total:
+        idx = F.pad(idx, (0, k_total - k), value=-1)
+    return idx
+
+
+def select_blocks_ref(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> torch.Tensor:
+    """[B, Hkv, T, k_total] int32 selected blocks for keys 0 .. q_offset + T - 1."""
+    n_blocks = cfg.n_blocks(q_offset + q_BTHD.shape[1])
+    scores = kernel_scores_ref(q_BTHD, kc_BNKD, cfg, scale, q_offset)
+    return topk_blocks(block_scores_ref(scores, cfg, n_blocks, q_offset), cfg.k_total)
+
+
+def block_mask_ref(idx_BKTS, block_size: int, n_keys: int, q_offset=0) -> torch.Tensor:
+    """Token-level mask [B, Hkv, T, n_keys]: key in a selected block and not after the query."""
+    B, Hkv, T, _ = idx_BKTS.shape
+    n_blocks = -(-n_keys // block_size)
+    chosen = torch.zeros(B, Hkv, T, n_blocks + 1, dtype=torch.bool, device=idx_BKTS.device)
+    chosen.scatter_(-1, idx_BKTS.long().masked_fill(idx_BKTS < 0, n_blocks), True)
+    mask = chosen[..., :n_blocks].repeat_interleave(block_size, dim=-1)[..., :n_keys]
+    causal = torch.arange(n_keys, device=mask.device)[None, :] <= (torch.arange(T, device=mask.device) + q_offset)[:, None]
+    return mask & causal
+
+
+def sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size: int, scale=None, q_offset=0) -> torch.Tensor:
+    """Softmax attention of each query over its selected blocks' real keys (fp32 math, differentiable)."""
+    B, T, H, D = q_BTHD.shape
+    Tk, Hkv = k_BTKD.shape[1], k_BTKD.shape[2]
+    G = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    mask = block_mask_ref(idx_BKTS, block_size, Tk, q_offset).repeat_interleave(G, dim=1)  # [B, H, T, Tk]
+    k = k_BTKD.float().repeat_interleave(G, dim=2)
+    v = v_BTKD.float().repeat_interleave(G, dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", q_BTHD.float(), k) * scale
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, v).to(q_BTHD.dtype)
+
+
+def dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale=None, q_offset=0) -> torch.Tensor:
+    B, T, H, D = q_BTHD.shape
+    Tk = k_BTKD.shape[1]
+    every_key = torch.arange(Tk, device=q_BTHD.device, dtype=torch.int32)
+    idx = every_key.expand(B, k_BTKD.shape[2], T, Tk)  # blocks of one key, all of them
+    return sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx, 1, scale, q_offset)
+
+
+def infllm_v2_attn_ref(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None) -> torch.Tensor:
+    """The whole layer: dense below dense_len keys, else compress -> select -> block-sparse attention."""
+    if k_BTKD.shape[1] < cfg.dense_len:
+        return dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale)
+    kc = compress_keys_ref(k_BTKD, cfg)
+    idx = select_blocks_ref(q_BTHD, kc, cfg, scale)
+    return sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx, cfg.block_size, scale)

@@ -1,0 +1,292 @@
+"""Public InfLLM-V2 operations: Triton when it can run (a CUDA tensor, or TRITON_INTERPRET=1), else the reference.
+
+backend=None picks automatically; "triton" or "torch" forces one.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import naive
+from .config import SparseConfig
+
+try:
+    import triton
+    from . import triton_attn, triton_select
+except ImportError:  # the package must import without triton; the reference path still works
+    triton = None
+
+LOG2E = 1.4426950408889634
+# Launch settings, one dict per kernel (num_warps, num_stages) plus tile sizes; bench/infllm_v2.py sweeps them.
+TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "num_stages": 2},
+        "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {}, "dkdv": {}, "topk": {}, "local": {},
+        "select_rows": 128, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "local_rows": 128,
+        "triton_topk": True, "local_split": True}
+_empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
+
+
+def _use_triton(x: torch.Tensor, backend) -> bool:
+    if backend == "torch":
+        return False
+    usable = triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if backend == "triton" and not usable:
+        raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    return usable
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, 1 << (n - 1).bit_length())
+
+
+def compress_keys(k_BTKD: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """[B, n_kernels, Hkv, D]: mean of each full kernel of keys (a strided view and a mean; no Triton needed)."""
+    return naive.compress_keys_ref(k_BTKD, cfg)
+
+
+def update_compressed_keys(k_cache, kc_cache, prev_len: int, cache_len: int, cfg: SparseConfig) -> int:
+    """Write the kernels completed by keys prev_len .. cache_len-1 into kc_cache; returns the kernel count.
+
+    A new kernel appears every kernel_stride tokens once kernel_size keys exist; trailing keys wait uncompressed.
+    """
+    n_old, n_new = cfg.n_kernels(prev_len), cfg.n_kernels(cache_len)
+    if n_new > n_old:
+        start = n_old * cfg.kernel_stride
+        stop = (n_new - 1) * cfg.kernel_stride + cfg.kernel_size
+        kc_cache[:, n_old:n_new] = naive.compress_keys_ref(k_cache[:, start:stop], cfg)
+    return n_new
+
+
+def select_blocks(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0, backend=None) -> torch.Tensor:
+    """[B, Hkv, T, k_total] int32 selected blocks (ascending, -1 last) for queries at q_offset + 0..T-1."""
+    q_BTHD, kc_BNKD = q_BTHD.detach(), kc_BNKD.detach()  # selection is discrete: no gradient
+    if not _use_triton(q_BTHD, backend):
+        return naive.select_blocks_ref(q_BTHD, kc_BNKD, cfg, scale, q_offset)
+    scores = block_scores(q_BTHD, kc_BNKD, cfg, scale, q_offset)
+    return topk_blocks(scores, cfg.k_total)
+
+
+def topk_blocks(scores, k_total: int, backend=None) -> torch.Tensor:
+    """Top-k_total blocks of each row of block scores (see naive.topk_blocks for the tie rule)."""
+    if not _use_triton(scores, backend) or not TUNE["triton_topk"]:
+        return naive.topk_blocks(scores, k_total)
+    n_blocks = scores.shape[-1]
+    rows = scores.reshape(-1, n_blocks)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    idx = _empty(*scores.shape[:-1], k_total, device=scores.device, dtype=torch.int32)
+    if rows.shape[0]:
+        triton_select._topk_blocks[(rows.shape[0],)](
+            rows, idx, n_blocks, rows.stride(0), k_total, K=k_total, K_P=_pow2(k_total), NB_P=_pow2(n_blocks, 16),
+            **TUNE["topk"])
+    return idx
+
+
+def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> torch.Tensor:
+    """Triton stage 1: [B, Hkv, T, n_blocks] fp32 pooled, group-summed scores (+inf forced, -inf future)."""
+    q = q_BTHD.contiguous()
+    kc = kc_BNKD.to(q.dtype).contiguous()
+    B, T, H, D = q.shape
+    N, Hkv = kc.shape[1], kc.shape[2]
+    G = H // Hkv
+    GP = _pow2(G)
+    scale = D ** -0.5 if scale is None else scale
+    n_blocks = cfg.n_blocks(q_offset + T)
+    lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
+    out = _empty(B, Hkv, T, n_blocks, device=q.device, dtype=torch.float32)
+    block_t = max(1, TUNE["select_rows"] // GP)  # rows of a tile: tokens × heads
+    if N == 0:  # no kernel yet: skip pass 1, pass 2 only writes forced / future marks
+        lse.fill_(float("-inf"))
+    else:
+        triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv)](
+            q, kc, lse, T, N, Hkv, q_offset, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), lse.stride(0), lse.stride(1),
+            G=G, GP=GP, BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=cfg.kernel_size,
+            KSTRIDE=cfg.kernel_stride, **TUNE["lse"])
+    block_b = TUNE["select_blocks"]
+    triton_select._block_scores[(triton.cdiv(T, block_t), triton.cdiv(n_blocks, block_b), B * Hkv)](
+        q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, GP=GP, BLOCK_T=block_t, BLOCK_B=block_b, D=D, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
+        BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride, POOL_P=cfg.pool_padding,
+        INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, **TUNE["scores"])
+    return out
+
+
+def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None):
+    """Launch the forward kernel(s); returns (o [B,T,H,D], lse [B,H,T] in log2 units).
+
+    local = (init_blocks, window_blocks) says that idx holds those forced blocks (as select_blocks makes it):
+    they then run as dense tiles in _local_fwd and _sparse_fwd only walks the remaining picks.
+    """
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    GP = _pow2(G, 16)
+    ksel = idx.shape[-1]
+    if splits == 1:
+        o = _empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
+        o_s, lse_s = o.unsqueeze(0), lse.unsqueeze(0)
+    else:  # split-K over the block list (decode): fp32 partials merged by their LSE
+        o_s = _empty(splits, B, T, H, D, device=q.device, dtype=torch.float32)
+        lse_s = _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
+    o_in, extra = o_s, {}
+    if local is not None and splits == 1 and TUNE["local_split"]:
+        init_blocks, win_blocks = local
+        o_in = _empty(q.shape, device=q.device, dtype=torch.float32)
+        gp_local = _pow2(G)
+        tm = max(1, TUNE["local_rows"] // gp_local)
+        triton_attn._local_fwd[(triton.cdiv(T, tm), B * Hkv)](
+            q, k, v, o_in, lse, T, Hkv, q_offset, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o_in.stride(0), o_in.stride(1), o_in.stride(2),
+            lse.stride(0), lse.stride(1),
+            G=G, GP=gp_local, D=D, BS=block_size, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local"])
+        extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
+    triton_attn._sparse_fwd[(T, B * Hkv, splits)](
+        q, k, v, idx, o_in, o_s, lse_s, Hkv, q_offset, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+        o_s.stride(0), o_s.stride(1), o_s.stride(2), o_s.stride(3), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
+        G=G, GP=GP, D=D, BS=block_size, KSEL=ksel, KSEL_P=_pow2(ksel), SPLITS=splits, **extra, **TUNE["fwd"])
+    if splits == 1:
+        return o, lse
+    lse = torch.logsumexp(lse_s * math.log(2), dim=0) / math.log(2)  # [B, H, T]
+    weight = torch.exp2(lse_s - lse).nan_to_num(0.0)  # empty splits weigh 0
+    o = (o_s * weight.permute(0, 1, 3, 2).unsqueeze(-1)).sum(0)
+    return o.to(q.dtype), lse
+
+
+def _dkdv_work(idx, n_blocks: int, chunk: int):
+    """Reverse the block lists: for each (b*Hkv+kvh, block), the query tokens that picked it, in chunks."""
+    B, Hkv, T, S = idx.shape
+    valid = idx >= 0
+    bk = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
+    key = (bk * n_blocks + idx.long())[valid]
+    tok = torch.arange(T, device=idx.device, dtype=torch.int32).view(1, 1, T, 1).expand(B, Hkv, T, S)[valid]
+    key_sorted, order = torch.sort(key, stable=True)
+    tok_list = tok[order].contiguous()
+    counts = torch.bincount(key_sorted, minlength=B * Hkv * n_blocks)
+    starts = torch.cumsum(counts, 0) - counts
+    n_chunks = (counts + chunk - 1) // chunk
+    work_key = torch.repeat_interleave(torch.arange(counts.numel(), device=idx.device), n_chunks)
+    first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
+    chunk_no = torch.arange(work_key.numel(), device=idx.device) - first_chunk[work_key]
+    lo = starts[work_key] + chunk_no * chunk
+    hi = torch.minimum(lo + chunk, starts[work_key] + counts[work_key])
+    as32 = lambda x: x.to(torch.int32).contiguous()
+    return as32(work_key // n_blocks), as32(work_key % n_blocks), as32(lo), as32(hi), tok_list
+
+
+class _BlockSparseAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, block_size, scale, q_offset, local):
+        q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+        o, lse = _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=local)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.block_size, ctx.scale, ctx.q_offset = block_size, scale, q_offset
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        B, T, H, D = q.shape
+        Tk, Hkv = k.shape[1], k.shape[2]
+        G, GP = H // Hkv, _pow2(H // Hkv, 16)
+        bs, scale, q_offset = ctx.block_size, ctx.scale, ctx.q_offset
+        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+        dq = _empty(q.shape, device=q.device, dtype=q.dtype)
+        ksel = idx.shape[-1]
+        triton_attn._sparse_bwd_dq[(T, B * Hkv)](
+            q, k, v, do, lse, delta, idx, dq, Hkv, q_offset, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+            lse.stride(0), lse.stride(1),
+            G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **TUNE["dq"])
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        tq = max(1, 64 // GP)
+        work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), chunk=TUNE["dkdv_chunk"] * tq)
+        if work_bk.numel():
+            triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](
+                q, k, v, do, lse, delta, dk, dv, work_bk, work_blk, lo, hi, tok_list, Hkv, Tk, q_offset,
+                scale * LOG2E, scale,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
+                G=G, GP=GP, D=D, BS=bs, TQ=tq, **TUNE["dkdv"])
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def block_sparse_attn(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size: int, scale=None, backend=None, q_offset=0,
+                      forced=None):
+    """Causal attention of each query over the real K/V of its selected blocks; differentiable in q, k, v.
+
+    forced = (init_blocks, window_blocks) promises that every row of idx holds its init and local blocks (as
+    select_blocks guarantees); the forward then runs those as dense tiles. Without it any idx is fine.
+    """
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+    if not _use_triton(q_BTHD, backend):
+        return naive.sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size, scale, q_offset)
+    return _BlockSparseAttn.apply(q_BTHD, k_BTKD, v_BTKD, idx_BKTS.to(torch.int32), block_size, scale, q_offset,
+                                  forced)
+
+
+def dense_causal_attn(q_BTHD, k_BTKD, v_BTKD, scale=None):
+    """Plain causal GQA attention through PyTorch SDPA (the layer below dense_len)."""
+    q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BTKD, v_BTKD))
+    G = q.shape[1] // k.shape[1]
+    if G > 1:  # repeat rather than enable_gqa: not every SDPA backend takes it
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+
+
+def infllm_v2_attn(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None, cu_seqlens=None, backend=None):
+    """The whole layer. Dense causal attention when the key length is < dense_len, else compress -> select -> attend.
+
+    cu_seqlens (int tensor [N+1], batch of 1, sequences packed along T): each sequence runs on its own, and
+    decides dense or sparse by its own length.
+    """
+    if cu_seqlens is not None:
+        if q_BTHD.shape[0] != 1:
+            raise ValueError("cu_seqlens needs a batch of 1 with the sequences packed along T")
+        bounds = cu_seqlens.tolist()
+        parts = [infllm_v2_attn(q_BTHD[:, s:e], k_BTKD[:, s:e], v_BTKD[:, s:e], cfg, scale, None, backend)
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1)
+    if k_BTKD.shape[1] < cfg.dense_len:
+        if backend == "torch":
+            return naive.dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale)
+        return dense_causal_attn(q_BTHD, k_BTKD, v_BTKD, scale)
+    kc = compress_keys(k_BTKD, cfg)
+    idx = select_blocks(q_BTHD, kc, cfg, scale, backend=backend)
+    return block_sparse_attn(q_BTHD, k_BTKD, v_BTKD, idx, cfg.block_size, scale, backend,
+                             forced=(cfg.init_blocks, cfg.window // cfg.block_size))
+
+
+def infllm_v2_decode(q_BHD, k_cache, v_cache, kc_cache, cache_len: int, cfg: SparseConfig, scale=None,
+                     backend=None, splits=16):
+    """One new query token per sequence over a KV cache that already holds it (positions 0 .. cache_len-1).
+
+    kc_cache holds cfg.n_kernels(cache_len) valid kernels (keep it with update_compressed_keys). Below
+    dense_len: dense attention over the cache. Above: selection for the single query (a small GEMV, in
+    PyTorch), then the block-sparse kernel split over the block list.
+    """
+    B, H, D = q_BHD.shape
+    q = q_BHD.unsqueeze(1)  # [B, 1, H, D]
+    k, v = k_cache[:, :cache_len], v_cache[:, :cache_len]
+    scale = D ** -0.5 if scale is None else scale
+    q_offset = cache_len - 1
+    if cache_len < cfg.dense_len:
+        every_block = torch.arange(cfg.n_blocks(cache_len), device=q.device, dtype=torch.int32)
+        idx = every_block.expand(B, k.shape[2], 1, every_block.numel())
+    else:
+        kc = kc_cache[:, :cfg.n_kernels(cache_len)]
+        scores = naive.kernel_scores_ref(q, kc, cfg, scale, q_offset)  # one query: a GEMV, PyTorch is fine
+        idx = topk_blocks(naive.block_scores_ref(scores, cfg, cfg.n_blocks(cache_len), q_offset), cfg.k_total, backend)
+    if not _use_triton(q, backend):
+        return naive.sparse_attn_ref(q, k, v, idx, cfg.block_size, scale, q_offset)[:, 0]
+    o, _ = _sparse_fwd(q.contiguous(), k, v, idx.contiguous(), cfg.block_size, scale, q_offset, splits)
+    return o[:, 0]

@@ -1,0 +1,208 @@
+"""Block-sparse attention over selected K/V blocks in Triton (forward, backward, split-K decode).
+
+One program owns one query token and one KV head: its G query heads (padded to GP >= 16 rows for tl.dot) share
+the token's block list, so each selected K/V block is loaded once for all G heads — that is the whole point of
+sharing the selection across the group. The block list is ascending with -1 last, so the program simply walks
+its first n_valid entries. Logits are in log2 units (scale * log2 e); the saved LSE is too.
+The dK/dV pass runs per (KV head, key block) over the reversed lists (the query tokens that picked the block),
+in chunks that each add their partial dK/dV atomically, so a block picked by every token (init, local) is
+spread over many programs instead of one.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_offset, qk_scale,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it,
+                s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                KSEL: tl.constexpr, KSEL_P: tl.constexpr, SPLITS: tl.constexpr,
+                FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
+    t = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    heads = kvh * G + g
+    d = tl.arange(0, D)
+    pos = t + q_offset
+    q = tl.load(q_ptr + b * s_qb + t * s_qt + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    idx_row = idx_ptr + b * s_ib + kvh * s_ih + t * s_it
+    sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
+    n_sel = tl.sum((sel >= 0).to(tl.int32), 0)
+    per_split = tl.cdiv(n_sel, SPLITS)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_sel)
+
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    if FROM_LOCAL:
+        # _local_fwd already attended to the forced blocks and left its state in oin/lse (oin: fp32, o's strides): continue from it over
+        # the picks between the init blocks and the local window (the list is ascending, so they are contiguous)
+        lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
+        hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
+        o_prev = tl.load(oin_ptr + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :], mask=g_ok[:, None], other=0.0)
+        m = tl.load(lse_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
+        l = tl.where(m == float("-inf"), 0.0, 1.0)
+        acc = o_prev.to(tl.float32)
+    for i in range(lo, hi):
+        blk = tl.load(idx_row + i)
+        kpos = blk * BS + tl.arange(0, BS)
+        seen = kpos <= pos  # also keeps the last, partial block inside the keys
+        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=seen[:, None], other=0.0)
+        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=seen[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(seen[None, :], s, float("-inf"))  # only the query's own block is cut
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every selected block starts at or before pos
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)  # an empty split (decode) leaves zeros and lse = -inf
+    out = acc / l_safe[:, None]
+    lse = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))
+    tl.store(o_ptr + split * s_os + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    tl.store(lse_ptr + split * s_ls + b * s_lb + heads * s_lh + t, lse, mask=g_ok)
+
+
+@triton.jit
+def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dq_ptr, Hkv, q_offset, qk_scale, scale,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it, s_lb, s_lh,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                   KSEL: tl.constexpr, KSEL_P: tl.constexpr):
+    # q, do and dq share one layout (strides s_q*); lse and delta share theirs (s_l*)
+    t = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    heads = kvh * G + g
+    d = tl.arange(0, D)
+    pos = t + q_offset
+    row_off = b * s_qb + t * s_qt + heads[:, None] * s_qh + d[None, :]
+    q = tl.load(q_ptr + row_off, mask=g_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + row_off, mask=g_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
+    delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
+    idx_row = idx_ptr + b * s_ib + kvh * s_ih + t * s_it
+    sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
+    n_sel = tl.sum((sel >= 0).to(tl.int32), 0)
+    dq = tl.zeros([GP, D], tl.float32)
+    for i in range(0, n_sel):
+        blk = tl.load(idx_row + i)
+        kpos = blk * BS + tl.arange(0, BS)
+        seen = kpos <= pos  # also keeps the last, partial block inside the keys
+        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=seen[:, None], other=0.0)
+        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=seen[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(seen[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                     work_bk_ptr, work_blk_ptr, work_lo_ptr, work_hi_ptr, tok_list_ptr, Hkv, Tk, q_offset, qk_scale, scale,
+                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr):
+    # dk/dv are fp32 accumulators with k's strides; q/do share strides; lse/delta share strides
+    w = tl.program_id(0)
+    pid_bk = tl.load(work_bk_ptr + w)
+    blk = tl.load(work_blk_ptr + w)
+    lo = tl.load(work_lo_ptr + w)
+    hi = tl.load(work_hi_ptr + w)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    d = tl.arange(0, D)
+    kpos = blk * BS + tl.arange(0, BS)
+    kmask = kpos < Tk
+    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    rows = tl.arange(0, TQ * GP)  # row = (token in chunk) * GP + head
+    g = rows % GP
+    heads = kvh * G + g
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
+    for c in range(lo, hi, TQ):
+        li = c + rows // GP
+        ok = (li < hi) & (g < G)
+        tok = tl.load(tok_list_ptr + li, mask=li < hi, other=0)
+        row_off = b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :]
+        q = tl.load(q_ptr + row_off, mask=ok[:, None], other=0.0)
+        do = tl.load(do_ptr + row_off, mask=ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = ok[:, None] & (kpos[None, :] <= (tok + q_offset)[:, None])
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
+    tl.atomic_add(dk_ptr + out_off, dk * scale, mask=kmask[:, None])
+    tl.atomic_add(dv_ptr + out_off, dv, mask=kmask[:, None])
+
+
+@triton.jit
+def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
+               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh, s_lb, s_lh,
+               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TM: tl.constexpr,
+               INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """Attention over the forced blocks only (init blocks + the query's own block and WIN_BLOCKS before it).
+
+    Every token of a query block has the same forced blocks, so a tile of TM consecutive tokens × GP heads
+    (row = token * GP + head) streams each forced K/V block once: a dense, FlashAttention-like tile instead of
+    one token's G heads. Writes the normalised fp32 partial output and its LSE; _sparse_fwd then continues
+    from this state over the remaining (top-k) picks. Rows of a tile may straddle two query blocks, so a block
+    counts for a row only if it is forced for that row's own block.
+    """
+    pid_t = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    rows = tl.arange(0, TM * GP)
+    tok = pid_t * TM + rows // GP
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    heads = kvh * G + g
+    pos = tok + q_offset
+    qblk = pos // BS
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    first_tok = pid_t * TM + q_offset
+    last_tok = tl.minimum(pid_t * TM + TM - 1, T - 1) + q_offset
+    win_lo = tl.maximum(first_tok // BS - WIN_BLOCKS, INIT)  # init blocks first, then the window, none twice
+    hi = last_tok // BS + 1
+    m = tl.full([TM * GP], float("-inf"), tl.float32)
+    l = tl.zeros([TM * GP], tl.float32)
+    acc = tl.zeros([TM * GP, D], tl.float32)
+    for step in range(0, tl.minimum(INIT, hi) + tl.maximum(hi - win_lo, 0)):
+        kb = tl.where(step < tl.minimum(INIT, hi), step, win_lo + step - tl.minimum(INIT, hi))
+        kpos = kb * BS + tl.arange(0, BS)
+        in_keys = kpos <= last_tok
+        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=in_keys[:, None], other=0.0)
+        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=in_keys[:, None], other=0.0)
+        forced = (kb < INIT) | ((kb <= qblk) & (kb >= qblk - WIN_BLOCKS))
+        seen = forced[:, None] & (kpos[None, :] <= pos[:, None])
+        s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    tl.store(o_ptr + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + b * s_lb + heads * s_lh + tok, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")), mask=row_ok)

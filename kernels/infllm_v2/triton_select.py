@@ -1,0 +1,131 @@
+"""Stage 1 of InfLLM-V2 in Triton: kernel scoring summed over the query group, pooled straight onto blocks.
+
+Pass 1 (`_kernel_lse`): per query head and token, the log-sum-exp of q·kc*scale over the visible kernels.
+Pass 2 (`_block_scores`): for each block, recompute the logits of the pool_window kernels that pool onto it,
+turn them into probabilities with the pass-1 LSE, sum the G heads of the group in registers and keep the
+max over the window. Per-head or per-kernel scores never reach memory: only [B, Hkv, T, n_blocks] block scores,
+with the forced blocks already at +inf and the future ones at -inf, ready for top-k.
+A tile holds BLOCK_T tokens × GP heads as rows (row = token * GP + head), so the group sum is a reshape + sum.
+Logits are kept in log2 units (scale * log2 e) so exp2 can be used.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh,
+                        G: tl.constexpr, D: tl.constexpr):
+    d = tl.arange(0, D)
+    ptrs = q_ptr + b * s_qb + tok[:, None] * s_qt + (kvh * G + g)[:, None] * s_qh + d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
+                s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_lb, s_lh,
+                G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    rows = tl.arange(0, BLOCK_T * GP)
+    tok = pid_t * BLOCK_T + rows // GP
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    pos = tok + q_offset
+    q = _load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    d = tl.arange(0, D)
+    # kernels visible to the tile's last token; kernel j is visible at position p iff j*KSTRIDE + KSIZE - 1 <= p
+    last_pos = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset
+    n_vis = tl.minimum(tl.maximum(last_pos - KSIZE + 1 + KSTRIDE, 0) // KSTRIDE, N)
+    m = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T * GP], tl.float32)
+    for n0 in range(0, n_vis, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        kc = tl.load(kc_ptr + b * s_kb + n[:, None] * s_kn + kvh * s_kh + d[None, :], mask=(n < N)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kc)) * qk_scale
+        visible = (n < N)[None, :] & ((n * KSTRIDE + KSIZE - 1)[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet stays at l = 0
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    tl.store(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk_scale,
+                  s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_lb, s_lh, s_ob, s_oh, s_ot,
+                  G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BS: tl.constexpr,
+                  POOL_W: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
+                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    rows = tl.arange(0, BLOCK_T * GP)
+    tok_r = pid_t * BLOCK_T + rows // GP
+    g = rows % GP
+    row_ok = (tok_r < T) & (g < G)
+    pos_r = tok_r + q_offset
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    qblk = (tok + q_offset) // BS
+    blk = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    d = tl.arange(0, D)
+
+    best = tl.zeros([BLOCK_T, BLOCK_B], tl.float32)
+    # Every block of this tile is forced or future for every token unless its first block lies before the
+    # local window of the tile's last token: then no scoring is needed at all.
+    last_qblk = (tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset) // BS
+    if pid_b * BLOCK_B < last_qblk - WIN_BLOCKS:
+        q = _load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
+        lse = tl.load(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, mask=row_ok, other=0.0)
+        for w in tl.static_range(POOL_W):
+            j = blk * POOL_S - POOL_P + w
+            j_ok = (j >= 0) & (j < N)
+            kc = tl.load(kc_ptr + b * s_kb + j[:, None] * s_kn + kvh * s_kh + d[None, :], mask=j_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kc)) * qk_scale
+            visible = row_ok[:, None] & j_ok[None, :] & ((j * KSTRIDE + KSIZE - 1)[None, :] <= pos_r[:, None])
+            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            group_p = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_B]), 1)
+            best = tl.maximum(best, group_p)
+    forced = (blk[None, :] < INIT) | ((blk[None, :] <= qblk[:, None]) & (blk[None, :] >= qblk[:, None] - WIN_BLOCKS))
+    best = tl.where(forced, float("inf"), best)
+    best = tl.where(blk[None, :] > qblk[:, None], float("-inf"), best)
+    ptrs = out_ptr + b * s_ob + kvh * s_oh + tok[:, None] * s_ot + blk[None, :]
+    tl.store(ptrs, best, mask=(tok < T)[:, None] & (blk < NBLK)[None, :])
+
+
+@triton.jit
+def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow,
+                 K: tl.constexpr, K_P: tl.constexpr, NB_P: tl.constexpr):
+    """One row of block scores -> its K best block indices, ascending, -1 last (same picks as naive.topk_blocks).
+
+    Scores are >= 0 or ±inf, so their float bits order like the floats: bisect the int32 bits for the K-th
+    largest value, take everything above it, and among the blocks tied at it the latest ones (ties go to the
+    block nearer the query). Taken blocks are written in index order, so no sort is needed.
+    """
+    row = tl.program_id(0)
+    b = tl.arange(0, NB_P)
+    x = tl.load(scores_ptr + row * s_row + b, mask=b < NBLK, other=float("-inf"))
+    bits = tl.where(x == float("-inf"), -1, x.to(tl.int32, bitcast=True))  # future / missing blocks: never taken
+    k = tl.minimum(tl.sum((bits >= 0).to(tl.int32), 0), K)
+    lo = tl.zeros([], tl.int32)  # invariant: count(bits >= lo) >= k
+    hi = tl.full([], 0x7F800000, tl.int32)  # bits of +inf, the largest score
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = bits > lo
+    tie = (bits == lo).to(tl.int32)
+    ties_from_here = tl.sum(tie, 0) - tl.cumsum(tie, 0) + tie  # ties at this block or later
+    take = above | ((tie > 0) & (ties_from_here <= k - tl.sum(above.to(tl.int32), 0)))
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(idx_ptr + row * s_irow + slot, b, mask=take)
+    j = tl.arange(0, K_P)
+    tl.store(idx_ptr + row * s_irow + j, tl.full([K_P], -1, tl.int32), mask=(j >= k) & (j < K))

@@ -1,0 +1,180 @@
+"""InfLLM-V2 Triton kernels vs the PyTorch reference, under Triton's CPU interpreter (fp32: the interpreter's
+bf16 tl.dot is broken). Shapes are tiny (block 16, kernel 8 stride 4, window 32) so the file stays well
+under three minutes on two cores; bf16 and speed are checked on the GPU by bench/infllm_v2.py."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hyloom.kernels import infllm_v2
+from hyloom.kernels.infllm_v2 import (SparseConfig, block_scores, block_sparse_attn, compress_keys, infllm_v2_attn,
+                                      infllm_v2_decode, naive, ops, select_blocks, topk_blocks,
+                                      update_compressed_keys)
+
+SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, window=32,
+                     pool_window=5, pool_stride=4, pool_padding=1, dense_len=64)
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN (-12345 for indices), so a cell the kernel forgets to write fails."""
+    def nan_empty(*shape, device=None, dtype=None):
+        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        poison = float("nan") if dtype is None or dtype.is_floating_point else -12345
+        return torch.full(tuple(shape), poison, device=device, dtype=dtype)
+    monkeypatch.setattr(ops, "_empty", nan_empty)
+
+
+def qkv(B, T, H, Hkv, D, seed, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=gen) for h in (H, Hkv, Hkv))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def test_compress_keys_and_incremental_update():
+    _, k, _ = qkv(2, 45, 2, 2, 16, seed=1)
+    kc = compress_keys(k, SMALL)
+    assert kc.shape == (2, SMALL.n_kernels(45), 2, 16) == (2, 10, 2, 16)
+    for j in (0, 3, 9):  # kernel j averages keys 4j .. 4j+7
+        torch.testing.assert_close(kc[:, j], k[:, 4 * j:4 * j + 8].mean(1))
+    kc_cache = torch.full((2, 12, 2, 16), float("nan"))
+    n = 0
+    for prev, now in [(0, 7), (7, 8), (8, 13), (13, 30), (30, 45)]:  # a kernel completes every 4 tokens after 8
+        n = update_compressed_keys(k, kc_cache, prev, now, SMALL)
+        assert n == SMALL.n_kernels(now)
+    torch.testing.assert_close(kc_cache[:, :n], kc)
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,q_offset,seed", [(1, 83, 16, 1, 0, 2), (2, 37, 4, 2, 50, 3), (1, 70, 2, 2, 0, 4)])
+def test_stage1_scores_and_selection_match_reference(B, T, H, Hkv, q_offset, seed):
+    q, _, _ = qkv(B, T, H, Hkv, 16, seed)
+    _, k, _ = qkv(B, q_offset + T, H, Hkv, 16, seed + 100)
+    kc = compress_keys(k, SMALL)
+    got = block_scores(q, kc, SMALL, q_offset=q_offset)
+    want = naive.block_scores_ref(naive.kernel_scores_ref(q, kc, SMALL, q_offset=q_offset), SMALL,
+                                  SMALL.n_blocks(q_offset + T), q_offset)
+    assert not got.isnan().any()
+    assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0))  # forced blocks
+    assert torch.equal(got.isinf() & (got < 0), want.isinf() & (want < 0))  # future blocks
+    finite = want.isfinite()
+    assert finite.any()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+    idx = select_blocks(q, kc, SMALL, q_offset=q_offset, backend="triton")
+    ref_idx = select_blocks(q, kc, SMALL, q_offset=q_offset, backend="torch")
+    assert idx.shape == (B, Hkv, T, SMALL.k_total) and idx.dtype == torch.int32
+    # identical up to exact ties: the reference scores of the two picks agree, value for value
+    picked = lambda i: want.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, -1.0).sort(-1).values
+    torch.testing.assert_close(picked(idx), picked(ref_idx), rtol=1e-6, atol=1e-7)
+    assert (idx == ref_idx).float().mean() > 0.99
+    # conventions: ascending, -1 last, never a future block, own block and block 0 always in
+    valid = idx >= 0
+    assert torch.all(valid[..., :-1] | ~valid[..., 1:])
+    assert torch.all(torch.where(valid[..., 1:] & valid[..., :-1], idx[..., 1:] > idx[..., :-1], True))
+    own_block = (torch.arange(T) + q_offset) // SMALL.block_size
+    assert torch.all(idx.max(-1).values == own_block)
+    assert torch.all(idx[..., 0] == 0)
+
+
+def test_topk_kernel_picks_like_the_reference_with_ties():
+    gen = torch.Generator().manual_seed(13)
+    scores = torch.randint(0, 4, (3, 50, 37), generator=gen).float() / 4  # few distinct values: many ties
+    scores[0, :, :3] = float("inf")
+    scores[1, :, 20:] = float("-inf")  # 20 candidates for 9 picks
+    scores[2, :, 5:] = float("-inf")  # fewer candidates than picks: -1 padding
+    got = topk_blocks(scores, 9, backend="triton")
+    torch.testing.assert_close(got, naive.topk_blocks(scores, 9), rtol=0, atol=0)
+    assert (got[2, :, 5:] == -1).all() and (got[0, :, :3] == torch.arange(3)).all()
+
+
+@pytest.mark.parametrize("G,Hkv,T,seed", [(1, 2, 45, 5), (4, 1, 70, 6), (16, 1, 36, 7)])
+def test_sparse_attention_forward_and_gradients_match_reference(G, Hkv, T, seed):
+    q, k, v = qkv(1, T, G * Hkv, Hkv, 16, seed, requires_grad=True)
+    with torch.no_grad():
+        idx = select_blocks(q, compress_keys(k, SMALL), SMALL, backend="torch")
+        # on odd tokens drop ~30% of the picks (never block 0): rows of different lengths, own block sometimes out
+        drop = (torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)) < 0.3) & (idx > 0)
+        drop[:, :, ::2] = False
+        idx = torch.where(drop | (idx < 0), 10_000, idx).sort(-1).values
+        idx = idx.masked_fill(idx == 10_000, -1)
+    assert (idx < 0).any() and (idx >= 0).any()
+    out = block_sparse_attn(q, k, v, idx, SMALL.block_size, backend="triton")
+    ref = naive.sparse_attn_ref(q, k, v, idx, SMALL.block_size)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("G,init_blocks,T,q_offset,seed", [(1, 1, 150, 0, 14), (4, 2, 40, 37, 15), (16, 1, 50, 70, 16)])
+def test_forced_blocks_as_dense_tiles_match_reference(G, init_blocks, T, q_offset, seed):
+    """With forced=..., the init and local blocks run as dense tiles of several tokens (tiles straddle query blocks
+    when q_offset is not a multiple of the block), the rest per token, merged by LSE."""
+    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=init_blocks, window=32)
+    q, k, v = qkv(1, q_offset + T, G, 1, 16, seed, requires_grad=True)
+    q_new = q[:, q_offset:]
+    idx = select_blocks(q_new, compress_keys(k.detach(), cfg), cfg, q_offset=q_offset, backend="torch")
+    forced = (cfg.init_blocks, cfg.window // cfg.block_size)
+    out = block_sparse_attn(q_new, k, v, idx, cfg.block_size, backend="triton", q_offset=q_offset, forced=forced)
+    ref = naive.sparse_attn_ref(q_new, k, v, idx, cfg.block_size, q_offset=q_offset)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    do = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_equals_dense_when_topk_covers_every_block_and_switch_at_dense_len():
+    q, k, v = qkv(1, 64, 4, 2, 16, seed=8)
+    cover_all = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=8, window=32, dense_len=64)
+    dense = ops.dense_causal_attn(q, k, v)
+    torch.testing.assert_close(infllm_v2_attn(q, k, v, cover_all, backend="triton"), dense, rtol=1e-5, atol=1e-5)
+    # from dense_len keys on, SMALL runs sparse (5 of the 6 blocks of 96 keys); one key fewer runs dense
+    long_q, long_k, long_v = qkv(1, 96, 4, 2, 16, seed=9)
+    sparse = infllm_v2_attn(long_q, long_k, long_v, SMALL, backend="triton")
+    want = naive.infllm_v2_attn_ref(long_q, long_k, long_v, SMALL)
+    torch.testing.assert_close(sparse, want, rtol=1e-5, atol=1e-5)
+    assert (sparse - ops.dense_causal_attn(long_q, long_k, long_v)).abs().max() > 1e-2
+    short = infllm_v2_attn(long_q[:, :63], long_k[:, :63], long_v[:, :63], SMALL, backend="triton")
+    torch.testing.assert_close(short, ops.dense_causal_attn(long_q[:, :63], long_k[:, :63], long_v[:, :63]))
+
+
+def test_prefill_then_decode_equals_one_full_pass():
+    B, T, H, Hkv, D = 2, 100, 8, 2, 16
+    q, k, v = qkv(B, T, H, Hkv, D, seed=10)
+    full = infllm_v2_attn(q, k, v, SMALL, backend="torch")  # reference of the whole sequence
+    k_cache, v_cache = torch.zeros(B, 128, Hkv, D), torch.zeros(B, 128, Hkv, D)
+    kc_cache = torch.zeros(B, SMALL.n_kernels(128), Hkv, D)
+    # a prefill below dense_len; decode crosses the switch to sparse at 64 keys. The full pass ran sparse for every
+    # token, but the 64 tokens of blocks 0-3 are all forced (init + own + 2 local), so dense equals sparse there.
+    prefill = 60
+    k_cache[:, :prefill], v_cache[:, :prefill] = k[:, :prefill], v[:, :prefill]
+    update_compressed_keys(k_cache, kc_cache, 0, prefill, SMALL)
+    for t in range(prefill, T):
+        k_cache[:, t], v_cache[:, t] = k[:, t], v[:, t]
+        update_compressed_keys(k_cache, kc_cache, t, t + 1, SMALL)
+        if t in (62, 63, 64, 80, 99):  # the kernel runs a few steps; the cache is kept at every step
+            out = infllm_v2_decode(q[:, t], k_cache, v_cache, kc_cache, t + 1, SMALL, backend="triton", splits=3)
+            torch.testing.assert_close(out, full[:, t], rtol=1e-5, atol=1e-5, msg=lambda m: f"token {t}: {m}")
+
+
+def test_varlen_equals_per_sequence_runs():
+    lengths = [40, 70, 20]  # one of them long enough (>= dense_len) to run sparse
+    q, k, v = qkv(1, sum(lengths), 4, 1, 16, seed=11)
+    cu = torch.tensor([0, 40, 110, 130], dtype=torch.int32)
+    packed = infllm_v2_attn(q, k, v, SMALL, cu_seqlens=cu, backend="triton")
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = naive.infllm_v2_attn_ref(q[:, s:e], k[:, s:e], v[:, s:e], SMALL)
+        torch.testing.assert_close(packed[:, s:e], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_imports_without_triton_fall_back_to_reference():
+    q, k, v = qkv(1, 70, 2, 1, 16, seed=12)
+    torch.testing.assert_close(infllm_v2_attn(q, k, v, SMALL, backend="torch"), naive.infllm_v2_attn_ref(q, k, v, SMALL))
+    assert set(infllm_v2.__all__) >= {"SparseConfig", "compress_keys", "select_blocks", "block_sparse_attn",
+                                      "infllm_v2_attn", "infllm_v2_decode", "update_compressed_keys"}
