@@ -263,7 +263,7 @@ def main():
 
     def save():  # after every row, so that a run cut short still leaves its numbers
         record = {"op": "lightning", "device": name, "torch": torch.__version__.split("+")[0],
-                  "triton": triton.__version__, "command": "python bench/lightning.py --tune",
+                  "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
                   "date": today.isoformat(), "copy_TBps": bw / 1e12,
                   "settings": {"chunk": triton_impl.CHUNK, "programs_per_sm": triton_impl.PROGRAMS_PER_SM,
                                **triton_impl.TUNE},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.metadata as md
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -24,6 +24,10 @@ SLOTS = {
     ("model", "mixers", "*"): "mixer",
     ("model", "ffn"): "ffn",
     ("model", "norm"): "norm",
+    ("data", "source"): "data_source",
+    ("data", "tiers", "*"): "data_tier",
+    ("data", "tokenizer"): "tokenizer",
+    ("train",): "trainer",
 }
 
 
@@ -105,10 +109,14 @@ class _ModelSpecChecks(BaseModel):
         return self
 
 
+class _NoneRegistered(BaseModel):
+    """Stands in for a kind with no registered configs, so that any use of it is reported as unknown."""
+
+    type: Literal["(none registered)"]
+
+
 def _union(kind: str):
-    configs = tuple(r.config for r in registry().all(kind) if r.config is not None)
-    if not configs:
-        raise RuntimeError(f"no {kind} with a config is registered")
+    configs = tuple(r.config for r in registry().all(kind) if r.config is not None) or (_NoneRegistered,)
     return Annotated[Union[configs], Field(discriminator="type")]
 
 
@@ -141,10 +149,23 @@ def blueprint_model() -> type[BaseModel]:
     )
     spec.model_config["extra"] = "forbid"
     spec.model_rebuild(force=True)
+    data = create_model(
+        "DataSpec",
+        __config__=ConfigDict(extra="forbid"),
+        source=(_union("data_source"), _default("data_source", "stdlib", "where documents come from (default: stdlib)")),
+        tiers=(list[_union("data_tier")], Field([], description="tier steps (filters, dedup) applied in order")),
+        tokenizer=(_union("tokenizer"), _default("tokenizer", "bpe", "tokenizer (default: bpe trained on the data)")),
+        seq_len=(PositiveInt, Field(256, description="tokens per training sequence")),
+        eval_fraction=(float, Field(0.02, gt=0, le=0.5, description="share of documents held out for eval")),
+        cache_dir=(str, Field("~/.cache/hyloom", description="where tokenizers and token shards are cached")),
+        seed=(int, Field(0, description="seed of the train/eval split and the data order")),
+    )
     return create_model(
         "Blueprint",
         __config__=ConfigDict(extra="forbid"),
         model=(spec, Field(description="the architecture")),
+        data=(data | None, Field(None, description="training data: source, tiers, tokenizer, sequence length")),
+        train=(_union("trainer") | None, Field(None, description="trainer and its options (type: lm, ...)")),
         requires=(list[str], Field([], description="distributions this blueprint needs, e.g. 'hyloom-myplugin>=0.3'")),
     )
 
@@ -191,15 +212,20 @@ def _slot_kind(loc: tuple) -> str | None:
 
 
 def _fields_at(loc: tuple, data: Any) -> list[str] | None:
-    if loc == ():
-        return list(blueprint_model().model_fields)
-    if loc == ("model",):
-        return list(blueprint_model().model_fields["model"].annotation.model_fields)
+    """The keys valid at `loc`: a registered component's config fields, or a section of the blueprint."""
     kind, node = _slot_kind(loc), _node(data, loc)
-    if kind and isinstance(node, dict) and node.get("type") in registry().names(kind):
-        config = registry().get(kind, node["type"]).config
-        return [f for f in config.model_fields]
-    return None
+    if kind:
+        if isinstance(node, dict) and node.get("type") in registry().names(kind):
+            return list(registry().get(kind, node["type"]).config.model_fields)
+        return None
+    model = blueprint_model()
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        options = getattr(field.annotation, "__args__", None) or (field.annotation,)
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model else None
 
 
 def _suggest(word: str, options: list[str]) -> str:

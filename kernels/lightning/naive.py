@@ -111,7 +111,7 @@ def parallel_noncausal(q, k, v, g, *, scale=None, cu_seqlens=None):
     out = torch.empty_like(qf)
     for s, e in sequence_bounds(B, T, cu_seqlens):
         i = torch.arange(e - s, device=q.device, dtype=torch.float32)
-        decay_Hnn = (g.float()[:, None, None] * (i[:, None] - i[None, :]).abs()).exp()
+        decay_Hnn = (g.float().to(q.device)[:, None, None] * (i[:, None] - i[None, :]).abs()).exp()
         out[:, s:e] = scale * (qf[:, s:e] @ kf[:, s:e].transpose(1, 2) * decay_Hnn) @ vf[:, s:e]
     return out.transpose(0, 1).reshape(B, T, H, D).to(q.dtype)
 
@@ -130,7 +130,7 @@ def lightning_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_s
 def decode(q_BHD, k_BHD, v_BHD, g, state_BHDD, *, scale=None):
     """One token: S = λ S + kᵀ v ; o = scale q S."""
     scale = q_BHD.shape[-1] ** -0.5 if scale is None else scale
-    decay = g.float().exp()[None, :, None, None]
+    decay = g.float().to(state_BHDD.device).exp()[None, :, None, None]
     new_state = decay * state_BHDD.float() + k_BHD.float()[..., :, None] * v_BHD.float()[..., None, :]
     o = scale * torch.einsum("bhd,bhde->bhe", q_BHD.float(), new_state)
     return o.to(q_BHD.dtype), new_state

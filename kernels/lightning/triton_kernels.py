@@ -124,6 +124,7 @@ def chunk_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, g_ptr, seg_start_ptr, seg_l
     ptrs, mask = _state_tile_ptrs(state_ptr, s, h, rk, rv, H, D)
     S = tl.load(ptrs, mask=mask, other=0.0)
     diff = (rc[:, None] - rc[None, :]).to(tl.float32)
+    intra_decay = tl.exp(tl.where(diff >= 0, g * diff, float("-inf")))
     q_decay = tl.exp(g * (rc + 1).to(tl.float32))
     for c0 in range(0, L, C):
         tok = c0 + rc
@@ -133,11 +134,9 @@ def chunk_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, g_ptr, seg_start_ptr, seg_l
         q = _load_rows(q_ptr, row, valid, rk, D)
         k = _load_rows(k_ptr, row, valid, rk, D)
         v = _load_rows(v_ptr, row, valid, rv, D)
-        # decays are applied to dot outputs where possible: operands then go to the tensor cores untouched
-        intra_decay = tl.exp(tl.where(diff >= 0, g * diff, float("-inf")))
         scores = _dot(q, tl.trans(k), IEEE) * intra_decay
         o = _dot(scores.to(v.dtype), v, IEEE)
-        o += _dot(q, S.to(q.dtype), IEEE) * q_decay[:, None]
+        o += _dot((q * q_decay[:, None]).to(q.dtype), S.to(q.dtype), IEEE)
         tl.store(o_ptr + row[:, None] + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty),
                  mask=valid[:, None] & (rv[None, :] < D))
         k_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
@@ -160,6 +159,7 @@ def chunk_dq_kernel(do_ptr, k_ptr, v_ptr, dq_ptr, g_ptr, seg_start_ptr, seg_len_
     ptrs, mask = _state_tile_ptrs(state_ptr, s, h, rk, rv, H, D)
     S = tl.load(ptrs, mask=mask, other=0.0)
     diff = (rc[:, None] - rc[None, :]).to(tl.float32)
+    intra_decay = tl.exp(tl.where(diff >= 0, g * diff, float("-inf")))
     q_decay = tl.exp(g * (rc + 1).to(tl.float32))
     for c0 in range(0, L, C):
         tok = c0 + rc
@@ -169,10 +169,9 @@ def chunk_dq_kernel(do_ptr, k_ptr, v_ptr, dq_ptr, g_ptr, seg_start_ptr, seg_len_
         do = _load_rows(do_ptr, row, valid, rv, D)
         v = _load_rows(v_ptr, row, valid, rv, D)
         k = _load_rows(k_ptr, row, valid, rk, D)
-        intra_decay = tl.exp(tl.where(diff >= 0, g * diff, float("-inf")))
         dA = _dot(do, tl.trans(v), IEEE) * intra_decay
         dq = _dot(dA.to(k.dtype), k, IEEE)
-        dq += _dot(do, tl.trans(S.to(do.dtype)), IEEE) * q_decay[:, None]
+        dq += _dot((do * q_decay[:, None]).to(do.dtype), tl.trans(S.to(do.dtype)), IEEE)
         tl.store(dq_ptr + row[:, None] + rk[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=valid[:, None] & (rk[None, :] < D))
         k_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
@@ -200,6 +199,7 @@ def chunk_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, g_ptr, seg_st
     dS = tl.load(ptrs, mask=mask, other=0.0)
     # transposed intra mask: entry (j, i) = λ^(i-j) for i >= j
     diff = (rc[None, :] - rc[:, None]).to(tl.float32)
+    intra_decay_T = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
     q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
     num_chunks = tl.cdiv(L, C)
     for ci in range(0, num_chunks):
@@ -213,17 +213,16 @@ def chunk_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, g_ptr, seg_st
         v = _load_rows(v_ptr, row, valid, rv, D)
         do = _load_rows(do_ptr, row, valid, rv, D)
         k_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
-        intra_decay_T = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
         if DO_DV:
             P = _dot(k, tl.trans(q), IEEE) * intra_decay_T
             dv = _dot(P.to(do.dtype), do, IEEE)
-            dv += _dot(k, dS.to(k.dtype), IEEE) * k_decay[:, None]
+            dv += _dot((k * k_decay[:, None]).to(k.dtype), dS.to(k.dtype), IEEE)
             tl.store(dv_ptr + row[:, None] + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
                      mask=valid[:, None] & (rv[None, :] < D))
         if DO_DK:
             P2 = _dot(v, tl.trans(do), IEEE) * intra_decay_T
             dk = _dot(P2.to(q.dtype), q, IEEE)
-            dk += _dot(v, tl.trans(dS.to(v.dtype)), IEEE) * k_decay[:, None]
+            dk += _dot((v * k_decay[:, None]).to(v.dtype), tl.trans(dS.to(v.dtype)), IEEE)
             tl.store(dk_ptr + row[:, None] + rk[None, :], dk.to(dk_ptr.dtype.element_ty),
                      mask=valid[:, None] & (rk[None, :] < D))
         dS = tl.exp(g * n.to(tl.float32)) * dS + _dot(tl.trans((q * q_decay[:, None]).to(q.dtype)), do, IEEE)

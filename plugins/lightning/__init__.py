@@ -51,9 +51,13 @@ class Lightning(Mixer):
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.o_norm = RMSNorm(H * D, cfg.norm_eps) if cfg.output_norm else None
         self.z_proj = nn.Linear(d_model, H * D, bias=False) if cfg.gate else None
-        g = {"alibi": lambda: decay_alibi(H), "alibi_layer": lambda: decay_alibi_layer(H, layer, n_layers),
-             "tnl_linear": lambda: decay_tnl_linear(H, layer, n_layers)}[cfg.decay]()
-        self.register_buffer("g_H", g.float(), persistent=False)  # fixed, not trained, not saved
+        # fixed, not trained and not saved: a constant of the config (made on the CPU even while the model is
+        # built on `meta`), copied once to each device it runs on
+        with torch.device("cpu"):
+            self.g_H = {"alibi": lambda: decay_alibi(H),
+                        "alibi_layer": lambda: decay_alibi_layer(H, layer, n_layers),
+                        "tnl_linear": lambda: decay_tnl_linear(H, layer, n_layers)}[cfg.decay]().float()
+        self._g_on = {}
 
     def forward(self, x_BTD, ctx: MixerContext):
         B, T, _ = x_BTD.shape
@@ -67,7 +71,9 @@ class Lightning(Mixer):
         if ctx.valid_BS is not None:  # padding tokens add nothing to the state
             keep = ctx.valid_BS[:, -T:, None, None].to(k.dtype)
             k, v = k * keep, v * keep
-        g = self.g_H.to(x_BTD.device)
+        g = self._g_on.get(x_BTD.device)
+        if g is None:
+            g = self._g_on[x_BTD.device] = self.g_H.to(x_BTD.device)
         if ctx.cache is not None:
             o = self._with_state(q, k, v, g, ctx.cache)
         elif ctx.causal:
