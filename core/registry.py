@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.position",
     "hyloom.plugins.lightning",
     "hyloom.plugins.infllm_v2",
+    "hyloom.plugins.train",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -8,6 +8,7 @@ import sys
 from hyloom import __version__
 from hyloom.blueprint import BlueprintError
 from hyloom.registry import PluginError, UnknownComponentError, registry, reset
+from hyloom.train import TrainingError
 
 EPILOG = """examples:
   hyloom ls mixer                      list the registered mixers
@@ -41,5 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BlueprintError, PluginError, UnknownComponentError) as exc:
         print(f"hyloom: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"hyloom: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0

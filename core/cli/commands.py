@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,73 @@ def add_cp(sub):
     p.set_defaults(func=cmd_cp)
 
 
+# ---- train / generate --------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from hyloom.train import train
+
+    loaded = load(args.blueprint, args.overrides)
+    section = loaded.data.setdefault("train", {"type": "lm"})
+    if args.out:
+        section["out_dir"] = args.out
+    bp = validate(loaded)
+    result = train(bp, bp.model_dump(mode="json"), resume=args.resume, progress=not args.no_progress)
+    if result.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"train loss {result['train_loss']:.3f}   held-out loss {result['eval_loss']:.3f}   "
+              f"unigram baseline {result['unigram_loss']:.3f}   ({result['seconds']} s)")
+        print(f"checkpoint: {result['checkpoint']}")
+        if "sample" in result:
+            print("sample:\n" + result["sample"])
+    return 0
+
+
+def add_train(sub):
+    p = _parser(sub, "train", "train a blueprint's model on its data (the embedded corpus by default)",
+                "  hyloom train builtin:tiny\n  hyloom train my.yaml train.steps=1000 --out runs/mine\n"
+                "  hyloom train my.yaml --resume auto          continue from the newest checkpoint\n"
+                "  torchrun --nproc_per_node=2 -m hyloom train my.yaml    data-parallel\n")
+    _blueprint_args(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH", help="auto: the newest checkpoint in out_dir")
+    p.add_argument("--out", default=None, help="run directory (train.out_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from hyloom.checkpoint import load_checkpoint
+    from hyloom.registry import registry
+
+    model, _ = load_checkpoint(args.checkpoint)
+    tokenizer_file = Path(args.checkpoint) / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(args.checkpoint))])
+    file_tokenizer = registry().get("tokenizer", "file")
+    tokenizer = file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file)))
+    torch.manual_seed(args.seed)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    outs = model.eval().generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=[tokenizer.eos_id])
+    for prompt, out in zip(args.prompt, outs):
+        print(prompt + tokenizer.decode(out))
+    return 0
+
+
+def add_generate(sub):
+    p = _parser(sub, "generate", "continue prompts with a trained checkpoint",
+                "  hyloom generate runs/train/checkpoint-000300 --prompt 'def '\n"
+                "  hyloom generate CKPT --prompt 'import ' --prompt 'class ' --temperature 0 --max-new-tokens 40\n")
+    p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json)")
+    p.add_argument("--prompt", action="append", required=True, help="may repeat: one batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+
 @hookimpl
 def hyloom_register_commands(register):
     for name, add, summary in [
@@ -200,5 +268,7 @@ def hyloom_register_commands(register):
         ("validate", add_validate, "validate a blueprint on the meta device"),
         ("schema", add_schema, "print the blueprint schema"),
         ("cp", add_cp, "copy a built-in blueprint"),
+        ("train", add_train, "train a blueprint's model"),
+        ("generate", add_generate, "generate text with a checkpoint"),
     ]:
         register(name, add, summary=summary)

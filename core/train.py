@@ -1,0 +1,157 @@
+"""What every trainer shares: the process group, the run directory (checkpoints, `latest`, metrics) and
+the path from a blueprint to `trainer.fit`. Trainers themselves are plugins (`hyloom ls trainer`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hyloom.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, write_file_atomic
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of a scalar over ranks (every rank gets it)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+
+def init_distributed() -> Dist:
+    """One process, or the process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+class RunDir:
+    """runs/NAME/: checkpoint-000100/ ..., `latest` (name of the newest complete checkpoint), metrics.jsonl."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.path.glob("checkpoint-*") if p.is_dir() and not p.name.startswith("."))
+
+    def latest(self) -> Path | None:
+        pointer = self.path / "latest"
+        if pointer.exists() and (self.path / pointer.read_text().strip()).is_dir():
+            return self.path / pointer.read_text().strip()
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, model, blueprint: dict, trainer_state: dict, keep: int,
+             extra_files: dict[str, str] | None = None) -> Path:
+        path = save_checkpoint(self.path / f"checkpoint-{step:06d}", model, blueprint, trainer_state=trainer_state,
+                               extra_files=extra_files)
+        write_file_atomic(self.path / "latest", path.name)
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old)
+        return path
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        file = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+
+
+def resume_point(run: RunDir, resume: str | None) -> Path | None:
+    """`--resume auto`: the newest checkpoint of this run if there is one; a path: that checkpoint."""
+    if resume in (None, "", "never"):
+        return None
+    if resume == "auto":
+        return run.latest()
+    path = Path(resume)
+    if not (path / "blueprint.yaml").exists():
+        raise TrainingError(f"--resume {resume}: not a checkpoint directory (no blueprint.yaml)")
+    return path
+
+
+def restore(path: Path, model) -> dict:
+    """Load a checkpoint's weights into `model` (in place) and return its trainer state."""
+    saved, _ = load_checkpoint(path)
+    model.load_state_dict(saved.state_dict())
+    state = load_trainer_state(path)
+    if state is None:
+        raise TrainingError(f"{path} has no trainer/ state to resume from")
+    return state
+
+
+def train(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True):
+    """Prepare the data, build the model and hand both to the blueprint's trainer."""
+    from hyloom.blueprint import blueprint_model
+    from hyloom.data import prepare
+    from hyloom.model import build_model
+    from hyloom.registry import registry
+
+    fields = blueprint_model().model_fields
+    trainer_cfg = blueprint.train or _default(fields["train"], {"type": "lm"})
+    data_spec = blueprint.data or _default(fields["data"], {})
+    env = init_distributed()
+    if env.main:  # rank 0 builds the data cache; the others then find it ready
+        prepared = prepare(data_spec, progress=progress)
+    env.barrier()
+    if not env.main:
+        prepared = prepare(data_spec, progress=False)
+    if prepared.tokenizer.vocab_size > blueprint.model.vocab_size:
+        raise TrainingError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size is "
+                            f"{blueprint.model.vocab_size}")
+    torch.manual_seed(trainer_cfg.seed)
+    model = build_model(blueprint, device=env.device)
+    trainer = registry().get("trainer", trainer_cfg.type).build(trainer_cfg)
+    return trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+
+
+def _default(field, data: dict):
+    """Validate `data` as the non-None member of an optional blueprint section."""
+    from pydantic import TypeAdapter
+
+    options = getattr(field.annotation, "__args__", None) or (field.annotation,)
+    return TypeAdapter(next(o for o in options if o is not type(None))).validate_python(data)
+
+
+@dataclass
+class TrainRun:
+    """What `fit` gets besides the model and data."""
+
+    blueprint: object
+    resolved: dict  # the resolved blueprint, saved in every checkpoint
+    env: Dist
+    resume: str | None
+    progress: bool

@@ -1,0 +1,194 @@
+"""The `lm` trainer: next-token prediction with AdamW, resumable to the step."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from tqdm.auto import tqdm
+
+from hyloom.plot import loss_png
+from hyloom.plugins.train.schedule import learning_rate
+from hyloom.train import RunDir, TrainingError, TrainRun, restore, resume_point
+
+
+class LMTrainerConfig(BaseModel):
+    steps: PositiveInt = Field(300, description="optimizer steps")
+    batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all ranks and micro-steps")
+    grad_accum: PositiveInt = Field(1, description="micro-steps per optimizer step")
+    lr: PositiveFloat = Field(3e-3, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak")
+    warmup: NonNegativeInt = Field(20, description="steps of linear warmup")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="after warmup")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled (AdamW), on matrices only")
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
+    eval_batches: PositiveInt = Field(8, description="batches per evaluation")
+    save_every: PositiveInt = Field(100, description="steps between checkpoints")
+    keep: PositiveInt = Field(2, description="checkpoints kept")
+    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines")
+    out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
+    seed: int = 0
+    tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
+    sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
+    sample_tokens: NonNegativeInt = Field(48, description="tokens of that sample (0: none)")
+
+    @model_validator(mode="after")
+    def _micro(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        return self
+
+
+def lm_loss(model, batch_BT1) -> torch.Tensor:
+    logits = model(batch_BT1[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch_BT1[:, 1:].reshape(-1))
+
+
+def _param_groups(model, weight_decay):
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class LMTrainer:
+    def __init__(self, cfg: LMTrainerConfig):
+        self.cfg = cfg
+
+    def fit(self, model, data, run: TrainRun) -> dict:
+        from hyloom.data import TokenLoader
+
+        cfg, env = self.cfg, run.env
+        out = RunDir(cfg.out_dir)
+        if env.main:
+            out.path.mkdir(parents=True, exist_ok=True)
+        seq_len = run.blueprint.data.seq_len if run.blueprint.data else data.manifest["seq_len"]
+        micro = cfg.batch_size // cfg.grad_accum
+        if micro % env.world:
+            raise TrainingError(f"batch_size / grad_accum = {micro} must be divisible by the {env.world} processes")
+        loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, rank=env.rank,
+                             world_size=env.world, seed=cfg.seed)
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        start = 0
+        point = resume_point(out, run.resume)
+        if point is not None:
+            state = restore(point, model)
+            opt.load_state_dict(state["optimizer"])
+            loader.load_state_dict(state["loader"])
+            _set_rng_state(state["rng"])
+            start = state["step"]
+            if env.main:  # forget metrics logged after that checkpoint by the run that stopped
+                kept = [r for r in out.metrics() if r["step"] <= start]
+                (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        board = self._tensorboard(out) if env.main else None
+
+        def evaluate() -> float:
+            model.eval()
+            held_out = TokenLoader(data.dir, "eval", seq_len=seq_len, batch_size=micro, rank=env.rank,
+                                   world_size=env.world, seed=cfg.seed)
+            with torch.no_grad(), autocast():
+                losses = [lm_loss(model, held_out.next_batch().to(env.device)).item() for _ in range(cfg.eval_batches)]
+            model.train()
+            return env.mean(sum(losses) / len(losses))
+
+        tokens_per_step = cfg.batch_size * seq_len
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (env.main and run.progress),
+                   dynamic_ncols=True)
+        began, eval_loss, loss = time.perf_counter(), None, float("nan")
+        model.train()
+        for step in range(start, cfg.steps):
+            lr = learning_rate(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
+                               min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for i in range(cfg.grad_accum):
+                batch = loader.next_batch().to(env.device)
+                last = i == cfg.grad_accum - 1
+                with (net.no_sync() if env.world > 1 and not last else contextlib.nullcontext()), autocast():
+                    micro_loss = lm_loss(net, batch) / cfg.grad_accum
+                micro_loss.backward()
+                total += micro_loss.item()
+            loss = env.mean(total)
+            if not math.isfinite(loss):
+                kept = out.latest()
+                raise TrainingError(f"step {step + 1}: the loss is {loss}; stopping without saving. "
+                                    f"The last good checkpoint is {kept or 'none (no checkpoint yet)'}.")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            seconds = time.perf_counter() - began
+            tok_s = (done - start) * tokens_per_step / max(seconds, 1e-9)
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step,
+                      "tokens_per_s": round(tok_s, 1)}
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                eval_loss = record["eval_loss"] = evaluate()
+            if env.main and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.steps):
+                out.log(record)
+                if board:
+                    for key, value in record.items():
+                        board.add_scalar(f"train/{key}", value, done)
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                if env.main:
+                    state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+                             "rng": _rng_state()}
+                    out.save(done, model, run.resolved, state, cfg.keep)
+                env.barrier()
+            bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss else "-",
+                            tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        result = {"steps": cfg.steps, "train_loss": loss, "eval_loss": eval_loss, "unigram_loss": data.unigram_loss,
+                  "seconds": round(time.perf_counter() - began, 1), "checkpoint": str(out.latest())}
+        if env.main:
+            self._finish(model, data, out, result)
+        return result
+
+    def _finish(self, model, data, out: RunDir, result: dict) -> None:
+        metrics = out.metrics()
+        loss_png(out.path / "loss.png", {
+            "train": [(r["step"], r["loss"]) for r in metrics],
+            "eval": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]})
+        if self.cfg.sample_tokens:
+            model.eval()
+            ids = data.tokenizer.encode(self.cfg.sample_prompt)
+            torch.manual_seed(self.cfg.seed)
+            new = model.generate([ids], max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=40,
+                                 stop_tokens=[data.tokenizer.eos_id])[0]
+            result["sample"] = self.cfg.sample_prompt + data.tokenizer.decode(new)
+
+    def _tensorboard(self, out: RunDir):
+        if self.cfg.tensorboard is False:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if self.cfg.tensorboard:
+                raise TrainingError("tensorboard: true, but TensorBoard is not installed (pip install tensorboard)")
+            return None
+        return SummaryWriter(str(out.path / "tensorboard"))
