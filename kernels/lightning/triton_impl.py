@@ -67,7 +67,7 @@ def make_segments(batch: int, seqlen: int, heads: int, cu_seqlens, device) -> Se
     if cu_seqlens is None:
         lengths = (seqlen,) * batch
     else:
-        cu = cu_seqlens.tolist()  # one host sync per call with packed sequences
+        cu = cu_seqlens.tolist()  # a host sync when cu_seqlens is on the GPU; none from a CPU copy
         lengths = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
     return _segments_cached(lengths, _segment_len(sum(lengths), heads, device), device)
 
