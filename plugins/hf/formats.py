@@ -1,0 +1,259 @@
+"""Hugging Face `llama` and `qwen3` checkpoints: which configs they read, config.json ↔ blueprint, and the
+tensor-name map HF ↔ hyloom.
+
+Both are the same plain decoder (RMSNorm → GQA attention with RoPE → RMSNorm → SwiGLU); Qwen3 adds a
+per-head RMSNorm on q and k. Anything else a config asks for is refused with the field named, because
+loading the weights anyway would give a model that runs but computes something different.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hyloom.blueprint import BlueprintError, Problem
+
+# HF name ↔ our name; `{n}` is the layer index.
+SHARED_KEYS = (
+    ("model.embed_tokens.weight", "embed_tokens.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("model.layers.{n}.input_layernorm.weight", "layers.{n}.mixer_norm.weight"),
+    ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.mixer.q_proj.weight"),
+    ("model.layers.{n}.self_attn.k_proj.weight", "layers.{n}.mixer.k_proj.weight"),
+    ("model.layers.{n}.self_attn.v_proj.weight", "layers.{n}.mixer.v_proj.weight"),
+    ("model.layers.{n}.self_attn.o_proj.weight", "layers.{n}.mixer.o_proj.weight"),
+    ("model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.ffn_norm.weight"),
+    ("model.layers.{n}.mlp.gate_proj.weight", "layers.{n}.ffn.gate_proj.weight"),
+    ("model.layers.{n}.mlp.up_proj.weight", "layers.{n}.ffn.up_proj.weight"),
+    ("model.layers.{n}.mlp.down_proj.weight", "layers.{n}.ffn.down_proj.weight"),
+)
+QK_NORM_KEYS = (
+    ("model.layers.{n}.self_attn.q_norm.weight", "layers.{n}.mixer.q_norm.weight"),
+    ("model.layers.{n}.self_attn.k_norm.weight", "layers.{n}.mixer.k_norm.weight"),
+)
+# Buffers some older checkpoints saved although they are derived from the config: skipped on import.
+DERIVED_HF_KEY = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
+
+
+class ConversionError(BlueprintError):
+    """A config or checkpoint a format cannot express. The CLI prints it and exits with status 2."""
+
+    def __str__(self) -> str:
+        return "cannot convert:\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{n}"), r"(?P<n>\d+)"))
+
+
+def _rename(key: str, pairs: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in pairs:
+        m = pattern.fullmatch(key)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    name: str
+    model_types: tuple[str, ...]  # config.json `model_type` values this format reads
+    architecture: str  # written to `architectures` on export
+    qk_norm: bool
+    defaults: dict  # what transformers assumes for a field config.json leaves out
+    export_fields: dict = field(default_factory=dict)  # format-specific fields written on export
+    key_map: tuple[tuple[str, str], ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "key_map", SHARED_KEYS + (QK_NORM_KEYS if self.qk_norm else ()))
+
+    # ---- tensor names --------------------------------------------------------------------------------
+
+    def to_ours(self, hf_key: str) -> str | None:
+        """Our name for an HF tensor; None when this format has no such tensor."""
+        return _rename(hf_key, [(_pattern(hf), ours) for hf, ours in self.key_map])
+
+    def to_hf(self, our_key: str) -> str | None:
+        return _rename(our_key, [(_pattern(ours), hf) for hf, ours in self.key_map])
+
+    # ---- config.json → blueprint ---------------------------------------------------------------------
+
+    def blueprint(self, config: dict, source: str = "config.json") -> dict:
+        """The blueprint dict for an HF config, or ConversionError naming every field it cannot honour."""
+        problems = [Problem(f, msg, source) for f, msg in self.unsupported(config)]
+        missing = [f for f in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+                               "intermediate_size") if config.get(f) is None]
+        problems += [Problem(f, "required field is missing", source) for f in missing]
+        if problems:
+            raise ConversionError(problems)
+
+        def get(name):  # a field left out (or null) means what transformers assumes for it
+            return config[name] if config.get(name) is not None else self.defaults[name]
+
+        heads = config["num_attention_heads"]
+        eps = get("rms_norm_eps")
+        mixer = {"type": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": config.get("head_dim") or config["hidden_size"] // heads}
+        if self.qk_norm:  # HF normalises q and k with the model's rms_norm_eps
+            mixer.update(qk_norm=True, norm_eps=eps)
+        n = config["num_hidden_layers"]
+        return {"model": {
+            "d_model": config["hidden_size"],
+            "n_layers": n,
+            "vocab_size": config["vocab_size"],
+            "max_seq_len": get("max_position_embeddings"),
+            "position": {"type": "rope", "theta": float(rope_theta(config, self.defaults["rope_theta"]))},
+            "mixers": {"A": mixer},
+            "layout": {"repeat": "A", "times": n},
+            "ffn": {"type": "swiglu", "hidden": config["intermediate_size"]},
+            "norm": {"type": "rmsnorm", "eps": eps},
+            "tie_embeddings": bool(get("tie_word_embeddings")),
+        }}
+
+    def unsupported(self, config: dict) -> list[tuple[str, str]]:
+        """(field, why) for every setting of `config` this format cannot reproduce."""
+        out = []
+        model_type = config.get("model_type")
+        if model_type is not None and model_type not in self.model_types:
+            out.append(("model_type", f"{model_type!r} is not read by format {self.name!r} "
+                                      f"(it reads: {', '.join(self.model_types)})"))
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            out.append(("hidden_act", f"{act!r} is not supported (only 'silu': the FFN is SwiGLU)"))
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                out.append((flag, "biases are not supported (hyloom's projections have none)"))
+        if config.get("quantization_config"):
+            out.append(("quantization_config", "quantized checkpoints are not supported; use the unquantized one"))
+        out += _rope_problems(config)
+        # Qwen3 configs always carry a `sliding_window` size; it is in force only with use_sliding_window.
+        windowed = config.get("use_sliding_window") if "use_sliding_window" in config else config.get("sliding_window")
+        if windowed:
+            key = "use_sliding_window" if "use_sliding_window" in config else "sliding_window"
+            out.append((key, "sliding-window attention layers are not supported by this import"))
+        other_layers = sorted(set(config.get("layer_types") or []) - {"full_attention"})
+        if other_layers:
+            out.append(("layer_types", f"only 'full_attention' layers are supported, got {other_layers}"))
+        return out
+
+    # ---- blueprint → config.json ---------------------------------------------------------------------
+
+    def hf_config(self, spec) -> dict:
+        """config.json for a validated model spec (or blueprint), or ConversionError naming every blueprint key
+        this format cannot express."""
+        spec = getattr(spec, "model", spec)
+        problems = [Problem(path, msg) for path, msg in self.inexpressible(spec)]
+        if problems:
+            raise ConversionError(problems)
+        first = spec.layers[0]
+        heads = first.heads
+        theta = float(spec.position.theta)
+        config = {
+            "architectures": [self.architecture],
+            "model_type": self.model_types[0],
+            "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model,
+            "intermediate_size": spec.ffn.hidden,
+            "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": first.kv_heads or heads,
+            "head_dim": first.head_dim or spec.d_model // heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": spec.max_seq_len,
+            "rms_norm_eps": spec.norm.eps,
+            # transformers 5 reads rope_parameters, 4.x reads rope_theta; both agree
+            "rope_theta": theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "tie_word_embeddings": spec.tie_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            # unknown to the blueprint; explicit nulls keep transformers from assuming its own defaults
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+        }
+        config.update(self.export_fields)
+        return config
+
+    def inexpressible(self, spec) -> list[tuple[str, str]]:
+        """(blueprint key, why) for everything in `spec` that config.json of this format cannot say."""
+        out = []
+        if not spec.causal:
+            out.append(("model.causal", "must be true (HF causal LMs are causal)"))
+        for key, kind, want in (("position", spec.position.type, "rope"), ("ffn", spec.ffn.type, "swiglu"),
+                                ("norm", spec.norm.type, "rmsnorm")):
+            if kind != want:
+                out.append((f"model.{key}.type", f"is {kind!r}; {self.name} needs {want!r}"))
+        if spec.scale_emb != 1.0 or spec.scale_depth is not None or spec.dim_model_base is not None:
+            out.append(("model.scale_emb", f"µP scalars (scale_emb, scale_depth, dim_model_base) have no "
+                                           f"{self.name} equivalent"))
+        shapes, by_problem = set(), {}  # (symbol, why) -> layers, so a 28-layer blueprint gives one line each
+        for i, cfg in enumerate(spec.layers):
+            for why in self._layer_problems(cfg, spec):
+                by_problem.setdefault((spec.layout[i], why), []).append(i)
+            if cfg.type == "attention":
+                shapes.add((cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_dim or spec.d_model // cfg.heads))
+        for (symbol, why), layers in by_problem.items():
+            out.append((f"model.mixers.{symbol}", f"{why} (layers {', '.join(map(str, layers))})"))
+        if len(shapes) > 1:
+            out.append(("model.mixers", f"every layer needs the same heads/kv_heads/head_dim, got {sorted(shapes)}"))
+        return out
+
+
+    def _layer_problems(self, cfg, spec) -> list[str]:
+        if cfg.type != "attention":
+            return [f"mixer {cfg.type!r}: {self.name} has only softmax attention layers"]
+        out = []
+        if cfg.window is not None:
+            out.append("a sliding window is not expressible")
+        if cfg.gate:
+            out.append("an output gate is not expressible")
+        if cfg.qk_norm != self.qk_norm:
+            out.append(f"qk_norm must be {str(self.qk_norm).lower()} for {self.name}")
+        elif cfg.qk_norm and cfg.norm_eps != spec.norm.eps:
+            out.append(f"norm_eps {cfg.norm_eps} must equal model.norm.eps {spec.norm.eps} "
+                       f"({self.name} uses rms_norm_eps for the q/k norms)")
+        return out
+
+
+def rope_theta(config: dict, default: float) -> float:
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return params["rope_theta"]
+    return config["rope_theta"] if config.get("rope_theta") is not None else default
+
+
+def _rope_problems(config: dict) -> list[tuple[str, str]]:
+    out = []
+    for key in ("rope_parameters", "rope_scaling"):
+        params = config.get(key)
+        if not params:
+            continue
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            out.append((key, "per-layer-type rope parameters are not supported"))
+            continue
+        name = "rope_type" if "rope_type" in params else "type"  # `type` in configs older than rope_type
+        kind = params.get(name, "default")
+        if kind != "default":
+            out.append((f"{key}.{name}", f"{kind!r} rope scaling is not supported (only 'default')"))
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            out.append((f"{key}.partial_rotary_factor", "partial rotary embeddings are not supported"))
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append(("partial_rotary_factor", "partial rotary embeddings are not supported"))
+    return out
+
+
+LLAMA = HFFormat(
+    name="llama", model_types=("llama",), architecture="LlamaForCausalLM", qk_norm=False,
+    defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False},
+    export_fields={"mlp_bias": False},
+)
+QWEN3 = HFFormat(
+    name="qwen3", model_types=("qwen3",), architecture="Qwen3ForCausalLM", qk_norm=True,
+    defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
+              "tie_word_embeddings": False},
+    export_fields={"use_sliding_window": False, "sliding_window": None},
+)
+FORMATS = {f.name: f for f in (LLAMA, QWEN3)}
