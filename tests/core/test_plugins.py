@@ -191,10 +191,8 @@ def test_every_hook_registers_through_a_plugin(make_distribution, on_path, tmp_p
         assert registry().get(kind, f"probe_{kind}").dist == "every-kind"
 
 
-def test_every_hook_is_documented_and_tested():
+def test_every_hook_is_documented():
+    # (every hook is exercised by test_every_hook_registers_through_a_plugin, which implements all of KINDS)
     docs = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
-    tests = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
     for hook in KINDS.values():
         assert hook in docs, f"{hook} is not documented in docs/"
-        # this file builds a plugin implementing every hook from KINDS; others may test hooks by name
-        assert hook in tests or "KINDS.items()" in tests, f"{hook} is not exercised by a test"
