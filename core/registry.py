@@ -35,6 +35,8 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.lightning",
     "hyloom.plugins.infllm_v2",
     "hyloom.plugins.train",
+    "hyloom.plugins.data",
+    "hyloom.plugins.hf",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

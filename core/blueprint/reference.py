@@ -9,7 +9,8 @@ from hyloom.blueprint.schema import blueprint_model
 from hyloom.registry import registry
 
 COMPONENT_KINDS = {"position": "model.position", "mixer": "model.mixers.<SYMBOL>", "ffn": "model.ffn",
-                   "norm": "model.norm"}
+                   "norm": "model.norm", "data_source": "data.source", "data_tier": "data.tiers[]",
+                   "tokenizer": "data.tokenizer", "trainer": "train"}
 
 
 def _type_text(prop: dict) -> str:
@@ -60,6 +61,10 @@ def markdown() -> str:
         "",
         "`layout` is a string with one symbol per layer (`SLLL`), a list of symbols, or `{repeat: SLLL, times: 8}`;",
         "`overrides` maps a layer index to keys replacing that layer's mixer config (`{31: {topk: 32}}`).",
+        "",
+        "## `data` (optional)",
+        "",
+        *_fields_table(blueprint_model().model_fields["data"].annotation.__args__[0], skip=()),
         "",
     ]
     for kind, path in COMPONENT_KINDS.items():

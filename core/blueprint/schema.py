@@ -156,7 +156,7 @@ def blueprint_model() -> type[BaseModel]:
         tiers=(list[_union("data_tier")], Field([], description="tier steps (filters, dedup) applied in order")),
         tokenizer=(_union("tokenizer"), _default("tokenizer", "bpe", "tokenizer (default: bpe trained on the data)")),
         seq_len=(PositiveInt, Field(256, description="tokens per training sequence")),
-        eval_fraction=(float, Field(0.02, gt=0, le=0.5, description="share of documents held out for eval")),
+        eval_fraction=(float, Field(0.02, gt=0, le=0.5, description="share of the text (whole documents) held out for eval")),
         cache_dir=(str, Field("~/.cache/hyloom", description="where tokenizers and token shards are cached")),
         seed=(int, Field(0, description="seed of the train/eval split and the data order")),
     )

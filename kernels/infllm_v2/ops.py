@@ -1,6 +1,7 @@
-"""Public InfLLM-V2 operations: Triton when it can run (a CUDA tensor, or TRITON_INTERPRET=1), else the reference.
+"""Public InfLLM-V2 operations: Triton on CUDA tensors, the PyTorch reference elsewhere.
 
-backend=None picks automatically; "triton" or "torch" forces one.
+backend=None picks by device; "torch" forces the reference; "triton" forces the kernels (on CPU tensors it
+needs TRITON_INTERPRET=1, as the tests use it).
 """
 import math
 import os
@@ -20,16 +21,24 @@ except ImportError:  # the package must import without triton; the reference pat
 LOG2E = 1.4426950408889634
 # Launch settings, one dict per kernel (num_warps, num_stages) plus tile sizes; bench/infllm_v2.py sweeps them.
 TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "num_stages": 2},
-        "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {}, "dkdv": {}, "topk": {}, "local": {},
+        "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {"num_warps": 2, "num_stages": 3},
+        "dkdv": {"num_warps": 4, "num_stages": 2}, "topk": {"num_warps": 4, "num_stages": 1},
+        "local": {"num_warps": 8, "num_stages": 3},
         "select_rows": 128, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "local_rows": 128,
         "triton_topk": True, "local_split": True}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
 
 
+TRITON_ON_CPU = False  # let backend=None run the interpreter on CPU tensors too (bench --smoke sets it)
+
+
 def _use_triton(x: torch.Tensor, backend) -> bool:
     if backend == "torch":
         return False
-    usable = triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    # On CPU the interpreter runs only when asked for: a test module that sets TRITON_INTERPRET=1 must not
+    # send every other CPU test of the same pytest process through it (minutes instead of seconds).
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and (backend == "triton" or TRITON_ON_CPU)
+    usable = triton is not None and (x.is_cuda or interpret)
     if backend == "triton" and not usable:
         raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     return usable
@@ -63,7 +72,7 @@ def select_blocks(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0, ba
     if not _use_triton(q_BTHD, backend):
         return naive.select_blocks_ref(q_BTHD, kc_BNKD, cfg, scale, q_offset)
     scores = block_scores(q_BTHD, kc_BNKD, cfg, scale, q_offset)
-    return topk_blocks(scores, cfg.k_total)
+    return topk_blocks(scores, cfg.k_total, backend="triton")
 
 
 def topk_blocks(scores, k_total: int, backend=None) -> torch.Tensor:

@@ -38,26 +38,26 @@ def _recurrent_one(q_TH_D, k_TH_D, v_TH_D, g_H, scale, state_HDD):
     return o, state_HDD
 
 
-def _chunked_one(q_TH_D, k_TH_D, v_TH_D, g_H, scale, state_HDD, chunk):
-    """One sequence, chunk by chunk (n tokens, i and j local to the chunk):
+def _chunked(q_NTHD, k_NTHD, v_NTHD, g_H, scale, state_NHDD, chunk):
+    """N sequences of equal length, chunk by chunk (n tokens, i and j local to the chunk):
     O_c = scale[(Q Kᵀ) ⊙ M] V + scale diag(λ^(i+1)) Q S_prev
     S_next = λ^n S_prev + (diag(λ^(n-1-j)) K)ᵀ V"""
     outs = []
-    for c0 in range(0, q_TH_D.shape[0], chunk):
-        q, k, v = (x[c0:c0 + chunk].transpose(0, 1) for x in (q_TH_D, k_TH_D, v_TH_D))  # [H, n, D]
-        n = q.shape[1]
+    for c0 in range(0, q_NTHD.shape[1], chunk):
+        q, k, v = (x[:, c0:c0 + chunk].transpose(1, 2) for x in (q_NTHD, k_NTHD, v_NTHD))  # [N, H, n, D]
+        n = q.shape[2]
         i = torch.arange(n, device=q.device, dtype=torch.float32)
         diff = i[:, None] - i[None, :]
         # mask before exp: for j > i the exponent g*(i-j) would be positive
         mask_Hnn = torch.where(diff >= 0, g_H[:, None, None] * diff, float("-inf")).exp()
-        decay_q_Hn = (g_H[:, None] * (i + 1)).exp()
-        decay_k_Hn = (g_H[:, None] * (n - 1 - i)).exp()
-        intra = (q @ k.transpose(1, 2) * mask_Hnn) @ v
-        inter = decay_q_Hn[..., None] * (q @ state_HDD)
-        outs.append((scale * (intra + inter)).transpose(0, 1))
-        state_HDD = (g_H * n).exp()[:, None, None] * state_HDD + (decay_k_Hn[..., None] * k).transpose(1, 2) @ v
-    o = torch.cat(outs) if outs else q_TH_D.new_zeros(q_TH_D.shape)
-    return o, state_HDD
+        decay_q_Hn1 = (g_H[:, None] * (i + 1)).exp()[..., None]
+        decay_k_Hn1 = (g_H[:, None] * (n - 1 - i)).exp()[..., None]
+        intra = (q @ k.transpose(-1, -2) * mask_Hnn) @ v
+        inter = decay_q_Hn1 * (q @ state_NHDD)
+        outs.append((scale * (intra + inter)).transpose(1, 2))
+        state_NHDD = (g_H * n).exp()[:, None, None] * state_NHDD + (decay_k_Hn1 * k).transpose(-1, -2) @ v
+    o = torch.cat(outs, dim=1) if outs else q_NTHD.new_zeros(q_NTHD.shape)
+    return o, state_NHDD
 
 
 def causal(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -67,16 +67,22 @@ def causal(q, k, v, g, *, scale=None, initial_state=None, output_final_state=Fal
     if cu_seqlens is not None and B != 1:
         raise ValueError("cu_seqlens needs B == 1 (packed sequences)")
     scale = D ** -0.5 if scale is None else scale
-    f32 = [x.reshape(B * T, H, D).float() for x in (q, k, v)]
     g = g.float().to(q.device)
+    h0_NHDD = None if initial_state is None else initial_state.float()
+    if form == "chunked" and cu_seqlens is None:  # equal lengths: every row of the batch at once
+        h0_NHDD = q.new_zeros(B, H, D, D, dtype=torch.float32) if h0_NHDD is None else h0_NHDD
+        o, final = _chunked(q.float(), k.float(), v.float(), g, scale, h0_NHDD, chunk)
+        return o.to(q.dtype), (final if output_final_state else None)
+    f32 = [x.reshape(B * T, H, D).float() for x in (q, k, v)]
     outs, finals = [], []
     for n, (s, e) in enumerate(sequence_bounds(B, T, cu_seqlens)):
-        h0 = q.new_zeros(H, D, D, dtype=torch.float32) if initial_state is None else initial_state[n].float()
+        h0 = q.new_zeros(H, D, D, dtype=torch.float32) if h0_NHDD is None else h0_NHDD[n]
         qs, ks, vs = (x[s:e] for x in f32)
         if form == "recurrent":
             o, hT = _recurrent_one(qs, ks, vs, g, scale, h0)
         else:
-            o, hT = _chunked_one(qs, ks, vs, g, scale, h0, chunk)
+            o, hT = _chunked(qs[None], ks[None], vs[None], g, scale, h0[None], chunk)
+            o, hT = o[0], hT[0]
         outs.append(o)
         finals.append(hT)
     o = torch.cat(outs).reshape(B, T, H, D).to(q.dtype)

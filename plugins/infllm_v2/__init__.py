@@ -137,9 +137,10 @@ class InfLLMv2(Mixer):
         if n < self.sparse.dense_len:  # a later prefill chunk, dense: causal with the queries at the end
             every = torch.arange(self.sparse.n_blocks(n), device=q_1THD.device, dtype=torch.int32)
             idx = every.expand(1, self.kv_heads, q_1THD.shape[1], every.numel())
-        else:
-            idx = select_blocks(q_1THD, compress_keys(k_all, self.sparse), self.sparse, q_offset=q_offset)
-        return block_sparse_attn(q_1THD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset)
+            return block_sparse_attn(q_1THD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset)
+        idx = select_blocks(q_1THD, compress_keys(k_all, self.sparse), self.sparse, q_offset=q_offset)
+        forced = (self.sparse.init_blocks, self.sparse.window // self.sparse.block_size)  # selection guarantees them
+        return block_sparse_attn(q_1THD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset, forced=forced)
 
     def new_cache(self, batch, device, dtype):
         return SparseKVCache(batch, self.kv_heads, self.head_dim, self.sparse, device, dtype)

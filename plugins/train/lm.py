@@ -157,7 +157,8 @@ class LMTrainer:
                 if env.main:
                     state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
                              "rng": _rng_state()}
-                    out.save(done, model, run.resolved, state, cfg.keep)
+                    out.save(done, model, run.resolved, state, cfg.keep,
+                             extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
                 env.barrier()
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss else "-",
                             tok_s=f"{tok_s:,.0f}", refresh=False)

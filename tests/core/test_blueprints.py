@@ -75,7 +75,7 @@ def test_interpolation_inside_one_file(tmp_path):
 
 
 def test_extends_a_builtin_and_resolved_dump_round_trips(tmp_path):
-    path = write(tmp_path, "extends: builtin:tiny\nmodel: {n_layers: 2, layout: AA}\n")
+    path = write(tmp_path, "extends: builtin:tiny\nmodel: {n_layers: 2, layout: SL}\n")
     bp = load_blueprint(path)
     again = write(tmp_path, to_yaml(bp.model_dump(mode="json")), "resolved.yaml")
     assert load_blueprint(again).model_dump() == bp.model_dump()

@@ -22,8 +22,9 @@ def test_every_help_has_examples(capsys):
 def test_show_tree(capsys):
     assert main(["show", "builtin:tiny", "--tree"]) == 0
     out = capsys.readouterr().out
-    assert "parameters: 1,312,128" in out
-    assert "1.02KB per token" in out  # 4 layers × K and V × 2 heads × 32 × 2 bytes
+    assert "parameters: 1,410,688" in out
+    # 2 sparse layers × (K and V + 1/4 of K compressed) × 2 heads × 32 × 2 bytes; 2 linear layers × 4 × 32² × 4 bytes
+    assert "576B per token + 32.8KB fixed" in out
     assert out.count("layers.") == 4
 
 
