@@ -64,7 +64,8 @@ def write_file_atomic(path: str | Path, text: str) -> None:
 
 def save_safetensors(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_bytes: int = 2 << 30,
                      metadata: dict | None = None) -> None:
-    """`model.safetensors`, or `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`."""
+    """`model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json` (also for one shard, so
+    every checkpoint has the same layout)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -75,15 +76,11 @@ def save_safetensors(folder: Path, state_dict: dict[str, torch.Tensor], max_shar
         current[name] = t
         size += nbytes
     shards.append(current)
-    meta = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE, metadata=meta)
-        return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata=meta)
-        weight_map.update({k: name for k in shard})
+        save_file(shard, folder / name, metadata={"format": "pt", **(metadata or {})})
+        weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
