@@ -40,6 +40,8 @@ def _pick_backend(backend: str | None, x: torch.Tensor) -> str:
 def _check(q, k, v, g, initial_state, cu_seqlens):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one [B, T, H, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, D = q.shape
     if g.shape != (H,):
         raise ValueError(f"g must be [H] = [{H}], got {tuple(g.shape)}")

@@ -91,3 +91,8 @@ def test_rmsnorm():
     norm = RMSNorm(8, eps=1e-6)
     x = torch.randn(3, 8) * 5
     torch.testing.assert_close(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+
+
+def test_rmsnorm_keeps_the_input_dtype_under_mixed_precision():
+    norm = RMSNorm(8)  # fp32 weight, as under autocast
+    assert norm(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
