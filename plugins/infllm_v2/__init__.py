@@ -8,13 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, PositiveInt, model_validator
-from torch import nn
 
 from hyloom.hookspecs import hookimpl
 from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, compress_keys, infllm_v2_attn,
                                       infllm_v2_decode, select_blocks, update_compressed_keys)
-from hyloom.mixer import Mixer, MixerCapabilities, MixerContext
-from hyloom.plugins.transformer.norm import RMSNorm
+from hyloom.mixer import MixerCapabilities, MixerContext
+from hyloom.plugins.transformer.attention import GroupedQKV
 
 
 class InfLLMv2Config(BaseModel):
@@ -80,39 +79,20 @@ class SparseKVCache:
         return start
 
 
-class InfLLMv2(Mixer):
+class InfLLMv2(GroupedQKV):
     capabilities = MixerCapabilities(family="sparse", causal=True, bidirectional=False, decode=True, varlen=True)
 
     def __init__(self, cfg: InfLLMv2Config, d_model: int):
-        super().__init__()
-        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
-        self.head_dim = cfg.head_dim or d_model // cfg.heads
+        super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)
         self.sparse = cfg.sparse()
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        self.q_proj = nn.Linear(d_model, H * D, bias=False)
-        self.k_proj = nn.Linear(d_model, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(d_model, Hkv * D, bias=False)
-        self.o_proj = nn.Linear(H * D, d_model, bias=False)
-        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
-        self.g_proj = nn.Linear(d_model, H * D, bias=False) if cfg.gate else None
 
     def forward(self, x_BTD, ctx: MixerContext):
-        B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ctx.position.apply(q, k, ctx.pos_BT)
+        q, k, v = self.project(x_BTD, ctx)
         if ctx.cache is None and ctx.valid_BS is None:
             o = infllm_v2_attn(q, k, v, self.sparse, cu_seqlens=ctx.cu_seqlens)
         else:
             o = self._rows(q, k, v, ctx)
-        o = o.reshape(B, T, self.heads * self.head_dim)
-        if self.g_proj is not None:
-            o = o * torch.sigmoid(self.g_proj(x_BTD))
-        return self.o_proj(o)
+        return self.output(o, x_BTD)
 
     def _rows(self, q, k, v, ctx):
         """Row by row over the real tokens only; padding rows of the output stay zero."""

@@ -28,24 +28,27 @@ class AttentionConfig(BaseModel):
         return self
 
 
-class Attention(Mixer):
-    capabilities = MixerCapabilities(family="softmax", causal=True, bidirectional=True, decode=True, varlen=True)
+class GroupedQKV(Mixer):
+    """The projections every GQA attention layer has — softmax attention and InfLLM-V2 share them, which is
+    what lets a dense checkpoint become a sparse one with no new parameters: q/k/v/o, optional QK-norm before
+    the position encoding, optional sigmoid output gate."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int):
+    def __init__(self, d_model: int, heads: int, kv_heads: int | None, head_dim: int | None, qk_norm: bool,
+                 gate: bool, eps: float):
         super().__init__()
-        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads or cfg.heads
-        self.head_dim = cfg.head_dim or d_model // cfg.heads
-        self.window = cfg.window
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = head_dim or d_model // heads
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)
         self.k_proj = nn.Linear(d_model, Hkv * D, bias=False)
         self.v_proj = nn.Linear(d_model, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, d_model, bias=False)
-        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
-        self.g_proj = nn.Linear(d_model, H * D, bias=False) if cfg.gate else None
+        self.q_norm = RMSNorm(D, eps) if qk_norm else None
+        self.k_norm = RMSNorm(D, eps) if qk_norm else None
+        self.g_proj = nn.Linear(d_model, H * D, bias=False) if gate else None
 
-    def forward(self, x_BTD, ctx: MixerContext):
+    def project(self, x_BTD, ctx: MixerContext):
+        """q [B, T, H, D] and k, v [B, T, Hkv, D], normalised and position-encoded."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.heads, self.head_dim)
         k = self.k_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
@@ -53,17 +56,32 @@ class Attention(Mixer):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.position.apply(q, k, ctx.pos_BT)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        return q, k, v
+
+    def output(self, o_BTHD, x_BTD):
+        o = o_BTHD.reshape(*x_BTD.shape[:2], self.heads * self.head_dim)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x_BTD))
+        return self.o_proj(o)
+
+
+class Attention(GroupedQKV):
+    capabilities = MixerCapabilities(family="softmax", causal=True, bidirectional=True, decode=True, varlen=True)
+
+    def __init__(self, cfg: AttentionConfig, d_model: int):
+        super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)
+        self.window = cfg.window
+
+    def forward(self, x_BTD, ctx: MixerContext):
+        T = x_BTD.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in self.project(x_BTD, ctx))  # [B, H, T, D]
         if ctx.cache is not None:
             k, v = ctx.cache.append(k, v)
         mask = self._mask(ctx, T, k.shape[2], x_BTD.device)
         is_causal = mask is None and ctx.causal and T > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.kv_heads != self.heads)
-        o = o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
-        if self.g_proj is not None:
-            o = o * torch.sigmoid(self.g_proj(x_BTD))
-        return self.o_proj(o)
+        return self.output(o.transpose(1, 2), x_BTD)
 
     def _mask(self, ctx: MixerContext, T: int, S: int, device) -> torch.Tensor | None:
         """Boolean [B|1, 1, T, S] mask, or None when plain causal (or full) attention is exact."""

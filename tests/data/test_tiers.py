@@ -2,8 +2,6 @@
 
 import random
 
-import pytest
-
 from hyloom.data import document, reason_pattern, run_tiers
 from hyloom.plugins.data import dedup, filters
 from hyloom.plugins.data.sources import StdlibConfig, StdlibSource

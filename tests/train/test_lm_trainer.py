@@ -1,6 +1,5 @@
 """The `lm` trainer: it learns, resumes exactly, stops on a non-finite loss, saves atomically, runs under torchrun."""
 
-import json
 import os
 import subprocess
 import sys
