@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.hf",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+COMMAND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")  # CLI commands read better with hyphens (import-hf)
 
 
 class PluginError(Exception):
@@ -167,8 +168,9 @@ def _env_list(var: str) -> set[str]:
 
 def _make_register(registry: Registry, kind: str, info: PluginInfo) -> Register:
     def register(name, build, *, summary, config=None, capabilities=None, example=None, override=False):
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ValueError(f"{kind} name {name!r} must match {NAME_RE.pattern}")
+        pattern = COMMAND_RE if kind == "command" else NAME_RE
+        if not isinstance(name, str) or not pattern.match(name):
+            raise ValueError(f"{kind} name {name!r} must match {pattern.pattern}")
         if not callable(build):
             raise TypeError(f"{kind} {name!r}: build must be callable")
         if not summary or "\n" in summary:

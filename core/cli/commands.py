@@ -10,13 +10,9 @@ from pathlib import Path
 
 from hyloom.blueprint import BlueprintError, Problem, builtin_names, json_schema, load, to_yaml, validate
 from hyloom.blueprint.load import builtin_path
+from hyloom.cli.parser import command_parser
 from hyloom.hookspecs import KINDS, hookimpl
 from hyloom.registry import registry
-
-
-def _parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _blueprint_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +52,7 @@ def cmd_plugins(args) -> int:
 
 
 def add_plugins(sub):
-    p = _parser(sub, "plugins", "list loaded plugins, their distributions and what they register",
+    p = command_parser(sub, "plugins", "list loaded plugins, their distributions and what they register",
                 "  hyloom plugins\n  hyloom plugins --json\n  HYLOOM_DISABLE_PLUGINS=myplugin hyloom plugins\n")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
@@ -87,7 +83,7 @@ def cmd_ls(args) -> int:
 
 
 def add_ls(sub):
-    p = _parser(sub, "ls", "list registered components of one kind (or all), or the built-in blueprints",
+    p = command_parser(sub, "ls", "list registered components of one kind (or all), or the built-in blueprints",
                 "  hyloom ls\n  hyloom ls mixer\n  hyloom ls blueprints\n")
     p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}, blueprint")
     p.set_defaults(func=cmd_ls)
@@ -126,7 +122,7 @@ def cmd_show(args) -> int:
 
 
 def add_show(sub):
-    p = _parser(sub, "show", "describe a blueprint: layers, parameter count, cache bytes per token",
+    p = command_parser(sub, "show", "describe a blueprint: layers, parameter count, cache bytes per token",
                 "  hyloom show builtin:tiny\n  hyloom show builtin:qwen3-1.7b --tree\n"
                 "  hyloom show my.yaml model.n_layers=4 --yaml\n")
     _blueprint_args(p)
@@ -143,7 +139,7 @@ def cmd_validate(args) -> int:
 
 
 def add_validate(sub):
-    p = _parser(sub, "validate", "check a blueprint and build it on the meta device (no memory, no GPU)",
+    p = command_parser(sub, "validate", "check a blueprint and build it on the meta device (no memory, no GPU)",
                 "  hyloom validate builtin:llama3-8b\n  hyloom validate my.yaml model.mixers.A.heads=8\n"
                 "  hyloom validate my.yaml ~model.overrides\n")
     _blueprint_args(p)
@@ -163,7 +159,7 @@ def cmd_schema(args) -> int:
 
 
 def add_schema(sub):
-    p = _parser(sub, "schema", "print the blueprint JSON Schema (every registered component's config included)",
+    p = command_parser(sub, "schema", "print the blueprint JSON Schema (every registered component's config included)",
                 "  hyloom schema > blueprint.schema.json\n  hyloom schema --markdown > docs/blueprint-reference.md\n")
     p.add_argument("--markdown", action="store_true", help="the blueprint reference as Markdown")
     p.set_defaults(func=cmd_schema)
@@ -184,7 +180,7 @@ def cmd_cp(args) -> int:
 
 
 def add_cp(sub):
-    p = _parser(sub, "cp", "copy a built-in blueprint to a file you can edit",
+    p = command_parser(sub, "cp", "copy a built-in blueprint to a file you can edit",
                 "  hyloom cp builtin:tiny my.yaml\n  hyloom cp builtin:qwen3-1.7b blueprints/\n")
     p.add_argument("source", help="builtin:NAME")
     p.add_argument("dest", help="a file or folder")
@@ -213,7 +209,7 @@ def cmd_train(args) -> int:
 
 
 def add_train(sub):
-    p = _parser(sub, "train", "train a blueprint's model on its data (the embedded corpus by default)",
+    p = command_parser(sub, "train", "train a blueprint's model on its data (the embedded corpus by default)",
                 "  hyloom train builtin:tiny\n  hyloom train my.yaml train.steps=1000 --out runs/mine\n"
                 "  hyloom train my.yaml --resume auto          continue from the newest checkpoint\n"
                 "  torchrun --nproc_per_node=2 -m hyloom train my.yaml    data-parallel\n")
@@ -246,7 +242,7 @@ def cmd_generate(args) -> int:
 
 
 def add_generate(sub):
-    p = _parser(sub, "generate", "continue prompts with a trained checkpoint",
+    p = command_parser(sub, "generate", "continue prompts with a trained checkpoint",
                 "  hyloom generate runs/train/checkpoint-000300 --prompt 'def '\n"
                 "  hyloom generate CKPT --prompt 'import ' --prompt 'class ' --temperature 0 --max-new-tokens 40\n")
     p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json)")

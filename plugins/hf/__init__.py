@@ -18,9 +18,8 @@ def hyloom_register_checkpoint_formats(register):
 def hyloom_register_commands(register):
     from hyloom.plugins.hf.cli import add_export_hf, add_import_hf
 
-    # registry names cannot hold '-'; the commands themselves are `import-hf` / `export-hf` (see cli.py)
-    register("import_hf", add_import_hf, summary="convert a Hugging Face Llama/Qwen3 directory to a checkpoint")
-    register("export_hf", add_export_hf, summary="write a checkpoint as a Hugging Face Llama/Qwen3 directory")
+    register("import-hf", add_import_hf, summary="convert a Hugging Face Llama/Qwen3 directory to a checkpoint")
+    register("export-hf", add_export_hf, summary="write a checkpoint as a Hugging Face Llama/Qwen3 directory")
 
 
 __all__ = ["HFFormat", "LLAMA", "QWEN3", "FORMATS", "ConversionError", "import_hf", "export_hf", "hf_config_for"]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hyloom.cli.parser import command_parser
 from hyloom.plugins.hf.convert import DTYPES, export_hf, formats, import_hf, parse_size
-
-
-def _parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
-    # The underscore alias is the command's registry name (registry names cannot hold '-').
-    return sub.add_parser(name, aliases=[name.replace("-", "_")], help=help, description=help,
-                          epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _common(p: argparse.ArgumentParser, default_shard: str) -> None:
@@ -37,7 +32,7 @@ def cmd_import_hf(args) -> int:
 
 
 def add_import_hf(sub):
-    p = _parser(sub, "import-hf", "convert a Hugging Face Llama/Qwen3 directory into a hyloom checkpoint",
+    p = command_parser(sub, "import-hf", "convert a Hugging Face Llama/Qwen3 directory into a hyloom checkpoint",
                 "  hyloom import-hf ~/models/Qwen3-1.7B ckpt/qwen3-1.7b\n"
                 "  hyloom import-hf ~/models/Llama-3-8B ckpt/llama3 --dtype bfloat16\n"
                 "  hyloom import-hf ./my-llama ckpt/mine --format llama --max-shard-size 500MB\n")
@@ -57,7 +52,7 @@ def cmd_export_hf(args) -> int:
 
 
 def add_export_hf(sub):
-    p = _parser(sub, "export-hf", "write a plain-transformer hyloom checkpoint as a Hugging Face Llama/Qwen3 directory",
+    p = command_parser(sub, "export-hf", "write a plain-transformer hyloom checkpoint as a Hugging Face Llama/Qwen3 directory",
                 "  hyloom export-hf runs/tiny/checkpoint-001000 hf/tiny\n"
                 "  hyloom export-hf ckpt/qwen3-1.7b hf/qwen3 --format qwen3 --dtype bfloat16\n")
     p.add_argument("checkpoint", help="hyloom checkpoint directory (blueprint.yaml + safetensors)")
