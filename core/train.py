@@ -120,15 +120,13 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
     from hyloom.model import build_model
     from hyloom.registry import registry
 
-    fields = blueprint_model().model_fields
-    trainer_cfg = blueprint.train or _default(fields["train"], {"type": "lm"})
-    data_spec = blueprint.data or _default(fields["data"], {})
+    trainer_cfg = blueprint.train or _default(blueprint_model().model_fields["train"], {"type": "lm"})
     env = init_distributed()
-    if env.main:  # rank 0 builds the data cache; the others then find it ready
-        prepared = prepare(data_spec, progress=progress)
+    if env.main:  # rank 0 builds the data cache (defaults when the blueprint has no `data`); the others find it
+        prepared = prepare(blueprint.data, progress=progress)
     env.barrier()
     if not env.main:
-        prepared = prepare(data_spec, progress=False)
+        prepared = prepare(blueprint.data, progress=False)
     if prepared.tokenizer.vocab_size > blueprint.model.vocab_size:
         raise TrainingError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size is "
                             f"{blueprint.model.vocab_size}")

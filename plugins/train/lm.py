@@ -77,13 +77,13 @@ class LMTrainer:
         self.cfg = cfg
 
     def fit(self, model, data, run: TrainRun) -> dict:
-        from hyloom.data import TokenLoader
+        from hyloom.data import TokenLoader, data_spec
 
         cfg, env = self.cfg, run.env
         out = RunDir(cfg.out_dir)
         if env.main:
             out.path.mkdir(parents=True, exist_ok=True)
-        seq_len = run.blueprint.data.seq_len if run.blueprint.data else data.manifest["seq_len"]
+        seq_len = data_spec(run.blueprint.data).seq_len  # not the manifest's: a cache serves any seq_len
         micro = cfg.batch_size // cfg.grad_accum
         if micro % env.world:
             raise TrainingError(f"batch_size / grad_accum = {micro} must be divisible by the {env.world} processes")
