@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from hyloom.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, write_file_atomic
+from hyloom.checkpoint import BLUEPRINT, load_safetensors, load_trainer_state, save_checkpoint, write_file_atomic
 
 
 class TrainingError(Exception):
@@ -103,10 +104,14 @@ def resume_point(run: RunDir, resume: str | None) -> Path | None:
     return path
 
 
-def restore(path: Path, model) -> dict:
-    """Load a checkpoint's weights into `model` (in place) and return its trainer state."""
-    saved, _ = load_checkpoint(path)
-    model.load_state_dict(saved.state_dict())
+def restore(path: Path, model, resolved: dict) -> dict:
+    """Load a checkpoint's weights into `model` (in place) and return its trainer state. The checkpoint must
+    come from the same model: resuming into another architecture is refused with the keys that differ."""
+    saved = yaml.safe_load((path / BLUEPRINT).read_text()).get("model", {})
+    differ = sorted(k for k in set(saved) | set(resolved["model"]) if saved.get(k) != resolved["model"].get(k))
+    if differ:
+        raise TrainingError(f"cannot resume from {path}: its model differs in {', '.join('model.' + k for k in differ)}")
+    model.load_state_dict(load_safetensors(path, device=str(next(model.parameters()).device)))
     state = load_trainer_state(path)
     if state is None:
         raise TrainingError(f"{path} has no trainer/ state to resume from")

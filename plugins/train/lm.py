@@ -93,7 +93,7 @@ class LMTrainer:
         start = 0
         point = resume_point(out, run.resume)
         if point is not None:
-            state = restore(point, model)
+            state = restore(point, model, run.resolved)
             opt.load_state_dict(state["optimizer"])
             loader.load_state_dict(state["loader"])
             _set_rng_state(state["rng"])

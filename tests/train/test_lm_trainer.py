@@ -94,6 +94,13 @@ def test_resume_continues_exactly(tmp_path, cache, monkeypatch):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+def test_resuming_into_another_model_is_refused(tmp_path, cache):
+    path = blueprint(tmp_path, cache, steps=2)
+    run(path)
+    with pytest.raises(TrainingError, match="model differs in model.d_model"):
+        run(path, resume="auto", overrides=["model.d_model=48"])
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch):
     path = blueprint(tmp_path, cache)
     calls = {"n": 0}
