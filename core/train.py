@@ -34,6 +34,13 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group (together, when `wait`): a rank that exits while gloo still talks to it aborts."""
+        if self.world > 1 and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+
     def mean(self, value: float) -> float:
         """The mean of a scalar over ranks (every rank gets it)."""
         if self.world == 1:
@@ -138,7 +145,13 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
     torch.manual_seed(trainer_cfg.seed)
     model = build_model(blueprint, device=env.device)
     trainer = registry().get("trainer", trainer_cfg.type).build(trainer_cfg)
-    return trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+    try:
+        result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+    except BaseException:
+        env.close(wait=False)  # another rank may never reach a barrier
+        raise
+    env.close()
+    return result
 
 
 def _default(field, data: dict):
