@@ -107,7 +107,7 @@ def cmd_show(args) -> int:
           f"position: {spec.position.type}   ffn: {spec.ffn.type}   norm: {spec.norm.type}")
     print(f"layout: {''.join(s if len(s) == 1 else f'[{s}]' for s in spec.layout)}")
     for symbol, cfg in spec.mixers.items():
-        print(f"  {symbol}: {json.dumps(cfg.model_dump())}")
+        print(f"  {symbol}: {json.dumps({'type': cfg.type, **cfg.model_dump(exclude={'type'})})}")
     print(f"parameters: {model.num_parameters():,} ({_human(model.num_parameters())})")
     print(f"decode cache (bf16, one sequence): {_human(per_token, 'B')} per token + {_human(fixed, 'B')} fixed")
     if args.tree:
@@ -115,7 +115,8 @@ def cmd_show(args) -> int:
             n = sum(p.numel() for p in block.parameters())
             t, f = block.mixer.cache_bytes(2)
             print(f"  layers.{i:<3} {spec.layout[i]:>3} {cfg.type:14} {block.mixer.capabilities.family:8} "
-                  f"{type(block.position).__name__:13} params {_human(n):>7}   cache {t} B/token + {_human(f, 'B')}")
+                  f"{type(block.position).__name__:13} params {_human(n):>7}   "
+                  f"cache {_human(t, 'B')}/token + {_human(f, 'B')}")
     if args.yaml:
         print(to_yaml(bp.model_dump(mode="json")))
     return 0
