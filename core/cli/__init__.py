@@ -7,6 +7,7 @@ import sys
 
 from hyloom import __version__
 from hyloom.blueprint import BlueprintError
+from hyloom.data import DataError
 from hyloom.registry import PluginError, UnknownComponentError, registry, reset
 from hyloom.train import TrainingError
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return args.func(args) or 0
-    except (BlueprintError, PluginError, UnknownComponentError) as exc:
+    except (BlueprintError, DataError, PluginError, UnknownComponentError) as exc:
         print(f"hyloom: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -67,21 +66,6 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _guarded(func):
-    """Print data errors like the CLI prints blueprint errors: one line, exit status 2."""
-
-    def run(args) -> int:
-        from hyloom.data import DataError
-
-        try:
-            return func(args)
-        except DataError as exc:
-            print(f"hyloom: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def add_data(sub) -> None:
     text = "prepare a blueprint's training data (source → tiers → tokenizer → token shards) or report on it"
     p = sub.add_parser("data", help=text, description=text, epilog=EXAMPLES,
@@ -94,7 +78,7 @@ def add_data(sub) -> None:
     prep.add_argument("blueprint", help="a YAML file or builtin:NAME")
     prep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides like data.seq_len=512")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    prep.set_defaults(func=_guarded(cmd_prepare))
+    prep.set_defaults(func=cmd_prepare)
 
     stats = actions.add_parser("stats", help="documents per tier, drops per step, tokens per split",
                                description="counts of a prepared data folder, or of a blueprint's prepared data",
@@ -102,6 +86,6 @@ def add_data(sub) -> None:
     stats.add_argument("target", help="a blueprint (YAML file or builtin:NAME) or a prepared data folder")
     stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="blueprint overrides")
     stats.add_argument("--json", action="store_true", help="print the whole manifest")
-    stats.set_defaults(func=_guarded(cmd_stats))
+    stats.set_defaults(func=cmd_stats)
 
     p.set_defaults(func=lambda args: p.print_help() or 0)

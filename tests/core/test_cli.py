@@ -67,3 +67,11 @@ def test_console_script_runs_as_a_module():
     assert out.returncode == 2
     assert "model.d_model: Input should be greater than 0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_data_is_a_message_not_a_traceback(tmp_path, capsys):
+    argv = ["train", "builtin:tiny", "data.source={type: jsonl, path: /nonexistent/corpus.jsonl}",
+            f"data.cache_dir={tmp_path}", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "/nonexistent/corpus.jsonl does not exist" in err and "Traceback" not in err
