@@ -53,7 +53,7 @@ def cmd_plugins(args) -> int:
 
 def add_plugins(sub):
     p = command_parser(sub, "plugins", "list loaded plugins, their distributions and what they register",
-                "  hyloom plugins\n  hyloom plugins --json\n  HYLOOM_DISABLE_PLUGINS=myplugin hyloom plugins\n")
+                       "  hyloom plugins\n  hyloom plugins --json\n  HYLOOM_DISABLE_PLUGINS=myplugin hyloom plugins\n")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
@@ -84,7 +84,7 @@ def cmd_ls(args) -> int:
 
 def add_ls(sub):
     p = command_parser(sub, "ls", "list registered components of one kind (or all), or the built-in blueprints",
-                "  hyloom ls\n  hyloom ls mixer\n  hyloom ls blueprints\n")
+                       "  hyloom ls\n  hyloom ls mixer\n  hyloom ls blueprints\n")
     p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}, blueprint")
     p.set_defaults(func=cmd_ls)
 
@@ -124,8 +124,8 @@ def cmd_show(args) -> int:
 
 def add_show(sub):
     p = command_parser(sub, "show", "describe a blueprint: layers, parameter count, cache bytes per token",
-                "  hyloom show builtin:tiny\n  hyloom show builtin:qwen3-1.7b --tree\n"
-                "  hyloom show my.yaml model.n_layers=4 --yaml\n")
+                       "  hyloom show builtin:tiny\n  hyloom show builtin:qwen3-1.7b --tree\n"
+                       "  hyloom show my.yaml model.n_layers=4 --yaml\n")
     _blueprint_args(p)
     p.add_argument("--tree", action="store_true", help="one line per layer")
     p.add_argument("--yaml", action="store_true", help="print the fully resolved blueprint")
@@ -141,8 +141,8 @@ def cmd_validate(args) -> int:
 
 def add_validate(sub):
     p = command_parser(sub, "validate", "check a blueprint and build it on the meta device (no memory, no GPU)",
-                "  hyloom validate builtin:llama3-8b\n  hyloom validate my.yaml model.mixers.A.heads=8\n"
-                "  hyloom validate my.yaml ~model.overrides\n")
+                       "  hyloom validate builtin:llama3-8b\n  hyloom validate my.yaml model.mixers.A.heads=8\n"
+                       "  hyloom validate my.yaml ~model.overrides\n")
     _blueprint_args(p)
     p.set_defaults(func=cmd_validate)
 
@@ -161,7 +161,7 @@ def cmd_schema(args) -> int:
 
 def add_schema(sub):
     p = command_parser(sub, "schema", "print the blueprint JSON Schema (every registered component's config included)",
-                "  hyloom schema > blueprint.schema.json\n  hyloom schema --markdown > docs/blueprint-reference.md\n")
+                       "  hyloom schema > blueprint.schema.json\n  hyloom schema --markdown > docs/blueprint-reference.md\n")
     p.add_argument("--markdown", action="store_true", help="the blueprint reference as Markdown")
     p.set_defaults(func=cmd_schema)
 
@@ -182,7 +182,7 @@ def cmd_cp(args) -> int:
 
 def add_cp(sub):
     p = command_parser(sub, "cp", "copy a built-in blueprint to a file you can edit",
-                "  hyloom cp builtin:tiny my.yaml\n  hyloom cp builtin:qwen3-1.7b blueprints/\n")
+                       "  hyloom cp builtin:tiny my.yaml\n  hyloom cp builtin:qwen3-1.7b blueprints/\n")
     p.add_argument("source", help="builtin:NAME")
     p.add_argument("dest", help="a file or folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -211,9 +211,9 @@ def cmd_train(args) -> int:
 
 def add_train(sub):
     p = command_parser(sub, "train", "train a blueprint's model on its data (the embedded corpus by default)",
-                "  hyloom train builtin:tiny\n  hyloom train my.yaml train.steps=1000 --out runs/mine\n"
-                "  hyloom train my.yaml --resume auto          continue from the newest checkpoint\n"
-                "  torchrun --nproc_per_node=2 -m hyloom train my.yaml    data-parallel\n")
+                       "  hyloom train builtin:tiny\n  hyloom train my.yaml train.steps=1000 --out runs/mine\n"
+                       "  hyloom train my.yaml --resume auto          continue from the newest checkpoint\n"
+                       "  torchrun --nproc_per_node=2 -m hyloom train my.yaml    data-parallel\n")
     _blueprint_args(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH", help="auto: the newest checkpoint in out_dir")
     p.add_argument("--out", default=None, help="run directory (train.out_dir)")
@@ -244,8 +244,8 @@ def cmd_generate(args) -> int:
 
 def add_generate(sub):
     p = command_parser(sub, "generate", "continue prompts with a trained checkpoint",
-                "  hyloom generate runs/train/checkpoint-000300 --prompt 'def '\n"
-                "  hyloom generate CKPT --prompt 'import ' --prompt 'class ' --temperature 0 --max-new-tokens 40\n")
+                       "  hyloom generate runs/train/checkpoint-000300 --prompt 'def '\n"
+                       "  hyloom generate CKPT --prompt 'import ' --prompt 'class ' --temperature 0 --max-new-tokens 40\n")
     p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="may repeat: one batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)

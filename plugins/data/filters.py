@@ -55,13 +55,19 @@ class SymbolsConfig(BaseModel):
                              "(not letters, digits or whitespace) is above this; Python source reaches ~0.37")
 
 
-def symbols(cfg: SymbolsConfig):
+def _share_judge(pattern, label: str, max_ratio: float):
+    """Drop a document when characters matching `pattern` are more than `max_ratio` of its visible ones."""
+
     def judge(doc: dict) -> str | None:
         visible = _visible(doc["text"])
-        ratio = _count(_SYMBOL, doc["text"]) / visible if visible else 0.0
-        return f"symbol ratio {ratio:.2f} > {cfg.max_ratio}" if ratio > cfg.max_ratio else None
+        ratio = _count(pattern, doc["text"]) / visible if visible else 0.0
+        return f"{label} ratio {ratio:.2f} > {max_ratio}" if ratio > max_ratio else None
 
     return judge
+
+
+def symbols(cfg: SymbolsConfig):
+    return _share_judge(_SYMBOL, "symbol", cfg.max_ratio)
 
 
 class DigitsConfig(BaseModel):
@@ -70,12 +76,7 @@ class DigitsConfig(BaseModel):
 
 
 def digits(cfg: DigitsConfig):
-    def judge(doc: dict) -> str | None:
-        visible = _visible(doc["text"])
-        ratio = _count(_DIGIT, doc["text"]) / visible if visible else 0.0
-        return f"digit ratio {ratio:.2f} > {cfg.max_ratio}" if ratio > cfg.max_ratio else None
-
-    return judge
+    return _share_judge(_DIGIT, "digit", cfg.max_ratio)
 
 
 class RepeatedLinesConfig(BaseModel):

@@ -33,9 +33,9 @@ def cmd_import_hf(args) -> int:
 
 def add_import_hf(sub):
     p = command_parser(sub, "import-hf", "convert a Hugging Face Llama/Qwen3 directory into a hyloom checkpoint",
-                "  hyloom import-hf ~/models/Qwen3-1.7B ckpt/qwen3-1.7b\n"
-                "  hyloom import-hf ~/models/Llama-3-8B ckpt/llama3 --dtype bfloat16\n"
-                "  hyloom import-hf ./my-llama ckpt/mine --format llama --max-shard-size 500MB\n")
+                       "  hyloom import-hf ~/models/Qwen3-1.7B ckpt/qwen3-1.7b\n"
+                       "  hyloom import-hf ~/models/Llama-3-8B ckpt/llama3 --dtype bfloat16\n"
+                       "  hyloom import-hf ./my-llama ckpt/mine --format llama --max-shard-size 500MB\n")
     p.add_argument("source", help="HF model directory: config.json + model.safetensors or sharded with an index")
     p.add_argument("out", help="checkpoint directory to write (replaced atomically if it exists)")
     _common(p, "2GiB")
@@ -53,8 +53,8 @@ def cmd_export_hf(args) -> int:
 
 def add_export_hf(sub):
     p = command_parser(sub, "export-hf", "write a plain-transformer hyloom checkpoint as a Hugging Face Llama/Qwen3 directory",
-                "  hyloom export-hf runs/tiny/checkpoint-001000 hf/tiny\n"
-                "  hyloom export-hf ckpt/qwen3-1.7b hf/qwen3 --format qwen3 --dtype bfloat16\n")
+                       "  hyloom export-hf runs/tiny/checkpoint-001000 hf/tiny\n"
+                       "  hyloom export-hf ckpt/qwen3-1.7b hf/qwen3 --format qwen3 --dtype bfloat16\n")
     p.add_argument("checkpoint", help="hyloom checkpoint directory (blueprint.yaml + safetensors)")
     p.add_argument("out", help="HF directory to write (replaced atomically if it exists)")
     _common(p, "5GB")
