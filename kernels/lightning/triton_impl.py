@@ -20,9 +20,9 @@ MIN_SEGMENT = 4 * CHUNK
 POISON_OUTPUTS = False
 # Launch settings, adjustable for tuning (bench/lightning.py). Chunks: `fwd` and `bwd` are the C of the masked
 # C×C products; `sum` only tiles the segment sums (no C×C product there). None picks by head dim.
-# The defaults are the settings of the recorded benchmark (bench/results/lightning-h200-20261126.json).
-TUNE = {"fwd_chunk": 64, "fwd_bv": None, "fwd_warps": None, "fwd_stages": 2, "sum_chunk": 64,
-        "sum_warps": None, "sum_stages": 2, "bwd_chunk": 64, "bwd_warps": None, "bwd_stages": 2}
+# The defaults are the settings of the recorded benchmark (the newest bench/results/lightning-*.json).
+TUNE = {"fwd_chunk": 64, "fwd_bv": None, "fwd_warps": None, "fwd_stages": 3, "sum_chunk": 64,
+        "sum_warps": None, "sum_stages": 2, "bwd_chunk": 64, "bwd_warps": None, "bwd_stages": 3}
 SCAN_BLOCK = 1024
 
 
@@ -77,9 +77,10 @@ def _chunk(stage: str, dp: int) -> int:
     return TUNE[f"{stage}_chunk"] if dp <= 128 else min(TUNE[f"{stage}_chunk"], 64)
 
 
-def _launch_opts(dp: int, stage: str):
+def _launch_opts(dp: int, stage: str, wide: bool = False):
+    """wide: fp32 tiles or head dims over 128, whose deeper pipelines overflow shared memory or registers."""
     warps = TUNE[f"{stage}_warps"] or (8 if dp >= 128 else 4)
-    return {"num_warps": warps, "num_stages": TUNE[f"{stage}_stages"]}
+    return {"num_warps": warps, "num_stages": min(TUNE[f"{stage}_stages"], 2) if wide else TUNE[f"{stage}_stages"]}
 
 
 def _new(like, shape, dtype):
@@ -122,7 +123,7 @@ def forward(q, k, v, g, h0, scale, want_final, segs):
     if segs.num:
         K.chunk_forward_kernel[(segs.num, H, triton.cdiv(D, bv))](
             q, k, v, o, g, segs.start, segs.length, states, scale, H=H, D=D, DP=dp, C=_chunk("fwd", dp), BV=bv,
-            IEEE=ieee, **_launch_opts(max(dp, bv), "fwd"))
+            IEEE=ieee, **_launch_opts(max(dp, bv), "fwd", wide=ieee or dp > 128))
     return o, final, states
 
 
@@ -134,20 +135,14 @@ def backward(q, k, v, g, do, dht, states, scale, want_dh0, segs):
     dh0 = _state_scan(dstates, g, segs, dht, want_dh0, reverse=True)
     dq, dk, dv = (_new(q, q.shape, q.dtype) for _ in range(3))
     if segs.num:
-        opts, C = _launch_opts(dp, "bwd"), _chunk("bwd", dp)
-        bk = dp if dp <= 128 else 64
-        K.chunk_dq_kernel[(segs.num, H, triton.cdiv(D, bk))](
-            do, k, v, dq, g, segs.start, segs.length, states, scale, H=H, D=D, DP=dp, C=C, BK=bk, IEEE=ieee,
-            **opts)
-        common = (q, k, v, do, dk, dv, g, segs.start, segs.length, dstates, scale)
-        if dp <= 128:  # one program has every column: dk and dv together
-            K.chunk_dkdv_kernel[(segs.num, H, 1)](*common, H=H, D=D, C=C, BK=dp, BV=dp, DO_DK=True,
-                                                  DO_DV=True, IEEE=ieee, **opts)
-        else:  # dv needs all key columns, dk all value columns: two launches tiled the other way
-            K.chunk_dkdv_kernel[(segs.num, H, triton.cdiv(D, 64))](*common, H=H, D=D, C=C, BK=dp, BV=64,
-                                                                   DO_DK=False, DO_DV=True, IEEE=ieee, **opts)
-            K.chunk_dkdv_kernel[(segs.num, H, triton.cdiv(D, 64))](*common, H=H, D=D, C=C, BK=64, BV=dp,
-                                                                   DO_DK=True, DO_DV=False, IEEE=ieee, **opts)
+        # one program per (segment, head, block of output columns); the other operand's columns all in registers
+        opts, C, blk = _launch_opts(dp, "bwd", wide=ieee or dp > 128), _chunk("bwd", dp), dp if dp <= 128 else 64
+        grid = (segs.num, H, triton.cdiv(D, blk))
+        table = (g, segs.start, segs.length)
+        K.chunk_dq_kernel[grid](do, k, v, dq, *table, states, scale, H=H, D=D, DP=dp, C=C, BK=blk, IEEE=ieee, **opts)
+        for a, b, c, out, transposed in ((q, do, v, dk, False), (do, q, k, dv, True)):
+            K.chunk_dkdv_kernel[grid](a, b, c, out, *table, dstates, scale, H=H, D=D, DP=dp, C=C, BA=blk,
+                                      STATE_T=transposed, IEEE=ieee, **opts)
     return dq, dk, dv, dh0
 
 
