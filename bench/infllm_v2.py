@@ -375,7 +375,8 @@ def main():
                              update_kc_ms=decode["update_kc_ms"], select_ms=decode["select_ms"], attend_ms=decode["attend_ms"],
                              peers={k_: v_ for k_, v_ in decode.items() if k_.startswith("sdpa")}))
         today = datetime.date.today()
-        short = device_name.split()[-1].lower() if dev == "cuda" else "cpu"
+        short = next((v for k, v in {"H100": "h100", "H200": "h200"}.items() if k in device_name),
+                     device_name.split()[-1].lower()) if dev == "cuda" else "cpu"
         record = {"op": "infllm_v2", "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
                   "command": "python bench/infllm_v2.py " + " ".join(sys.argv[1:]), "date": str(today),
                   "matmul_tflops": MATMUL_TFLOPS, "tune": ops.TUNE, "sweep": tuned, "checks": checks, "rows": rows}
