@@ -8,7 +8,6 @@ Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prin
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -163,7 +162,7 @@ def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
     res["compress_ms"] = bench(lambda: compress_keys(k.detach(), cfg), smoke)
     res["scores_ms"] = bench(lambda: block_scores(q.detach(), kc, cfg), smoke)
     scores = block_scores(q.detach(), kc, cfg)
-    res["topk_ms"] = bench(lambda: naive.topk_blocks(scores, cfg.k_total), smoke)
+    res["topk_ms_torch"] = bench(lambda: naive.topk_blocks(scores, cfg.k_total), smoke)
     del scores
     res["select_ms"] = bench(lambda: select_blocks(q, compress_keys(k.detach(), cfg), cfg), smoke)
     forced = (cfg.init_blocks, cfg.window // cfg.block_size)
@@ -359,7 +358,7 @@ def main():
         for r in timings:
             p = r["peers"]
             common = dict(base, T=r["T"], blocks_per_query=round(r["blocks_per_query"], 2))
-            rows.append(dict(common, case="select", ours_ms=r["select_ms"], scores_ms=r["scores_ms"], topk_ms=r["topk_ms"],
+            rows.append(dict(common, case="select", ours_ms=r["select_ms"], scores_ms=r["scores_ms"], topk_ms_torch=r["topk_ms_torch"],
                              compress_ms=r["compress_ms"], tflops_scores=r["select_tflops"], peers={},
                              floor_ms=r["select_flop"] / MATMUL_TFLOPS / 1e9))
             rows.append(dict(common, case="attend", ours_ms=r["attend_ms"], tflops=r["attend_tflops"], peers={},
