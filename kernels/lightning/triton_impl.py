@@ -121,9 +121,9 @@ def forward(q, k, v, g, h0, scale, want_final, segs):
     o = _new(q, q.shape, q.dtype)
     bv = TUNE["fwd_bv"] or (dp if dp <= 128 else 64)
     if segs.num:
-        K.chunk_forward_kernel[(segs.num, H, triton.cdiv(D, bv))](
-            q, k, v, o, g, segs.start, segs.length, states, scale, H=H, D=D, DP=dp, C=_chunk("fwd", dp), BV=bv,
-            IEEE=ieee, **_launch_opts(max(dp, bv), "fwd", wide=ieee or dp > 128))
+        K.chunk_output_kernel[(segs.num, H, triton.cdiv(D, bv))](
+            q, k, v, o, g, segs.start, segs.length, states, scale, H=H, D=D, DP=dp, C=_chunk("fwd", dp), BA=bv,
+            STATE_T=True, IEEE=ieee, **_launch_opts(max(dp, bv), "fwd", wide=ieee or dp > 128))
     return o, final, states
 
 
@@ -139,7 +139,8 @@ def backward(q, k, v, g, do, dht, states, scale, want_dh0, segs):
         opts, C, blk = _launch_opts(dp, "bwd", wide=ieee or dp > 128), _chunk("bwd", dp), dp if dp <= 128 else 64
         grid = (segs.num, H, triton.cdiv(D, blk))
         table = (g, segs.start, segs.length)
-        K.chunk_dq_kernel[grid](do, k, v, dq, *table, states, scale, H=H, D=D, DP=dp, C=C, BK=blk, IEEE=ieee, **opts)
+        K.chunk_output_kernel[grid](do, v, k, dq, *table, states, scale, H=H, D=D, DP=dp, C=C, BA=blk,
+                                    STATE_T=False, IEEE=ieee, **opts)
         for a, b, c, out, transposed in ((q, do, v, dk, False), (do, q, k, dv, True)):
             K.chunk_dkdv_kernel[grid](a, b, c, out, *table, dstates, scale, H=H, D=D, DP=dp, C=C, BA=blk,
                                       STATE_T=transposed, IEEE=ieee, **opts)

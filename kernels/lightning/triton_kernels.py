@@ -7,10 +7,10 @@ plain linear scan over a few D×D matrices:
 
   forward   1. `segment_sum`  (k, v)   U_s = Σ_j λ^(L_s-1-j) k_jᵀ v_j            local state of each segment
             2. `state_scan`           S_start(s) = scan(h0, λ^L_s, U_s), final state
-            3. `chunk_forward` (q,k,v) o; walks the chunks of a segment from S_start(s), transposed (oᵀ, Sᵀ)
+            3. `chunk_output` (q,k,v) o; walks the chunks of a segment from S_start(s), transposed (oᵀ, Sᵀ)
   backward  1. `segment_sum`  (q, do) Δ_s = scale Σ_i λ^(i+1) q_iᵀ do_i               local state gradient
             2. `state_scan` reversed  dS_end(s) = scan(dht, λ^L_s, Δ_s), dh0
-            3. `chunk_dq`     (do,v,k) walks chunks forwards from S_start(s)
+            3. `chunk_output` (do,v,k) dq: the forward's walk with the inputs' roles swapped
             4. `chunk_dkdv`   walks chunks backwards from dS_end(s): dk from (q, do, v), dv from (do, q, k)
 Inside a chunk the masked C×C product is used; tokens i, j are local to the chunk:
   o = scale [(q kᵀ) ⊙ M] v + scale diag(λ^(i+1)) q S,   M_ij = λ^(i-j) (i >= j)
@@ -51,6 +51,17 @@ def _load_rows(ptr, row_off, valid, cols, D: tl.constexpr):
 def _state_tile_ptrs(base, slot, h, rk, rv, H: tl.constexpr, D: tl.constexpr):
     off = (slot.to(tl.int64) * H + h) * (D * D)
     return base + off + rk[:, None] * D + rv[None, :], (rk[:, None] < D) & (rv[None, :] < D)
+
+
+@triton.jit
+def _load_state_rows(base, slot, h, rows, cols, H: tl.constexpr, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Tile [rows, cols] of the D×D state of (slot, h), or of its transpose."""
+    state = base + (slot.to(tl.int64) * H + h) * (D * D)
+    if TRANSPOSED:
+        ptrs = state + cols[None, :] * D + rows[:, None]
+    else:
+        ptrs = state + rows[:, None] * D + cols[None, :]
+    return tl.load(ptrs, mask=(rows[:, None] < D) & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -117,26 +128,28 @@ def state_scan_kernel(buf_ptr, g_ptr, seg_len_ptr, seg_ptr_ptr, init_ptr, final_
 
 
 @triton.jit
-def chunk_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, g_ptr, seg_start_ptr, seg_len_ptr, state_ptr, scale,
-                         H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                         IEEE: tl.constexpr):
-    """o for one segment and one block of BV value columns, computed transposed: oᵀ = Sᵀ qᵀ + vᵀ Pᵀ.
+def chunk_output_kernel(a_ptr, b_ptr, c_ptr, out_ptr, g_ptr, seg_start_ptr, seg_len_ptr, state_ptr, scale,
+                        H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr, BA: tl.constexpr,
+                        STATE_T: tl.constexpr, IEEE: tl.constexpr):
+    """o (forward) or dq (backward): the same forward walk with the roles of the inputs swapped.
 
-    Carrying Sᵀ [BV, DP] (not S) lets the inter-chunk product take its left operand straight from registers
-    and gives the products 128 rows (both warpgroups busy at 8 warps) where o = q S would have the chunk's 64;
-    on an H100 this made the kernel 1.4x faster than the untransposed form (bench/results, lightning notes).
-    The decays sit on the accumulators where they can: columns of oᵀ are scaled by λ^(i+1) after the product.
-    """
+    Walking a segment's chunks forwards and carrying X = rows ra of Sᵀ (o, STATE_T) or of S (dq):
+      outᵀ[ra] = X aᵀ diag(scale λ^(i+1)) + c[:, ra]ᵀ (b aᵀ ⊙ Mᵀ)      Mᵀ_ji = scale λ^(i-j), i >= j
+      X ← λ^n X + c[:, ra]ᵀ diag(λ^(n-1-j)) b
+    o: a = q, b = k, c = v, X = Sᵀ[rv, :];   dq: a = do, b = v, c = k, X = S[rk, :].
+    Computing outᵀ rather than out lets the state product take X straight from registers (on Hopper the
+    right operand of a tensor-core product must sit in shared memory, the left need not) and gives the
+    products 128 rows (both warpgroups busy at 8 warps) where out = a Xᵀ would have the chunk's 64; on an
+    H100 this made the forward's output kernel 1.5x faster (docs/kernels-lightning.md)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    rk = tl.arange(0, DP)
-    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    ra = tl.program_id(2) * BA + tl.arange(0, BA)
+    rf = tl.arange(0, DP)
     rc = tl.arange(0, C)
     t0 = tl.load(seg_start_ptr + s)
     L = tl.load(seg_len_ptr + s)
     g = tl.load(g_ptr + h)
-    state = state_ptr + (s.to(tl.int64) * H + h) * (D * D)
-    ST = tl.load(state + rk[None, :] * D + rv[:, None], mask=(rk[None, :] < D) & (rv[:, None] < D), other=0.0)
+    X = _load_state_rows(state_ptr, s, h, ra, rf, H, D, STATE_T)
     diff = (rc[None, :] - rc[:, None]).to(tl.float32)  # entry (j, i) = i - j
     intra_T = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
     q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
@@ -145,53 +158,16 @@ def chunk_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, g_ptr, seg_start_ptr, seg_l
         valid = tok < L
         n = tl.minimum(L - c0, C)
         row = (t0 + tok).to(tl.int64) * (H * D) + h * D
-        q = _load_rows(q_ptr, row, valid, rk, D)
-        k = _load_rows(k_ptr, row, valid, rk, D)
-        v = _load_rows(v_ptr, row, valid, rv, D)
-        oT = _dot(ST.to(q.dtype), tl.trans(q), IEEE) * q_decay[None, :]
-        PT = _dot(k, tl.trans(q), IEEE) * intra_T
-        oT = _dot_acc(tl.trans(v), PT.to(v.dtype), oT, IEEE)
-        tl.store(o_ptr + row[None, :] + rv[:, None], oT.to(o_ptr.dtype.element_ty),
-                 mask=valid[None, :] & (rv[:, None] < D))
-        k_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
-        ST = _dot_acc(tl.trans(v), (k * k_decay[:, None]).to(k.dtype), ST * tl.exp(g * n.to(tl.float32)), IEEE)
-
-
-@triton.jit
-def chunk_dq_kernel(do_ptr, k_ptr, v_ptr, dq_ptr, g_ptr, seg_start_ptr, seg_len_ptr, state_ptr, scale,
-                    H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                    IEEE: tl.constexpr):
-    """dq for key columns rk, transposed like the forward: dqᵀ = S doᵀ diag(λ^(i+1)) + kᵀ dAᵀ, carrying S [BK, DP].
-
-    dAᵀ_ji = scale λ^(i-j) v_j·do_i (i >= j); S goes from registers straight into the first product."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    rk = tl.program_id(2) * BK + tl.arange(0, BK)
-    rv = tl.arange(0, DP)
-    rc = tl.arange(0, C)
-    t0 = tl.load(seg_start_ptr + s)
-    L = tl.load(seg_len_ptr + s)
-    g = tl.load(g_ptr + h)
-    ptrs, mask = _state_tile_ptrs(state_ptr, s, h, rk, rv, H, D)
-    S = tl.load(ptrs, mask=mask, other=0.0)
-    diff = (rc[None, :] - rc[:, None]).to(tl.float32)  # entry (j, i) = i - j
-    intra_T = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
-    q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
-    for c0 in range(0, L, C):
-        tok = c0 + rc
-        valid = tok < L
-        n = tl.minimum(L - c0, C)
-        row = (t0 + tok).to(tl.int64) * (H * D) + h * D
-        do = _load_rows(do_ptr, row, valid, rv, D)
-        v = _load_rows(v_ptr, row, valid, rv, D)
-        k = _load_rows(k_ptr, row, valid, rk, D)
-        dqT = _dot(S.to(do.dtype), tl.trans(do), IEEE) * q_decay[None, :]
-        dAT = _dot(v, tl.trans(do), IEEE) * intra_T
-        dqT = _dot_acc(tl.trans(k), dAT.to(k.dtype), dqT, IEEE)
-        tl.store(dq_ptr + row[None, :] + rk[:, None], dqT.to(dq_ptr.dtype.element_ty),
-                 mask=valid[None, :] & (rk[:, None] < D))
-        k_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
-        S = _dot_acc(tl.trans(k), (v * k_decay[:, None]).to(v.dtype), S * tl.exp(g * n.to(tl.float32)), IEEE)
+        a = _load_rows(a_ptr, row, valid, rf, D)
+        b = _load_rows(b_ptr, row, valid, rf, D)
+        c = _load_rows(c_ptr, row, valid, ra, D)
+        outT = _dot(X.to(a.dtype), tl.trans(a), IEEE) * q_decay[None, :]
+        PT = _dot(b, tl.trans(a), IEEE) * intra_T
+        outT = _dot_acc(tl.trans(c), PT.to(c.dtype), outT, IEEE)
+        tl.store(out_ptr + row[None, :] + ra[:, None], outT.to(out_ptr.dtype.element_ty),
+                 mask=valid[None, :] & (ra[:, None] < D))
+        b_decay = tl.exp(tl.where(valid, g * (n - 1 - rc).to(tl.float32), float("-inf")))
+        X = _dot_acc(tl.trans(c), (b * b_decay[:, None]).to(b.dtype), X * tl.exp(g * n.to(tl.float32)), IEEE)
 
 
 @triton.jit
@@ -204,7 +180,7 @@ def chunk_dkdv_kernel(a_ptr, b_ptr, c_ptr, out_ptr, g_ptr, seg_start_ptr, seg_le
       outᵀ[ra] = a[:, ra]ᵀ (b cᵀ ⊙ M) + X (diag(λ^(n-1-j)) c)ᵀ      M_ij = scale λ^(i-j), i >= j
       X ← λ^n X + scale a[:, ra]ᵀ diag(λ^(i+1)) b
     dk: a = q, b = do, c = v, X = dS[rk, :];   dv: a = do, b = q, c = k, X = dSᵀ[rv, :].
-    Transposed products keep X as a left operand straight from registers (see chunk_forward_kernel); a fused
+    Transposed products keep X as a left operand straight from registers (see chunk_output_kernel); a fused
     dk+dv program needed both dS and dSᵀ and spilled, two launches were faster on an H100."""
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -214,12 +190,7 @@ def chunk_dkdv_kernel(a_ptr, b_ptr, c_ptr, out_ptr, g_ptr, seg_start_ptr, seg_le
     t0 = tl.load(seg_start_ptr + s)
     L = tl.load(seg_len_ptr + s)
     g = tl.load(g_ptr + h)
-    state = dstate_ptr + (s.to(tl.int64) * H + h) * (D * D)
-    if STATE_T:
-        x_ptrs = state + rf[None, :] * D + ra[:, None]
-    else:
-        x_ptrs = state + ra[:, None] * D + rf[None, :]
-    X = tl.load(x_ptrs, mask=(ra[:, None] < D) & (rf[None, :] < D), other=0.0)
+    X = _load_state_rows(dstate_ptr, s, h, ra, rf, H, D, STATE_T)
     diff = (rc[:, None] - rc[None, :]).to(tl.float32)  # entry (i, j) = i - j
     intra = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
     q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
