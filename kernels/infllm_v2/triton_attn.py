@@ -11,6 +11,8 @@ spread over many programs instead of one.
 import triton
 import triton.language as tl
 
+from .triton_select import group_tile, load_group_queries
+
 
 @triton.jit
 def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_offset, qk_scale,
@@ -167,18 +169,12 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
     counts for a row only if it is forced for that row's own block.
     """
     pid_t = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // Hkv
-    kvh = pid_bk % Hkv
-    rows = tl.arange(0, TM * GP)
-    tok = pid_t * TM + rows // GP
-    g = rows % GP
-    row_ok = (tok < T) & (g < G)
+    b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
     heads = kvh * G + g
     pos = tok + q_offset
     qblk = pos // BS
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
     first_tok = pid_t * TM + q_offset
     last_tok = tl.minimum(pid_t * TM + TM - 1, T - 1) + q_offset
     win_lo = tl.maximum(first_tok // BS - WIN_BLOCKS, INIT)  # init blocks first, then the window, none twice

@@ -13,7 +13,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh,
+def group_tile(pid_t, pid_bk, T, Hkv, BLOCK_T: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
+    """The rows of tile pid_t: BLOCK_T consecutive tokens × GP heads of KV group pid_bk = b * Hkv + kvh
+    (row = token * GP + head). Returns b, kvh, tok, g (head in the group), row_ok."""
+    rows = tl.arange(0, BLOCK_T * GP)
+    tok = pid_t * BLOCK_T + rows // GP
+    g = rows % GP
+    return pid_bk // Hkv, pid_bk % Hkv, tok, g, (tok < T) & (g < G)
+
+
+@triton.jit
+def load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh,
                         G: tl.constexpr, D: tl.constexpr):
     d = tl.arange(0, D)
     ptrs = q_ptr + b * s_qb + tok[:, None] * s_qt + (kvh * G + g)[:, None] * s_qh + d[None, :]
@@ -26,15 +36,9 @@ def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
     pid_t = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // Hkv
-    kvh = pid_bk % Hkv
-    rows = tl.arange(0, BLOCK_T * GP)
-    tok = pid_t * BLOCK_T + rows // GP
-    g = rows % GP
-    row_ok = (tok < T) & (g < G)
+    b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, BLOCK_T, GP, G)
     pos = tok + q_offset
-    q = _load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
     d = tl.arange(0, D)
     # kernels visible to the tile's last token; kernel j is visible at position p iff j*KSTRIDE + KSIZE - 1 <= p
     last_pos = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset
@@ -64,13 +68,7 @@ def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk
                   INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1)
-    pid_bk = tl.program_id(2)
-    b = pid_bk // Hkv
-    kvh = pid_bk % Hkv
-    rows = tl.arange(0, BLOCK_T * GP)
-    tok_r = pid_t * BLOCK_T + rows // GP
-    g = rows % GP
-    row_ok = (tok_r < T) & (g < G)
+    b, kvh, tok_r, g, row_ok = group_tile(pid_t, tl.program_id(2), T, Hkv, BLOCK_T, GP, G)
     pos_r = tok_r + q_offset
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     qblk = (tok + q_offset) // BS
@@ -82,7 +80,7 @@ def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk
     # local window of the tile's last token: then no scoring is needed at all.
     last_qblk = (tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset) // BS
     if pid_b * BLOCK_B < last_qblk - WIN_BLOCKS:
-        q = _load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
+        q = load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
         lse = tl.load(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, mask=row_ok, other=0.0)
         for w in tl.static_range(POOL_W):
             j = blk * POOL_S - POOL_P + w

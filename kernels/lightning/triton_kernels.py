@@ -54,6 +54,17 @@ def _state_tile_ptrs(base, slot, h, rk, rv, H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decays(rc, g, scale, TRANSPOSED: tl.constexpr):
+    """scale·M (M_ij = λ^(i-j) for i >= j, else 0; Mᵀ if TRANSPOSED) and scale·λ^(i+1) for the chunk's tokens."""
+    if TRANSPOSED:
+        diff = (rc[None, :] - rc[:, None]).to(tl.float32)
+    else:
+        diff = (rc[:, None] - rc[None, :]).to(tl.float32)
+    intra = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
+    return intra, tl.exp(g * (rc + 1).to(tl.float32)) * scale
+
+
+@triton.jit
 def _load_state_rows(base, slot, h, rows, cols, H: tl.constexpr, D: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Tile [rows, cols] of the D×D state of (slot, h), or of its transpose."""
     state = base + (slot.to(tl.int64) * H + h) * (D * D)
@@ -150,9 +161,7 @@ def chunk_output_kernel(a_ptr, b_ptr, c_ptr, out_ptr, g_ptr, seg_start_ptr, seg_
     L = tl.load(seg_len_ptr + s)
     g = tl.load(g_ptr + h)
     X = _load_state_rows(state_ptr, s, h, ra, rf, H, D, STATE_T)
-    diff = (rc[None, :] - rc[:, None]).to(tl.float32)  # entry (j, i) = i - j
-    intra_T = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
-    q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
+    intra_T, q_decay = _chunk_decays(rc, g, scale, TRANSPOSED=True)
     for c0 in range(0, L, C):
         tok = c0 + rc
         valid = tok < L
@@ -191,9 +200,7 @@ def chunk_dkdv_kernel(a_ptr, b_ptr, c_ptr, out_ptr, g_ptr, seg_start_ptr, seg_le
     L = tl.load(seg_len_ptr + s)
     g = tl.load(g_ptr + h)
     X = _load_state_rows(dstate_ptr, s, h, ra, rf, H, D, STATE_T)
-    diff = (rc[:, None] - rc[None, :]).to(tl.float32)  # entry (i, j) = i - j
-    intra = tl.exp(tl.where(diff >= 0, g * diff, float("-inf"))) * scale
-    q_decay = tl.exp(g * (rc + 1).to(tl.float32)) * scale
+    intra, q_decay = _chunk_decays(rc, g, scale, TRANSPOSED=False)
     num_chunks = tl.cdiv(L, C)
     for ci in range(0, num_chunks):
         c0 = (num_chunks - 1 - ci) * C
