@@ -6,6 +6,7 @@
 Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prints a short table last.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -161,6 +162,8 @@ def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
 
     res["compress_ms"] = bench(lambda: compress_keys(k.detach(), cfg), smoke)
     res["scores_ms"] = bench(lambda: block_scores(q.detach(), kc, cfg), smoke)
+    coarse = dataclasses.replace(cfg, lse_kernel_size=4 * cfg.kernel_size, lse_kernel_stride=4 * cfg.kernel_stride)
+    res["scores_coarse_lse_ms"] = bench(lambda: block_scores(q.detach(), kc, coarse), smoke)  # the paper's option
     scores = block_scores(q.detach(), kc, cfg)
     res["topk_ms_torch"] = bench(lambda: naive.topk_blocks(scores, cfg.k_total), smoke)
     del scores
@@ -358,7 +361,8 @@ def main():
         for r in timings:
             p = r["peers"]
             common = dict(base, T=r["T"], blocks_per_query=round(r["blocks_per_query"], 2))
-            rows.append(dict(common, case="select", ours_ms=r["select_ms"], scores_ms=r["scores_ms"], topk_ms_torch=r["topk_ms_torch"],
+            rows.append(dict(common, case="select", ours_ms=r["select_ms"], scores_ms=r["scores_ms"],
+                             scores_coarse_lse_ms=r["scores_coarse_lse_ms"], topk_ms_torch=r["topk_ms_torch"],
                              compress_ms=r["compress_ms"], tflops_scores=r["select_tflops"], peers={},
                              floor_ms=r["select_flop"] / MATMUL_TFLOPS / 1e9))
             rows.append(dict(common, case="attend", ours_ms=r["attend_ms"], tflops=r["attend_tflops"], peers={},

@@ -8,6 +8,9 @@ Conventions (also in docs/kernels-infllm_v2.md):
 - causal at kernel granularity: a query at position t may score kernel j only if its last key is <= t,
   i.e. j*stride + kernel_size - 1 <= t. A query that sees no kernel gets all-zero kernel scores.
 - kernel scores: softmax over the visible kernels of q·kc*scale per query head, summed over the G heads of the group.
+  With cfg.approx_lse the normaliser is the log-sum-exp over the visible *coarse* kernels (size/stride
+  lse_kernel_*), each the mean of the fine kernels tiling it; a query that sees no coarse kernel yet keeps the
+  exact normaliser.
 - block b's score: max of the kernel scores over kernels [b*pool_stride - pool_padding, ... + pool_window)
   (missing or invisible kernels count 0; scores are probabilities, so 0 never beats a visible kernel).
 - forced (+inf): init blocks b < init_blocks and local blocks bq - window//block_size <= b <= bq, bq = t // block_size.
@@ -30,19 +33,38 @@ def compress_keys_ref(k_BTKD: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
     return windows[:, :n].float().mean(-1).to(k_BTKD.dtype)
 
 
+def coarse_keys(kc_BNKD, cfg: SparseConfig) -> torch.Tensor:
+    """[B, n_coarse, Hkv, D]: coarse kernel j = mean of keys [j*lse_stride, j*lse_stride + lse_size), computed as
+    the mean of the lse_size // kernel_size fine kernels that tile it (fine kernel i starts at i*kernel_stride)."""
+    B, N, Hkv, D = kc_BNKD.shape
+    n = cfg.n_coarse_kernels((N - 1) * cfg.kernel_stride + cfg.kernel_size if N else 0)
+    first = torch.arange(n, device=kc_BNKD.device) * (cfg.lse_kernel_stride // cfg.kernel_stride)
+    parts = torch.arange(cfg.lse_kernel_size // cfg.kernel_size, device=kc_BNKD.device) * (cfg.kernel_size // cfg.kernel_stride)
+    fine = kc_BNKD.float()[:, (first[:, None] + parts[None, :]).flatten()]  # [B, n * parts, Hkv, D]
+    return fine.view(B, n, -1, Hkv, D).mean(2).to(kc_BNKD.dtype)
+
+
+def _masked_logits(q_BKGTD, keys_BNKD, size: int, stride: int, q_offset: int, scale: float) -> torch.Tensor:
+    """[B, Hkv, G, T, N] logits, -inf where kernel n (keys n*stride .. n*stride + size - 1) is not visible yet."""
+    logits = torch.einsum("bkgtd,bnkd->bkgtn", q_BKGTD, keys_BNKD.float()) * scale
+    pos_T = torch.arange(q_BKGTD.shape[3], device=logits.device) + q_offset
+    last_key_N = torch.arange(keys_BNKD.shape[1], device=logits.device) * stride + size - 1
+    return logits.masked_fill(last_key_N[None, :] > pos_T[:, None], float("-inf"))
+
+
 def kernel_scores_ref(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> torch.Tensor:
     """Group-summed softmax probabilities over kernels: [B, Hkv, T, n_kernels] (fp32)."""
     B, T, H, D = q_BTHD.shape
-    N, Hkv = kc_BNKD.shape[1], kc_BNKD.shape[2]
-    G = H // Hkv
+    Hkv = kc_BNKD.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    q = q_BTHD.float().view(B, T, Hkv, G, D)
-    logits = torch.einsum("btkgd,bnkd->bkgtn", q, kc_BNKD.float()) * scale
-    pos_T = torch.arange(T, device=q.device) + q_offset
-    last_key_N = torch.arange(N, device=q.device) * cfg.kernel_stride + cfg.kernel_size - 1
-    visible_TN = last_key_N[None, :] <= pos_T[:, None]
-    logits = logits.masked_fill(~visible_TN, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without a visible kernel -> zeros
+    q = q_BTHD.float().view(B, T, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    logits = _masked_logits(q, kc_BNKD, cfg.kernel_size, cfg.kernel_stride, q_offset, scale)
+    lse = logits.logsumexp(-1, keepdim=True)  # -inf for a query that sees no kernel
+    if cfg.approx_lse:
+        coarse = _masked_logits(q, coarse_keys(kc_BNKD, cfg), cfg.lse_kernel_size, cfg.lse_kernel_stride,
+                                q_offset, scale).logsumexp(-1, keepdim=True)
+        lse = torch.where(coarse.isfinite(), coarse, lse)
+    probs = (logits - lse).exp().nan_to_num(0.0)  # rows without a visible kernel -> zeros
     return probs.sum(2)
 
 

@@ -106,12 +106,15 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
     block_t = max(1, TUNE["select_rows"] // GP)  # rows of a tile: tokens × heads
     if N == 0:  # no kernel yet: skip pass 1, pass 2 only writes forced / future marks
         lse.fill_(float("-inf"))
-    else:
-        triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv)](
-            q, kc, lse, T, N, Hkv, q_offset, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), lse.stride(0), lse.stride(1),
-            G=G, GP=GP, BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=cfg.kernel_size,
-            KSTRIDE=cfg.kernel_stride, **TUNE["lse"])
+    elif not cfg.approx_lse:
+        _kernel_lse(q, kc, lse, cfg.kernel_size, cfg.kernel_stride, q_offset, scale, block_t)
+    else:  # normaliser over coarse kernels; queries that see none of them yet keep the exact one
+        _kernel_lse(q, naive.coarse_keys(kc, cfg).contiguous(), lse, cfg.lse_kernel_size, cfg.lse_kernel_stride,
+                    q_offset, scale, block_t)
+        early = min(T, max(0, cfg.lse_kernel_size - 1 - q_offset))
+        if early:
+            _kernel_lse(q[:, :early], kc, lse[:, :, :early], cfg.kernel_size, cfg.kernel_stride, q_offset, scale,
+                        block_t)
     block_b = TUNE["select_blocks"]
     triton_select._block_scores[(triton.cdiv(T, block_t), triton.cdiv(n_blocks, block_b), B * Hkv)](
         q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E,
@@ -121,6 +124,18 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
         BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride, POOL_P=cfg.pool_padding,
         INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, **TUNE["scores"])
     return out
+
+
+def _kernel_lse(q, keys, lse, ksize, kstride, q_offset, scale, block_t):
+    """Pass 1: lse[B, H, T] (log2 units) of q·keys*scale over the keys (kernels of ksize, kstride) each query sees."""
+    B, T, H, D = q.shape
+    N, Hkv = keys.shape[1], keys.shape[2]
+    triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv)](
+        q, keys, lse, T, N, Hkv, q_offset, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        lse.stride(0), lse.stride(1),
+        G=H // Hkv, GP=_pow2(H // Hkv), BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=ksize,
+        KSTRIDE=kstride, **TUNE["lse"])
 
 
 def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None):

@@ -30,6 +30,9 @@ class InfLLMv2Config(BaseModel):
     init_blocks: int = Field(1, ge=0, description="leading blocks always attended")
     window: PositiveInt = Field(2048, description="local window in tokens, always attended")
     dense_len: PositiveInt = Field(8192, description="below this key length the layer is dense causal attention")
+    lse_kernel_size: int = Field(0, ge=0, description="the paper's LSE approximation: softmax normaliser over coarse "
+                                 "kernels of this size (128 in the paper) instead of a first pass; 0: exact")
+    lse_kernel_stride: int = Field(0, ge=0, description="stride of those coarse kernels (64 in the paper)")
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -43,7 +46,8 @@ class InfLLMv2Config(BaseModel):
     def sparse(self) -> SparseConfig:
         return SparseConfig(block_size=self.block_size, kernel_size=self.kernel_size,
                             kernel_stride=self.kernel_stride, topk=self.topk, init_blocks=self.init_blocks,
-                            window=self.window, dense_len=self.dense_len,
+                            window=self.window, dense_len=self.dense_len, lse_kernel_size=self.lse_kernel_size,
+                            lse_kernel_stride=self.lse_kernel_stride,
                             # a block's score is the max over the kernels overlapping it (5, 4, 1 by default)
                             pool_window=(self.block_size + self.kernel_size) // self.kernel_stride - 1,
                             pool_stride=self.block_size // self.kernel_stride,

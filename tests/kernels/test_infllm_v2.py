@@ -1,6 +1,7 @@
 """InfLLM-V2 Triton kernels vs the PyTorch reference, under Triton's CPU interpreter (fp32: the interpreter's
 bf16 tl.dot is broken). Shapes are tiny (block 16, kernel 8 stride 4, window 32) so the file stays well
 under three minutes on two cores; bf16 and speed are checked on the GPU by bench/infllm_v2.py."""
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +18,7 @@ from hyloom.kernels.infllm_v2 import (SparseConfig, block_scores, block_sparse_a
 
 SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, window=32,
                      pool_window=5, pool_stride=4, pool_padding=1, dense_len=64)
+COARSE = dataclasses.replace(SMALL, lse_kernel_size=16, lse_kernel_stride=8)  # the normaliser over 2-kernel means
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +53,44 @@ def test_compress_keys_and_incremental_update():
 
 @pytest.mark.parametrize("B,T,H,Hkv,q_offset,seed", [(1, 83, 16, 1, 0, 2), (2, 37, 4, 2, 50, 3), (1, 70, 2, 2, 0, 4)])
 def test_stage1_scores_and_selection_match_reference(B, T, H, Hkv, q_offset, seed):
+    check_stage1(SMALL, B, T, H, Hkv, q_offset, seed)
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,q_offset,seed", [(1, 83, 16, 1, 0, 20), (2, 37, 4, 2, 50, 21)])
+def test_stage1_with_the_coarse_normaliser_matches_reference(B, T, H, Hkv, q_offset, seed):
+    check_stage1(COARSE, B, T, H, Hkv, q_offset, seed)
+
+
+def test_coarse_normaliser_reference_is_the_log_sum_exp_over_coarse_kernels():
+    q, _, _ = qkv(1, 40, 2, 1, 16, seed=22)
+    _, k, _ = qkv(1, 40, 2, 1, 16, seed=23)
+    kc = compress_keys(k, SMALL)
+    kcc = naive.coarse_keys(kc, COARSE)
+    assert kcc.shape[1] == COARSE.n_coarse_kernels(40) == 4
+    for j in range(4):  # coarse kernel j averages keys 8j .. 8j+15
+        torch.testing.assert_close(kcc[:, j], k[:, 8 * j:8 * j + 16].mean(1))
+    got = naive.kernel_scores_ref(q, kc, COARSE)[0, 0]  # [T, n_kernels]
+    exact = naive.kernel_scores_ref(q, kc, SMALL)[0, 0]
+    for t in (3, 14, 15, 27, 39):
+        n_fine, n_coarse = SMALL.n_kernels(t + 1), COARSE.n_coarse_kernels(t + 1)
+        if n_coarse == 0:  # nothing coarse to see yet: the exact normaliser
+            torch.testing.assert_close(got[t], exact[t])
+            continue
+        want = torch.zeros(kc.shape[1])
+        for h in range(2):
+            fine = (kc[0, :n_fine, 0] @ q[0, t, h]) * 16 ** -0.5
+            lse = ((k[0, :t + 1].unfold(0, 16, 8).mean(-1)[:n_coarse, 0] @ q[0, t, h]) * 16 ** -0.5).logsumexp(0)
+            want[:n_fine] += (fine - lse).exp()
+        torch.testing.assert_close(got[t], want)
+
+
+def check_stage1(cfg, B, T, H, Hkv, q_offset, seed):
     q, _, _ = qkv(B, T, H, Hkv, 16, seed)
     _, k, _ = qkv(B, q_offset + T, H, Hkv, 16, seed + 100)
-    kc = compress_keys(k, SMALL)
-    got = block_scores(q, kc, SMALL, q_offset=q_offset)
-    want = naive.block_scores_ref(naive.kernel_scores_ref(q, kc, SMALL, q_offset=q_offset), SMALL,
-                                  SMALL.n_blocks(q_offset + T), q_offset)
+    kc = compress_keys(k, cfg)
+    got = block_scores(q, kc, cfg, q_offset=q_offset)
+    want = naive.block_scores_ref(naive.kernel_scores_ref(q, kc, cfg, q_offset=q_offset), cfg,
+                                  cfg.n_blocks(q_offset + T), q_offset)
     assert not got.isnan().any()
     assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0))  # forced blocks
     assert torch.equal(got.isinf() & (got < 0), want.isinf() & (want < 0))  # future blocks
@@ -64,9 +98,9 @@ def test_stage1_scores_and_selection_match_reference(B, T, H, Hkv, q_offset, see
     assert finite.any()
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
 
-    idx = select_blocks(q, kc, SMALL, q_offset=q_offset, backend="triton")
-    ref_idx = select_blocks(q, kc, SMALL, q_offset=q_offset, backend="torch")
-    assert idx.shape == (B, Hkv, T, SMALL.k_total) and idx.dtype == torch.int32
+    idx = select_blocks(q, kc, cfg, q_offset=q_offset, backend="triton")
+    ref_idx = select_blocks(q, kc, cfg, q_offset=q_offset, backend="torch")
+    assert idx.shape == (B, Hkv, T, cfg.k_total) and idx.dtype == torch.int32
     # identical up to exact ties: the reference scores of the two picks agree, value for value
     picked = lambda i: want.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, -1.0).sort(-1).values
     torch.testing.assert_close(picked(idx), picked(ref_idx), rtol=1e-6, atol=1e-7)
@@ -75,7 +109,7 @@ def test_stage1_scores_and_selection_match_reference(B, T, H, Hkv, q_offset, see
     valid = idx >= 0
     assert torch.all(valid[..., :-1] | ~valid[..., 1:])
     assert torch.all(torch.where(valid[..., 1:] & valid[..., :-1], idx[..., 1:] > idx[..., :-1], True))
-    own_block = (torch.arange(T) + q_offset) // SMALL.block_size
+    own_block = (torch.arange(T) + q_offset) // cfg.block_size
     assert torch.all(idx.max(-1).values == own_block)
     assert torch.all(idx[..., 0] == 0)
 
@@ -178,3 +212,9 @@ def test_imports_without_triton_fall_back_to_reference():
     torch.testing.assert_close(infllm_v2_attn(q, k, v, SMALL, backend="torch"), naive.infllm_v2_attn_ref(q, k, v, SMALL))
     assert set(infllm_v2.__all__) >= {"SparseConfig", "compress_keys", "select_blocks", "block_sparse_attn",
                                       "infllm_v2_attn", "infllm_v2_decode", "update_compressed_keys"}
+
+
+@pytest.mark.parametrize("size,stride", [(12, 8), (16, 6), (16, 0), (0, 8)])
+def test_coarse_kernels_must_tile_whole_fine_kernels(size, stride):
+    with pytest.raises(ValueError, match="lse_kernel"):
+        dataclasses.replace(SMALL, lse_kernel_size=size, lse_kernel_stride=stride)

@@ -36,6 +36,17 @@ def test_prefill_then_decode_equals_a_full_pass_past_dense_len():
     torch.testing.assert_close(torch.cat([logits, torch.stack(steps, 1)], 1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_coarse_normaliser_option_reaches_the_layer_and_decodes_like_a_full_pass():
+    coarse = {**SPARSE, "lse_kernel_size": 16, "lse_kernel_stride": 4}
+    model = model_with(coarse)
+    assert model.layers[0].mixer.sparse.approx_lse
+    ids = torch.randint(0, 53, (2, 44))
+    full = model(ids)
+    logits, cache = model.prefill(ids[:, :20])
+    steps = [model.decode_step(ids[:, t], cache) for t in range(20, 44)]
+    torch.testing.assert_close(torch.cat([logits, torch.stack(steps, 1)], 1), full, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_prefill_equals_one_prefill():
     model = model_with(SPARSE)
     ids = torch.randint(0, 53, (1, 40))
