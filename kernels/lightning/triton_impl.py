@@ -77,10 +77,12 @@ def _chunk(stage: str, dp: int) -> int:
     return TUNE[f"{stage}_chunk"] if dp <= 128 else min(TUNE[f"{stage}_chunk"], 64)
 
 
-def _launch_opts(dp: int, stage: str, wide: bool = False):
-    """wide: fp32 tiles or head dims over 128, whose deeper pipelines overflow shared memory or registers."""
+def _launch_opts(dp: int, stage: str, ieee: bool = False):
     warps = TUNE[f"{stage}_warps"] or (8 if dp >= 128 else 4)
-    return {"num_warps": warps, "num_stages": min(TUNE[f"{stage}_stages"], 2) if wide else TUNE[f"{stage}_stages"]}
+    stages = TUNE[f"{stage}_stages"]
+    if ieee or dp > 128:  # fp32 tiles or wide heads: a third pipeline stage overflows shared memory or registers
+        stages = min(stages, 2)
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def _new(like, shape, dtype):
@@ -97,7 +99,7 @@ def _segment_sum(a, b, g, segs, alpha, from_end, ieee):
     if segs.num:
         grid = (segs.num, H, triton.cdiv(D, blk) ** 2)
         K.segment_sum_kernel[grid](a, b, g, segs.start, segs.length, out, alpha, H=H, D=D, C=_chunk("sum", blk),
-                                   BK=blk, BV=blk, FROM_END=from_end, IEEE=ieee, **_launch_opts(blk, "sum"))
+                                   BK=blk, BV=blk, FROM_END=from_end, IEEE=ieee, **_launch_opts(blk, "sum", ieee))
     return out
 
 
@@ -123,7 +125,7 @@ def forward(q, k, v, g, h0, scale, want_final, segs):
     if segs.num:
         K.chunk_output_kernel[(segs.num, H, triton.cdiv(D, bv))](
             q, k, v, o, g, segs.start, segs.length, states, scale, H=H, D=D, DP=dp, C=_chunk("fwd", dp), BA=bv,
-            STATE_T=True, IEEE=ieee, **_launch_opts(max(dp, bv), "fwd", wide=ieee or dp > 128))
+            STATE_T=True, IEEE=ieee, **_launch_opts(max(dp, bv), "fwd", ieee))
     return o, final, states
 
 
@@ -136,7 +138,7 @@ def backward(q, k, v, g, do, dht, states, scale, want_dh0, segs):
     dq, dk, dv = (_new(q, q.shape, q.dtype) for _ in range(3))
     if segs.num:
         # one program per (segment, head, block of output columns); the other operand's columns all in registers
-        opts, C, blk = _launch_opts(dp, "bwd", wide=ieee or dp > 128), _chunk("bwd", dp), dp if dp <= 128 else 64
+        opts, C, blk = _launch_opts(dp, "bwd", ieee), _chunk("bwd", dp), dp if dp <= 128 else 64
         grid = (segs.num, H, triton.cdiv(D, blk))
         table = (g, segs.start, segs.length)
         K.chunk_output_kernel[grid](do, v, k, dq, *table, states, scale, H=H, D=D, DP=dp, C=C, BA=blk,
