@@ -23,8 +23,10 @@ LOG2E = 1.4426950408889634
 TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "num_stages": 2},
         "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {"num_warps": 2, "num_stages": 3},
         "dkdv": {"num_warps": 4, "num_stages": 2}, "topk": {"num_warps": 4, "num_stages": 1},
-        "local": {"num_warps": 8, "num_stages": 3},
-        "select_rows": 128, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "local_rows": 128,
+        "local": {"num_warps": 8, "num_stages": 3}, "local_dq": {"num_warps": 8, "num_stages": 2},
+        "local_dkdv": {"num_warps": 4, "num_stages": 2},
+        "select_rows": 128, "lse_min_programs": 264, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "local_rows": 128,
+        "local_dkdv_rows": 64,
         "triton_topk": True, "local_split": True}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
 
@@ -103,7 +105,7 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
     n_blocks = cfg.n_blocks(q_offset + T)
     lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
     out = _empty(B, Hkv, T, n_blocks, device=q.device, dtype=torch.float32)
-    block_t = max(1, TUNE["select_rows"] // GP)  # rows of a tile: tokens × heads
+    block_t = max(1, min(TUNE["select_rows"] // GP, _pow2(T)))  # rows of a tile: tokens × heads
     if N == 0:  # no kernel yet: skip pass 1, pass 2 only writes forced / future marks
         lse.fill_(float("-inf"))
     elif not cfg.approx_lse:
@@ -127,15 +129,24 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
 
 
 def _kernel_lse(q, keys, lse, ksize, kstride, q_offset, scale, block_t):
-    """Pass 1: lse[B, H, T] (log2 units) of q·keys*scale over the keys (kernels of ksize, kstride) each query sees."""
+    """Pass 1: lse[B, H, T] (log2 units) of q·keys*scale over the keys (kernels of ksize, kstride) each query sees.
+
+    When the tiles alone would leave most of the GPU idle (decode), the kernels are split among programs too
+    and the partial LSEs merged here.
+    """
     B, T, H, D = q.shape
     N, Hkv = keys.shape[1], keys.shape[2]
-    triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv)](
-        q, keys, lse, T, N, Hkv, q_offset, scale * LOG2E,
+    tiles = triton.cdiv(T, block_t) * B * Hkv
+    splits = max(1, min(TUNE["lse_min_programs"] // tiles, triton.cdiv(N, TUNE["lse_kernels"])))
+    part = lse.unsqueeze(0) if splits == 1 else _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
+    triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv, splits)](
+        q, keys, part, T, N, Hkv, q_offset, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        lse.stride(0), lse.stride(1),
+        part.stride(0), part.stride(1), part.stride(2),
         G=H // Hkv, GP=_pow2(H // Hkv), BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=ksize,
         KSTRIDE=kstride, **TUNE["lse"])
+    if splits > 1:
+        lse.copy_(torch.logsumexp(part * math.log(2), dim=0) / math.log(2))
 
 
 def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None):
@@ -157,7 +168,7 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None)
         o_s = _empty(splits, B, T, H, D, device=q.device, dtype=torch.float32)
         lse_s = _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
     o_in, extra = o_s, {}
-    if local is not None and splits == 1 and TUNE["local_split"]:
+    if local is not None and splits == 1:
         init_blocks, win_blocks = local
         o_in = _empty(q.shape, device=q.device, dtype=torch.float32)
         gp_local = _pow2(G)
@@ -183,10 +194,9 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None)
     return o.to(q.dtype), lse
 
 
-def _dkdv_work(idx, n_blocks: int, chunk: int):
-    """Reverse the block lists: for each (b*Hkv+kvh, block), the query tokens that picked it, in chunks."""
+def _dkdv_work(idx, n_blocks: int, chunk: int, valid):
+    """Reverse the block lists: for each (b*Hkv+kvh, block), the query tokens whose valid picks hold it, in chunks."""
     B, Hkv, T, S = idx.shape
-    valid = idx >= 0
     bk = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
     key = (bk * n_blocks + idx.long())[valid]
     tok = torch.arange(T, device=idx.device, dtype=torch.int32).view(1, 1, T, 1).expand(B, Hkv, T, S)[valid]
@@ -208,9 +218,10 @@ class _BlockSparseAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size, scale, q_offset, local):
         q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+        local = local if TUNE["local_split"] else None
         o, lse = _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=local)
         ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.block_size, ctx.scale, ctx.q_offset = block_size, scale, q_offset
+        ctx.block_size, ctx.scale, ctx.q_offset, ctx.local = block_size, scale, q_offset, local
         return o
 
     @staticmethod
@@ -222,24 +233,44 @@ class _BlockSparseAttn(torch.autograd.Function):
         G, GP = H // Hkv, _pow2(H // Hkv, 16)
         bs, scale, q_offset = ctx.block_size, ctx.scale, ctx.q_offset
         delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2))
         dq = _empty(q.shape, device=q.device, dtype=q.dtype)
-        ksel = idx.shape[-1]
-        triton_attn._sparse_bwd_dq[(T, B * Hkv)](
-            q, k, v, do, lse, delta, idx, dq, Hkv, q_offset, scale * LOG2E, scale,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
-            lse.stride(0), lse.stride(1),
-            G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **TUNE["dq"])
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        picks = idx >= 0  # the (token, block) pairs left to the per-token kernels
+        dq_in, extra = dq, {}
+        if ctx.local is not None:  # forced blocks as dense tiles (see _sparse_fwd); the init blocks' dK/dV stay per token
+            init_blocks, win_blocks = ctx.local
+            dq_in = _empty(q.shape, device=q.device, dtype=torch.float32)
+            gp_local = _pow2(G)
+            tm = max(1, TUNE["local_rows"] // gp_local)
+            triton_attn._local_bwd_dq[(triton.cdiv(T, tm), B * Hkv)](
+                q, k, v, do, lse, delta, dq_in, T, Hkv, q_offset, scale * LOG2E, *strides, lse.stride(0), lse.stride(1),
+                G=G, GP=gp_local, D=D, BS=bs, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local_dq"])
+            n_key_blocks = -(-Tk // bs)
+            if n_key_blocks > init_blocks:
+                tq = max(1, TUNE["local_dkdv_rows"] // gp_local)
+                triton_attn._local_bwd_dkdv[(n_key_blocks - init_blocks, B * Hkv)](
+                    q, k, v, do, lse, delta, dk, dv, T, Tk, Hkv, q_offset, scale * LOG2E, scale, *strides,
+                    lse.stride(0), lse.stride(1),
+                    G=G, GP=gp_local, D=D, BS=bs, TQ=tq, INIT=init_blocks, WIN_BLOCKS=win_blocks,
+                    **TUNE["local_dkdv"])
+            qblk = (torch.arange(T, device=idx.device) + q_offset) // bs
+            window_lo = (qblk - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
+            picks = picks & (idx < window_lo)
+            extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
+        ksel = idx.shape[-1]
+        triton_attn._sparse_bwd_dq[(T, B * Hkv)](
+            q, k, v, do, lse, delta, idx, dq_in, dq, Hkv, q_offset, scale * LOG2E, scale, *strides,
+            idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1),
+            G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **extra, **TUNE["dq"])
         tq = max(1, 64 // GP)
-        work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), chunk=TUNE["dkdv_chunk"] * tq)
+        work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks)
         if work_bk.numel():
             triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](
                 q, k, v, do, lse, delta, dk, dv, work_bk, work_blk, lo, hi, tok_list, Hkv, Tk, q_offset,
-                scale * LOG2E, scale,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
+                scale * LOG2E, scale, *strides, lse.stride(0), lse.stride(1),
                 G=G, GP=GP, D=D, BS=bs, TQ=tq, **TUNE["dkdv"])
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
@@ -295,8 +326,8 @@ def infllm_v2_decode(q_BHD, k_cache, v_cache, kc_cache, cache_len: int, cfg: Spa
     """One new query token per sequence over a KV cache that already holds it (positions 0 .. cache_len-1).
 
     kc_cache holds cfg.n_kernels(cache_len) valid kernels (keep it with update_compressed_keys). Below
-    dense_len: dense attention over the cache. Above: selection for the single query (a small GEMV, in
-    PyTorch), then the block-sparse kernel split over the block list.
+    dense_len: dense attention over the cache. Above: selection for the single query (stage 1 with its
+    kernels split among programs), then the block-sparse kernel split over the block list.
     """
     B, H, D = q_BHD.shape
     q = q_BHD.unsqueeze(1)  # [B, 1, H, D]
@@ -308,8 +339,7 @@ def infllm_v2_decode(q_BHD, k_cache, v_cache, kc_cache, cache_len: int, cfg: Spa
         idx = every_block.expand(B, k.shape[2], 1, every_block.numel())
     else:
         kc = kc_cache[:, :cfg.n_kernels(cache_len)]
-        scores = naive.kernel_scores_ref(q, kc, cfg, scale, q_offset)  # one query: a GEMV, PyTorch is fine
-        idx = topk_blocks(naive.block_scores_ref(scores, cfg, cfg.n_blocks(cache_len), q_offset), cfg.k_total, backend)
+        idx = select_blocks(q, kc, cfg, scale, q_offset, backend)
     if not _use_triton(q, backend):
         return naive.sparse_attn_ref(q, k, v, idx, cfg.block_size, scale, q_offset)[:, 0]
     o, _ = _sparse_fwd(q.contiguous(), k, v, idx.contiguous(), cfg.block_size, scale, q_offset, splits)

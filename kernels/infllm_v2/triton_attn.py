@@ -15,6 +15,33 @@ from .triton_select import group_tile, load_group_queries
 
 
 @triton.jit
+def middle_picks(sel, pos, BS: tl.constexpr, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """[lo, hi) of the picks in an ascending block list that lie between the init blocks and the local window
+    of position pos: the ones left to the per-token kernels when the dense tiles took the forced blocks."""
+    lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
+    hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
+    return lo, hi
+
+
+@triton.jit
+def forced_span(pid_t, T, q_offset, BS: tl.constexpr, TM: tl.constexpr, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """Key blocks forced for some token of tile pid_t (TM tokens): step s < n_steps walks block
+    s (s < n_init, the init blocks) then win_lo + s - n_init (the window), none twice. Also the tile's last position."""
+    first_pos = pid_t * TM + q_offset
+    last_pos = tl.minimum(pid_t * TM + TM - 1, T - 1) + q_offset
+    win_lo = tl.maximum(first_pos // BS - WIN_BLOCKS, INIT)
+    hi = last_pos // BS + 1
+    n_init = tl.minimum(INIT, hi)
+    return n_init, win_lo, n_init + tl.maximum(hi - win_lo, 0), last_pos
+
+
+@triton.jit
+def is_forced(kb, qblk, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """[rows, BS]-ready mask of key block kb being forced for query block qblk (init, own or window block)."""
+    return (kb < INIT) | ((kb <= qblk) & (kb >= qblk - WIN_BLOCKS))
+
+
+@triton.jit
 def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_offset, qk_scale,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it,
                 s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
@@ -45,8 +72,7 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
     if FROM_LOCAL:
         # _local_fwd already attended to the forced blocks and left its state in oin/lse (oin: fp32, o's strides): continue from it over
         # the picks between the init blocks and the local window (the list is ascending, so they are contiguous)
-        lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
-        hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
+        lo, hi = middle_picks(sel, pos, BS, INIT, WIN_BLOCKS)
         o_prev = tl.load(oin_ptr + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :], mask=g_ok[:, None], other=0.0)
         m = tl.load(lse_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
         l = tl.where(m == float("-inf"), 0.0, 1.0)
@@ -74,11 +100,14 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
 
 
 @triton.jit
-def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dq_ptr, Hkv, q_offset, qk_scale, scale,
+def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqin_ptr, dq_ptr, Hkv, q_offset,
+                   qk_scale, scale,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it, s_lb, s_lh,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   KSEL: tl.constexpr, KSEL_P: tl.constexpr):
-    # q, do and dq share one layout (strides s_q*); lse and delta share theirs (s_l*)
+                   KSEL: tl.constexpr, KSEL_P: tl.constexpr,
+                   FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
+    # q, do, dq and the fp32 dqin (_local_bwd_dq's unscaled sum over the forced blocks) share one layout
+    # (strides s_q*); lse and delta share theirs (s_l*)
     t = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
@@ -95,9 +124,12 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dq_
     delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
     idx_row = idx_ptr + b * s_ib + kvh * s_ih + t * s_it
     sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
-    n_sel = tl.sum((sel >= 0).to(tl.int32), 0)
+    lo, hi = 0, tl.sum((sel >= 0).to(tl.int32), 0)
     dq = tl.zeros([GP, D], tl.float32)
-    for i in range(0, n_sel):
+    if FROM_LOCAL:
+        lo, hi = middle_picks(sel, pos, BS, INIT, WIN_BLOCKS)
+        dq = tl.load(dqin_ptr + row_off, mask=g_ok[:, None], other=0.0)
+    for i in range(lo, hi):
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
         seen = kpos <= pos  # also keeps the last, partial block inside the keys
@@ -175,21 +207,17 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
     qblk = pos // BS
     d = tl.arange(0, D)
     q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
-    first_tok = pid_t * TM + q_offset
-    last_tok = tl.minimum(pid_t * TM + TM - 1, T - 1) + q_offset
-    win_lo = tl.maximum(first_tok // BS - WIN_BLOCKS, INIT)  # init blocks first, then the window, none twice
-    hi = last_tok // BS + 1
+    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, WIN_BLOCKS)
     m = tl.full([TM * GP], float("-inf"), tl.float32)
     l = tl.zeros([TM * GP], tl.float32)
     acc = tl.zeros([TM * GP, D], tl.float32)
-    for step in range(0, tl.minimum(INIT, hi) + tl.maximum(hi - win_lo, 0)):
-        kb = tl.where(step < tl.minimum(INIT, hi), step, win_lo + step - tl.minimum(INIT, hi))
+    for step in range(0, n_steps):
+        kb = tl.where(step < n_init, step, win_lo + step - n_init)
         kpos = kb * BS + tl.arange(0, BS)
-        in_keys = kpos <= last_tok
+        in_keys = kpos <= last_pos
         k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=in_keys[:, None], other=0.0)
         v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=in_keys[:, None], other=0.0)
-        forced = (kb < INIT) | ((kb <= qblk) & (kb >= qblk - WIN_BLOCKS))
-        seen = forced[:, None] & (kpos[None, :] <= pos[:, None])
+        seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
         s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -202,3 +230,78 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
     tl.store(o_ptr + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], acc / l_safe[:, None],
              mask=row_ok[:, None])
     tl.store(lse_ptr + b * s_lb + heads * s_lh + tok, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hkv, q_offset, qk_scale,
+                  s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TM: tl.constexpr,
+                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """dq over the forced blocks, as dense tiles of TM tokens × GP heads like _local_fwd. q, do and the fp32
+    dq (left unscaled for _sparse_bwd_dq to finish over the other picks) share strides; lse, delta share theirs."""
+    pid_t = tl.program_id(0)
+    b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
+    heads = kvh * G + g
+    pos = tok + q_offset
+    qblk = pos // BS
+    d = tl.arange(0, D)
+    q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    do = load_group_queries(do_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
+    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, WIN_BLOCKS)
+    dq = tl.zeros([TM * GP, D], tl.float32)
+    for step in range(0, n_steps):
+        kb = tl.where(step < n_init, step, win_lo + step - n_init)
+        kpos = kb * BS + tl.arange(0, BS)
+        in_keys = kpos <= last_pos
+        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=in_keys[:, None], other=0.0)
+        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=in_keys[:, None], other=0.0)
+        seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
+        p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(dq_ptr + b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], dq, mask=row_ok[:, None])
+
+
+@triton.jit
+def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, Tk, Hkv, q_offset,
+                    qk_scale, scale,
+                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr,
+                    INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """dK/dV of key block INIT + program_id(0) from the queries whose local window holds it: the tokens of
+    query blocks kb .. kb + WIN_BLOCKS, a contiguous range walked in tiles of TQ tokens × GP heads. Works
+    transposed (key rows as the M side of every product). Stores into the fp32 dk/dv (k's strides): it runs
+    first, the per-token picks are added atomically after it; the init blocks are left to those."""
+    kb = INIT + tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    d = tl.arange(0, D)
+    kpos = kb * BS + tl.arange(0, BS)
+    kmask = kpos < Tk
+    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    rows = tl.arange(0, TQ * GP)  # row = (token in tile) * GP + head
+    g = rows % GP
+    heads = kvh * G + g
+    t_lo = tl.maximum(kb * BS - q_offset, 0)
+    t_hi = tl.minimum((kb + WIN_BLOCKS + 1) * BS - q_offset, T)
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
+    for t0 in range(t_lo, t_hi, TQ):
+        tok = t0 + rows // GP
+        ok = (tok < t_hi) & (g < G)
+        q = load_group_queries(q_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
+        do = load_group_queries(do_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
+        lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+        seen = ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :])
+        p_t = tl.where(seen, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # [BS, rows]
+        dv += tl.dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
+    tl.store(dk_ptr + out_off, dk * scale, mask=kmask[:, None])
+    tl.store(dv_ptr + out_off, dv, mask=kmask[:, None])

@@ -32,10 +32,13 @@ def load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh,
 
 @triton.jit
 def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
-                s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_lb, s_lh,
+                s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """Split program_id(2) of num_programs(2) takes one share of the visible kernels and writes its partial
+    LSE at lse_ptr + split * s_ls (decode: a handful of tokens, thousands of kernels, so split the kernels)."""
     pid_t = tl.program_id(0)
+    split = tl.program_id(2)
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, BLOCK_T, GP, G)
     pos = tok + q_offset
     q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
@@ -43,9 +46,10 @@ def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
     # kernels visible to the tile's last token; kernel j is visible at position p iff j*KSTRIDE + KSIZE - 1 <= p
     last_pos = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset
     n_vis = tl.minimum(tl.maximum(last_pos - KSIZE + 1 + KSTRIDE, 0) // KSTRIDE, N)
+    per_split = tl.cdiv(tl.cdiv(n_vis, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     m = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_T * GP], tl.float32)
-    for n0 in range(0, n_vis, BLOCK_N):
+    for n0 in range(split * per_split, tl.minimum(split * per_split + per_split, n_vis), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kc = tl.load(kc_ptr + b * s_kb + n[:, None] * s_kn + kvh * s_kh + d[None, :], mask=(n < N)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(kc)) * qk_scale
@@ -56,7 +60,7 @@ def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m = m_new
     lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-    tl.store(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok, lse, mask=row_ok)
+    tl.store(lse_ptr + split * s_ls + b * s_lb + (kvh * G + g) * s_lh + tok, lse, mask=row_ok)
 
 
 @triton.jit

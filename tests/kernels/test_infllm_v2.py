@@ -61,6 +61,13 @@ def test_stage1_with_the_coarse_normaliser_matches_reference(B, T, H, Hkv, q_off
     check_stage1(COARSE, B, T, H, Hkv, q_offset, seed)
 
 
+@pytest.mark.parametrize("cfg", [SMALL, COARSE], ids=["exact", "coarse"])
+def test_stage1_with_the_kernels_split_among_programs(cfg, monkeypatch):
+    """Chunks of 16 kernels: the normaliser pass splits its kernels among programs and merges their LSEs."""
+    monkeypatch.setitem(ops.TUNE, "lse_kernels", 16)
+    check_stage1(cfg, 1, 90, 8, 2, 0, 24)
+
+
 def test_coarse_normaliser_reference_is_the_log_sum_exp_over_coarse_kernels():
     q, _, _ = qkv(1, 40, 2, 1, 16, seed=22)
     _, k, _ = qkv(1, 40, 2, 1, 16, seed=23)
@@ -146,10 +153,14 @@ def test_sparse_attention_forward_and_gradients_match_reference(G, Hkv, T, seed)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("G,init_blocks,T,q_offset,seed", [(1, 1, 150, 0, 14), (4, 2, 40, 37, 15), (16, 1, 50, 70, 16)])
-def test_forced_blocks_as_dense_tiles_match_reference(G, init_blocks, T, q_offset, seed):
+@pytest.mark.parametrize("G,init_blocks,T,q_offset,seed,rows", [(1, 1, 150, 0, 14, 128), (4, 2, 40, 37, 15, 128),
+                                                                 (16, 1, 50, 70, 16, 64), (2, 1, 90, 5, 17, 8)])
+def test_forced_blocks_as_dense_tiles_match_reference(G, init_blocks, T, q_offset, seed, rows, monkeypatch):
     """With forced=..., the init and local blocks run as dense tiles of several tokens (tiles straddle query blocks
-    when q_offset is not a multiple of the block), the rest per token, merged by LSE."""
+    when q_offset is not a multiple of the block), the rest per token, merged by LSE; the backward likewise
+    (dq tiles as in the forward, dK/dV per key block over the query range whose window holds it)."""
+    monkeypatch.setitem(ops.TUNE, "local_rows", rows)
+    monkeypatch.setitem(ops.TUNE, "local_dkdv_rows", rows)
     cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=init_blocks, window=32)
     q, k, v = qkv(1, q_offset + T, G, 1, 16, seed, requires_grad=True)
     q_new = q[:, q_offset:]
@@ -178,7 +189,9 @@ def test_sparse_equals_dense_when_topk_covers_every_block_and_switch_at_dense_le
     torch.testing.assert_close(short, ops.dense_causal_attn(long_q[:, :63], long_k[:, :63], long_v[:, :63]))
 
 
-def test_prefill_then_decode_equals_one_full_pass():
+@pytest.mark.parametrize("lse_kernels", [64, 16])  # 16: decode's normaliser pass splits its kernels
+def test_prefill_then_decode_equals_one_full_pass(lse_kernels, monkeypatch):
+    monkeypatch.setitem(ops.TUNE, "lse_kernels", lse_kernels)
     B, T, H, Hkv, D = 2, 100, 8, 2, 16
     q, k, v = qkv(B, T, H, Hkv, D, seed=10)
     full = infllm_v2_attn(q, k, v, SMALL, backend="torch")  # reference of the whole sequence
