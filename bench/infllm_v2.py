@@ -282,6 +282,12 @@ def time_decode(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
     return out
 
 
+def set_tune(key, value):
+    """ops.TUNE[key] = value; a tuple of keys takes a tuple of values (settings swept together)."""
+    for k_, v_ in zip(key, value) if isinstance(key, tuple) else [(key, value)]:
+        ops.TUNE[k_] = v_
+
+
 def sweep(cfg, dev, dtype, T=32768):
     """A few launch settings per kernel at one length; keeps the fastest of each in ops.TUNE."""
     H, Hkv, D = 32, 2, 128
@@ -306,13 +312,14 @@ def sweep(cfg, dev, dtype, T=32768):
             ("select_rows", score, [128, 256]),
             ("topk", lambda: ops.topk_blocks(scores, cfg.k_total), ws((4, 1), (8, 1))),
             ("dq", attend_fwd_bwd, ws((2, 3), (4, 2))),
-            ("dkdv", attend_fwd_bwd, ws((4, 2), (8, 2))),
+            (("dkdv_rows", "dkdv"), attend_fwd_bwd,
+             [(r, w) for r in (64, 128) for w in ws((4, 2), (4, 3), (8, 2), (8, 3))]),
             ("local_dq", attend_fwd_bwd, ws((4, 2), (8, 2), (8, 3))),
-            ("local_dkdv_rows", attend_fwd_bwd, [64, 128]),
-            ("local_dkdv", attend_fwd_bwd, ws((4, 2), (4, 3), (8, 2)))):
+            (("local_dkdv_rows", "local_dkdv"), attend_fwd_bwd,
+             [(r, w) for r in (64, 128) for w in ws((4, 2), (4, 3), (8, 2))])):
         best = None
         for opt in options:
-            ops.TUNE[key] = opt
+            set_tune(key, opt)
             try:
                 ms = bench(fn, False)
             except Exception as e:
@@ -321,8 +328,8 @@ def sweep(cfg, dev, dtype, T=32768):
             log(f"sweep {key} {opt}: {ms:.3f} ms")
             if best is None or ms < best[0]:
                 best = (ms, opt)
-        ops.TUNE[key] = best[1]
-        found[key] = {"ms": best[0], "best": best[1]}
+        set_tune(key, best[1])
+        found["+".join(key) if isinstance(key, tuple) else key] = {"ms": best[0], "best": best[1]}
     return found
 
 

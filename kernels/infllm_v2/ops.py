@@ -25,7 +25,7 @@ TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "nu
         "dkdv": {"num_warps": 4, "num_stages": 2}, "topk": {"num_warps": 4, "num_stages": 1},
         "local": {"num_warps": 8, "num_stages": 3}, "local_dq": {"num_warps": 8, "num_stages": 2},
         "local_dkdv": {"num_warps": 4, "num_stages": 2},
-        "select_rows": 128, "lse_min_programs": 264, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "local_rows": 128,
+        "select_rows": 128, "lse_min_programs": 264, "select_blocks": 32, "lse_kernels": 64, "dkdv_chunk": 16, "dkdv_rows": 64, "local_rows": 128,
         "local_dkdv_rows": 64,
         "triton_topk": True, "local_split": True}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
@@ -103,50 +103,50 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
     GP = _pow2(G)
     scale = D ** -0.5 if scale is None else scale
     n_blocks = cfg.n_blocks(q_offset + T)
-    lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
     out = _empty(B, Hkv, T, n_blocks, device=q.device, dtype=torch.float32)
     block_t = max(1, min(TUNE["select_rows"] // GP, _pow2(T)))  # rows of a tile: tokens × heads
     if N == 0:  # no kernel yet: skip pass 1, pass 2 only writes forced / future marks
-        lse.fill_(float("-inf"))
+        lse = torch.full((1, B, H, T), float("-inf"), device=q.device)
     elif not cfg.approx_lse:
-        _kernel_lse(q, kc, lse, cfg.kernel_size, cfg.kernel_stride, q_offset, scale, block_t)
+        lse = _kernel_lse(q, kc, cfg.kernel_size, cfg.kernel_stride, q_offset, scale, block_t)
     else:  # normaliser over coarse kernels; queries that see none of them yet keep the exact one
-        _kernel_lse(q, naive.coarse_keys(kc, cfg).contiguous(), lse, cfg.lse_kernel_size, cfg.lse_kernel_stride,
-                    q_offset, scale, block_t)
+        lse = _kernel_lse(q, naive.coarse_keys(kc, cfg).contiguous(), cfg.lse_kernel_size, cfg.lse_kernel_stride,
+                          q_offset, scale, block_t)
         early = min(T, max(0, cfg.lse_kernel_size - 1 - q_offset))
-        if early:
-            _kernel_lse(q[:, :early], kc, lse[:, :, :early], cfg.kernel_size, cfg.kernel_stride, q_offset, scale,
-                        block_t)
+        if early:  # every split of the coarse pass left these rows at -inf, so split 0 may take the exact value
+            _kernel_lse(q[:, :early], kc, cfg.kernel_size, cfg.kernel_stride, q_offset, scale, block_t,
+                        out=lse[:1, :, :, :early])
     block_b = TUNE["select_blocks"]
     triton_select._block_scores[(triton.cdiv(T, block_t), triton.cdiv(n_blocks, block_b), B * Hkv)](
-        q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E, lse.shape[0],
+        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2),
         G=G, GP=GP, BLOCK_T=block_t, BLOCK_B=block_b, D=D, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
         BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride, POOL_P=cfg.pool_padding,
         INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, **TUNE["scores"])
     return out
 
 
-def _kernel_lse(q, keys, lse, ksize, kstride, q_offset, scale, block_t):
-    """Pass 1: lse[B, H, T] (log2 units) of q·keys*scale over the keys (kernels of ksize, kstride) each query sees.
-
-    When the tiles alone would leave most of the GPU idle (decode), the kernels are split among programs too
-    and the partial LSEs merged here.
+def _kernel_lse(q, keys, ksize, kstride, q_offset, scale, block_t, out=None):
+    """Pass 1: [splits, B, H, T] partial LSEs (log2 units) of q·keys*scale over the keys (kernels of ksize,
+    kstride) each query sees; pass 2 merges the splits. When the tiles alone would leave most of the GPU idle
+    (decode), the kernels are split among programs. out: write one split there instead.
     """
     B, T, H, D = q.shape
     N, Hkv = keys.shape[1], keys.shape[2]
     tiles = triton.cdiv(T, block_t) * B * Hkv
     splits = max(1, min(TUNE["lse_min_programs"] // tiles, triton.cdiv(N, TUNE["lse_kernels"])))
-    part = lse.unsqueeze(0) if splits == 1 else _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
+    else:
+        splits = 1
     triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv, splits)](
-        q, keys, part, T, N, Hkv, q_offset, scale * LOG2E,
+        q, keys, out, T, N, Hkv, q_offset, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        part.stride(0), part.stride(1), part.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         G=H // Hkv, GP=_pow2(H // Hkv), BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=ksize,
         KSTRIDE=kstride, **TUNE["lse"])
-    if splits > 1:
-        lse.copy_(torch.logsumexp(part * math.log(2), dim=0) / math.log(2))
+    return out
 
 
 def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None):
@@ -265,7 +265,7 @@ class _BlockSparseAttn(torch.autograd.Function):
             q, k, v, do, lse, delta, idx, dq_in, dq, Hkv, q_offset, scale * LOG2E, scale, *strides,
             idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1),
             G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **extra, **TUNE["dq"])
-        tq = max(1, 64 // GP)
+        tq = max(1, TUNE["dkdv_rows"] // GP)
         work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks)
         if work_bk.numel():
             triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](

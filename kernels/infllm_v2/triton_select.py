@@ -64,8 +64,21 @@ def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
 
 
 @triton.jit
-def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk_scale,
-                  s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_lb, s_lh, s_ob, s_oh, s_ot,
+def merge_lse(ptrs, mask, n_splits, s_split):
+    """The LSE (log2 units) of the n_splits partial LSEs at ptrs + i * s_split (-inf: an empty split)."""
+    m = tl.load(ptrs, mask=mask, other=0.0)
+    for i in range(1, n_splits):
+        m = tl.maximum(m, tl.load(ptrs + i * s_split, mask=mask, other=0.0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros_like(m)
+    for i in range(0, n_splits):
+        total += tl.exp2(tl.load(ptrs + i * s_split, mask=mask, other=0.0) - m_safe)
+    return tl.where(total > 0, m_safe + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk_scale, LSE_SPLITS,
+                  s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh, s_ob, s_oh, s_ot,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BS: tl.constexpr,
                   POOL_W: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
@@ -85,7 +98,7 @@ def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk
     last_qblk = (tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset) // BS
     if pid_b * BLOCK_B < last_qblk - WIN_BLOCKS:
         q = load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
-        lse = tl.load(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, mask=row_ok, other=0.0)
+        lse = merge_lse(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, row_ok, LSE_SPLITS, s_ls)
         for w in tl.static_range(POOL_W):
             j = blk * POOL_S - POOL_P + w
             j_ok = (j >= 0) & (j < N)
