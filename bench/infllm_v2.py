@@ -309,7 +309,9 @@ def sweep(cfg, dev, dtype, T=32768):
     for key, fn, options in (
             ("fwd", attend, ws((2, 3), (4, 3))),
             ("local", attend, ws((4, 2), (8, 2), (8, 3))),
-            ("select_rows", score, [128, 256]),
+            ("select_rows", score, [64, 128, 256]),
+            ("scores", score, ws((4, 2), (8, 2), (8, 3))),
+            ("select_blocks", score, [16, 32]),
             ("topk", lambda: ops.topk_blocks(scores, cfg.k_total), ws((4, 1), (8, 1))),
             ("dq", attend_fwd_bwd, ws((2, 3), (4, 2))),
             (("dkdv_rows", "dkdv"), attend_fwd_bwd,

@@ -117,12 +117,14 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
             _kernel_lse(q[:, :early], kc, cfg.kernel_size, cfg.kernel_stride, q_offset, scale, block_t,
                         out=lse[:1, :, :, :early])
     block_b = TUNE["select_blocks"]
-    triton_select._block_scores[(triton.cdiv(T, block_t), triton.cdiv(n_blocks, block_b), B * Hkv)](
+    pow2_stride = (cfg.pool_stride & (cfg.pool_stride - 1)) == 0
+    triton_select._block_scores[(triton.cdiv(T, block_t), B * Hkv)](
         q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E, lse.shape[0],
         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2),
         G=G, GP=GP, BLOCK_T=block_t, BLOCK_B=block_b, D=D, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
         BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride, POOL_P=cfg.pool_padding,
+        CONTIG_W=min(cfg.pool_stride, cfg.pool_window) if pow2_stride else 0,
         INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, **TUNE["scores"])
     return out
 

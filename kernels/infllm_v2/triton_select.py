@@ -81,38 +81,54 @@ def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk
                   s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh, s_ob, s_oh, s_ot,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BS: tl.constexpr,
-                  POOL_W: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
+                  POOL_W: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr, CONTIG_W: tl.constexpr,
                   INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    b, kvh, tok_r, g, row_ok = group_tile(pid_t, tl.program_id(2), T, Hkv, BLOCK_T, GP, G)
+    """One tile of tokens walks every block, BLOCK_B at a time. Block i pools kernels i*POOL_S - POOL_P + w,
+    w < POOL_W: the first CONTIG_W offsets of all BLOCK_B blocks are one contiguous run of kernels (one wide
+    product; POOL_S a power of two), the remaining offsets are strided runs of BLOCK_B kernels each."""
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: less of a tail
+    b, kvh, tok_r, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, BLOCK_T, GP, G)
     pos_r = tok_r + q_offset
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     qblk = (tok + q_offset) // BS
-    blk = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     d = tl.arange(0, D)
+    q = load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    lse = merge_lse(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, row_ok, LSE_SPLITS, s_ls)
+    # Blocks from the local window of the tile's last token on are forced or future for every token: no scoring.
+    n_scored = (tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset) // BS - WIN_BLOCKS
+    for b0 in range(0, NBLK, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        best = tl.zeros([BLOCK_T, BLOCK_B], tl.float32)
+        if b0 < n_scored:
+            if CONTIG_W > 0:
+                j = b0 * POOL_S - POOL_P + tl.arange(0, BLOCK_B * POOL_S)
+                p = _kernel_probs(q, kc_ptr, j, b, kvh, pos_r, row_ok, lse, N, qk_scale, s_kb, s_kn, s_kh, D,
+                                  KSIZE, KSTRIDE)
+                group_p = tl.reshape(tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_B * POOL_S]), 1),
+                                     [BLOCK_T, BLOCK_B, POOL_S])
+                in_window = (tl.arange(0, POOL_S) < CONTIG_W)[None, None, :]
+                best = tl.max(tl.where(in_window, group_p, 0.0), 2)
+            for w in tl.static_range(CONTIG_W, POOL_W):
+                p = _kernel_probs(q, kc_ptr, blk * POOL_S - POOL_P + w, b, kvh, pos_r, row_ok, lse, N, qk_scale,
+                                  s_kb, s_kn, s_kh, D, KSIZE, KSTRIDE)
+                best = tl.maximum(best, tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_B]), 1))
+        forced = (blk[None, :] < INIT) | ((blk[None, :] <= qblk[:, None]) & (blk[None, :] >= qblk[:, None] - WIN_BLOCKS))
+        best = tl.where(forced, float("inf"), best)
+        best = tl.where(blk[None, :] > qblk[:, None], float("-inf"), best)
+        ptrs = out_ptr + b * s_ob + kvh * s_oh + tok[:, None] * s_ot + blk[None, :]
+        tl.store(ptrs, best, mask=(tok < T)[:, None] & (blk < NBLK)[None, :])
 
-    best = tl.zeros([BLOCK_T, BLOCK_B], tl.float32)
-    # Every block of this tile is forced or future for every token unless its first block lies before the
-    # local window of the tile's last token: then no scoring is needed at all.
-    last_qblk = (tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1) + q_offset) // BS
-    if pid_b * BLOCK_B < last_qblk - WIN_BLOCKS:
-        q = load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
-        lse = merge_lse(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, row_ok, LSE_SPLITS, s_ls)
-        for w in tl.static_range(POOL_W):
-            j = blk * POOL_S - POOL_P + w
-            j_ok = (j >= 0) & (j < N)
-            kc = tl.load(kc_ptr + b * s_kb + j[:, None] * s_kn + kvh * s_kh + d[None, :], mask=j_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kc)) * qk_scale
-            visible = row_ok[:, None] & j_ok[None, :] & ((j * KSTRIDE + KSIZE - 1)[None, :] <= pos_r[:, None])
-            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-            group_p = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_B]), 1)
-            best = tl.maximum(best, group_p)
-    forced = (blk[None, :] < INIT) | ((blk[None, :] <= qblk[:, None]) & (blk[None, :] >= qblk[:, None] - WIN_BLOCKS))
-    best = tl.where(forced, float("inf"), best)
-    best = tl.where(blk[None, :] > qblk[:, None], float("-inf"), best)
-    ptrs = out_ptr + b * s_ob + kvh * s_oh + tok[:, None] * s_ot + blk[None, :]
-    tl.store(ptrs, best, mask=(tok < T)[:, None] & (blk < NBLK)[None, :])
+
+@triton.jit
+def _kernel_probs(q, kc_ptr, j, b, kvh, pos_r, row_ok, lse, N, qk_scale, s_kb, s_kn, s_kh,
+                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """[rows, len(j)] softmax probabilities of kernels j for the tile's rows (0 where a kernel is unseen)."""
+    d = tl.arange(0, D)
+    j_ok = (j >= 0) & (j < N)
+    kc = tl.load(kc_ptr + b * s_kb + j[:, None] * s_kn + kvh * s_kh + d[None, :], mask=j_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(kc)) * qk_scale
+    visible = row_ok[:, None] & j_ok[None, :] & ((j * KSTRIDE + KSIZE - 1)[None, :] <= pos_r[:, None])
+    return tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
 
 
 @triton.jit

@@ -61,6 +61,13 @@ def test_stage1_with_the_coarse_normaliser_matches_reference(B, T, H, Hkv, q_off
     check_stage1(COARSE, B, T, H, Hkv, q_offset, seed)
 
 
+@pytest.mark.parametrize("window,stride,padding", [(3, 3, 1), (2, 4, 0), (9, 4, 2)])
+def test_stage1_with_other_pooling(window, stride, padding):
+    """Pooling windows that are all strided runs (stride 3), shorter than the stride, or span three strides."""
+    cfg = dataclasses.replace(SMALL, pool_window=window, pool_stride=stride, pool_padding=padding)
+    check_stage1(cfg, 1, 75, 4, 1, 9, 25)
+
+
 @pytest.mark.parametrize("cfg", [SMALL, COARSE], ids=["exact", "coarse"])
 def test_stage1_with_the_kernels_split_among_programs(cfg, monkeypatch):
     """Chunks of 16 kernels: the normaliser pass splits its kernels among programs and merges their LSEs."""
