@@ -64,6 +64,11 @@ def log(*a):
     print(*a, flush=True)
 
 
+def random_qkv(T, H, Hkv, D, dev, dtype):
+    """q [1, T, H, D], k and v [1, T, Hkv, D]: standard normal, requiring grad."""
+    return (torch.randn(1, T, h, D, device=dev, dtype=dtype, requires_grad=True) for h in (H, Hkv, Hkv))
+
+
 # ---------------------------------------------------------------- correctness (bf16 vs fp32 reference)
 def check_correctness(dev, dtype, smoke):
     rows = []
@@ -78,9 +83,7 @@ def check_correctness(dev, dtype, smoke):
     for G, Hkv, D, T, cfg in shapes:
         torch.manual_seed(G * 1000 + D + T)
         H = G * Hkv
-        q = torch.randn(1, T, H, D, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
-        v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+        q, k, v = random_qkv(T, H, Hkv, D, dev, dtype)
         kc = compress_keys(k.detach(), cfg)
         ref_idx = naive.select_blocks_ref(q.detach(), kc, cfg)
         idx = select_blocks(q, kc, cfg)
@@ -147,9 +150,7 @@ def sdpa_peer(q, k_rep, v_rep, backend):
 def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
     res = {"T": T}
     torch.manual_seed(T)
-    q = torch.randn(1, T, H, D, device=dev, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+    q, k, v = random_qkv(T, H, Hkv, D, dev, dtype)
     do = torch.randn_like(q)
     kc = compress_keys(k.detach(), cfg)
     idx = select_blocks(q, kc, cfg)
@@ -291,9 +292,7 @@ def set_tune(key, value):
 def sweep(cfg, dev, dtype, T=32768):
     """A few launch settings per kernel at one length; keeps the fastest of each in ops.TUNE."""
     H, Hkv, D = 32, 2, 128
-    q = torch.randn(1, T, H, D, device=dev, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, T, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+    q, k, v = random_qkv(T, H, Hkv, D, dev, dtype)
     do = torch.randn_like(q)
     kc = compress_keys(k.detach(), cfg)
     idx = select_blocks(q, kc, cfg)

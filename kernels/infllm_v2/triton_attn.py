@@ -42,6 +42,45 @@ def is_forced(kb, qblk, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
 
 
 @triton.jit
+def load_kv(k_ptr, v_ptr, b, kvh, kpos, mask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D: tl.constexpr):
+    """K and V rows kpos [BS, D] of KV head kvh (zeros where mask is off)."""
+    d = tl.arange(0, D)
+    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=mask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def attend_step(q, k, v, seen, m, l, acc, qk_scale):
+    """One K/V block of online softmax for query rows q: returns the new (max, sum, unnormalised output).
+    A row that has seen no key yet keeps m = -inf and l = 0."""
+    s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def dq_step(q, do, k, v, lse, delta, seen, qk_scale):
+    """dq (unscaled) of query rows q from one K/V block, with p recomputed from the saved LSE."""
+    p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def dkdv_step(k, v, q, do, lse, delta, seen_t, qk_scale):
+    """dK (unscaled) and dV of one key block from a tile of query rows, the keys as the M side of every
+    product: p_t = Pᵀ [BS, rows], seen_t masks (key, row) pairs."""
+    p_t = tl.where(seen_t, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    return tl.dot(ds_t.to(q.dtype), q), dv
+
+
+@triton.jit
 def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_offset, qk_scale,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it,
                 s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
@@ -80,17 +119,9 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
     for i in range(lo, hi):
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
-        seen = kpos <= pos  # also keeps the last, partial block inside the keys
-        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=seen[:, None], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=seen[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(seen[None, :], s, float("-inf"))  # only the query's own block is cut
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every selected block starts at or before pos
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        seen = kpos <= pos  # only the query's own block is cut; also keeps a last, partial block inside the keys
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
+        m, l, acc = attend_step(q, k, v, seen[None, :], m, l, acc, qk_scale)
     l_safe = tl.where(l > 0, l, 1.0)  # an empty split (decode) leaves zeros and lse = -inf
     out = acc / l_safe[:, None]
     lse = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))
@@ -133,13 +164,8 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
         seen = kpos <= pos  # also keeps the last, partial block inside the keys
-        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=seen[:, None], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=seen[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(seen[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
+        dq += dq_step(q, do, k, v, lse, delta, seen[None, :], qk_scale)
     tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
@@ -159,8 +185,7 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     d = tl.arange(0, D)
     kpos = blk * BS + tl.arange(0, BS)
     kmask = kpos < Tk
-    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, kmask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
     rows = tl.arange(0, TQ * GP)  # row = (token in chunk) * GP + head
     g = rows % GP
     heads = kvh * G + g
@@ -175,13 +200,10 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         do = tl.load(do_ptr + row_off, mask=ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = ok[:, None] & (kpos[None, :] <= (tok + q_offset)[:, None])
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
+                               qk_scale)
+        dk += dk_i
+        dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
     tl.atomic_add(dk_ptr + out_off, dk * scale, mask=kmask[:, None])
     tl.atomic_add(dv_ptr + out_off, dv, mask=kmask[:, None])
@@ -215,17 +237,9 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
         kb = tl.where(step < n_init, step, win_lo + step - n_init)
         kpos = kb * BS + tl.arange(0, BS)
         in_keys = kpos <= last_pos
-        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=in_keys[:, None], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=in_keys[:, None], other=0.0)
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, in_keys, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
         seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
-        s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = attend_step(q, k, v, seen, m, l, acc, qk_scale)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(o_ptr + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], acc / l_safe[:, None],
              mask=row_ok[:, None])
@@ -255,12 +269,9 @@ def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hk
         kb = tl.where(step < n_init, step, win_lo + step - n_init)
         kpos = kb * BS + tl.arange(0, BS)
         in_keys = kpos <= last_pos
-        k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=in_keys[:, None], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=in_keys[:, None], other=0.0)
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, in_keys, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
         seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
-        p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += dq_step(q, do, k, v, lse, delta, seen, qk_scale)
     tl.store(dq_ptr + b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], dq, mask=row_ok[:, None])
 
 
@@ -281,8 +292,7 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     d = tl.arange(0, D)
     kpos = kb * BS + tl.arange(0, BS)
     kmask = kpos < Tk
-    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, kmask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
     rows = tl.arange(0, TQ * GP)  # row = (token in tile) * GP + head
     g = rows % GP
     heads = kvh * G + g
@@ -297,11 +307,10 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
         do = load_group_queries(do_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
         lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        seen = ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :])
-        p_t = tl.where(seen, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # [BS, rows]
-        dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
+                               qk_scale)
+        dk += dk_i
+        dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
     tl.store(dk_ptr + out_off, dk * scale, mask=kmask[:, None])
     tl.store(dv_ptr + out_off, dv, mask=kmask[:, None])
