@@ -314,10 +314,10 @@ def sweep(cfg, dev, dtype, T=32768):
             ("topk", lambda: ops.topk_blocks(scores, cfg.k_total), ws((4, 1), (8, 1))),
             ("dq", attend_fwd_bwd, ws((2, 3), (4, 2))),
             (("dkdv_rows", "dkdv"), attend_fwd_bwd,
-             [(r, w) for r in (64, 128) for w in ws((4, 2), (4, 3), (8, 2), (8, 3))]),
+             [(r, dict(w, KEYS_AS_M=m)) for m in (False, True) for r in (64, 128) for w in ws((4, 2), (8, 2))]),
             ("local_dq", attend_fwd_bwd, ws((4, 2), (8, 2), (8, 3))),
             (("local_dkdv_rows", "local_dkdv"), attend_fwd_bwd,
-             [(r, w) for r in (64, 128) for w in ws((4, 2), (4, 3), (8, 2))])):
+             [(r, dict(w, KEYS_AS_M=m)) for m in (False, True) for r in (64, 128) for w in ws((4, 2), (8, 2))])):
         best = None
         for opt in options:
             set_tune(key, opt)

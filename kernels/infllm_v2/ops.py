@@ -19,12 +19,13 @@ except ImportError:  # the package must import without triton; the reference pat
     triton = None
 
 LOG2E = 1.4426950408889634
-# Launch settings, one dict per kernel (num_warps, num_stages) plus tile sizes; bench/infllm_v2.py sweeps them.
+# Launch settings, one dict per kernel (num_warps, num_stages, and for the dK/dV kernels the orientation of
+# their products) plus tile sizes; bench/infllm_v2.py sweeps them.
 TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "num_stages": 2},
         "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {"num_warps": 2, "num_stages": 3},
-        "dkdv": {"num_warps": 8, "num_stages": 2}, "topk": {"num_warps": 4, "num_stages": 1},
+        "dkdv": {"num_warps": 8, "num_stages": 2, "KEYS_AS_M": False}, "topk": {"num_warps": 4, "num_stages": 1},
         "local": {"num_warps": 8, "num_stages": 3}, "local_dq": {"num_warps": 8, "num_stages": 3},
-        "local_dkdv": {"num_warps": 4, "num_stages": 2},
+        "local_dkdv": {"num_warps": 4, "num_stages": 2, "KEYS_AS_M": True},
         "select_rows": 128, "select_blocks": 16, "lse_kernels": 64, "lse_min_programs": 264,
         "dkdv_chunk": 16, "dkdv_rows": 128, "local_rows": 128, "local_dkdv_rows": 64,
         "triton_topk": True, "local_split": True}

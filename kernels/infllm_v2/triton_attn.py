@@ -71,13 +71,21 @@ def dq_step(q, do, k, v, lse, delta, seen, qk_scale):
 
 
 @triton.jit
-def dkdv_step(k, v, q, do, lse, delta, seen_t, qk_scale):
-    """dK (unscaled) and dV of one key block from a tile of query rows, the keys as the M side of every
-    product: p_t = Pᵀ [BS, rows], seen_t masks (key, row) pairs."""
-    p_t = tl.where(seen_t, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    return tl.dot(ds_t.to(q.dtype), q), dv
+def dkdv_step(k, v, q, do, lse, delta, seen_t, qk_scale, KEYS_AS_M: tl.constexpr):
+    """dK (unscaled) and dV of one key block from a tile of query rows; seen_t masks (key, row) pairs.
+    KEYS_AS_M computes Pᵀ [BS, rows] directly (keys as the M side of every product), else P [rows, BS] and its
+    transposes: the same numbers, but which one compiles faster depends on the kernel (bench --sweep)."""
+    if KEYS_AS_M:
+        p_t = tl.where(seen_t, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q)
+    else:
+        p = tl.where(tl.trans(seen_t), tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @triton.jit
@@ -173,7 +181,8 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
 def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                      work_bk_ptr, work_blk_ptr, work_lo_ptr, work_hi_ptr, tok_list_ptr, Hkv, Tk, q_offset, qk_scale, scale,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
-                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr):
+                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr,
+                     KEYS_AS_M: tl.constexpr):
     # dk/dv are fp32 accumulators with k's strides; q/do share strides; lse/delta share strides
     w = tl.program_id(0)
     pid_bk = tl.load(work_bk_ptr + w)
@@ -201,7 +210,7 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
-                               qk_scale)
+                               qk_scale, KEYS_AS_M)
         dk += dk_i
         dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
@@ -280,10 +289,10 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
                     qk_scale, scale,
                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr,
-                    INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+                    INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, KEYS_AS_M: tl.constexpr):
     """dK/dV of key block INIT + program_id(0) from the queries whose local window holds it: the tokens of
-    query blocks kb .. kb + WIN_BLOCKS, a contiguous range walked in tiles of TQ tokens × GP heads. Works
-    transposed (key rows as the M side of every product). Stores into the fp32 dk/dv (k's strides): it runs
+    query blocks kb .. kb + WIN_BLOCKS, a contiguous range walked in tiles of TQ tokens × GP heads. Stores
+    into the fp32 dk/dv (k's strides): it runs
     first, the per-token picks are added atomically after it; the init blocks are left to those."""
     kb = INIT + tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -308,7 +317,7 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
         lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
         dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
-                               qk_scale)
+                               qk_scale, KEYS_AS_M)
         dk += dk_i
         dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]

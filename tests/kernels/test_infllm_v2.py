@@ -139,8 +139,9 @@ def test_topk_kernel_picks_like_the_reference_with_ties():
     assert (got[2, :, 5:] == -1).all() and (got[0, :, :3] == torch.arange(3)).all()
 
 
-@pytest.mark.parametrize("G,Hkv,T,seed", [(1, 2, 45, 5), (4, 1, 70, 6), (16, 1, 36, 7)])
-def test_sparse_attention_forward_and_gradients_match_reference(G, Hkv, T, seed):
+@pytest.mark.parametrize("G,Hkv,T,seed,keys_as_m", [(1, 2, 45, 5, False), (4, 1, 70, 6, True), (16, 1, 36, 7, False)])
+def test_sparse_attention_forward_and_gradients_match_reference(G, Hkv, T, seed, keys_as_m, monkeypatch):
+    monkeypatch.setitem(ops.TUNE, "dkdv", dict(ops.TUNE["dkdv"], KEYS_AS_M=keys_as_m))  # both product orientations
     q, k, v = qkv(1, T, G * Hkv, Hkv, 16, seed, requires_grad=True)
     with torch.no_grad():
         idx = select_blocks(q, compress_keys(k, SMALL), SMALL, backend="torch")
@@ -168,6 +169,7 @@ def test_forced_blocks_as_dense_tiles_match_reference(G, init_blocks, T, q_offse
     (dq tiles as in the forward, dK/dV per key block over the query range whose window holds it)."""
     monkeypatch.setitem(ops.TUNE, "local_rows", rows)
     monkeypatch.setitem(ops.TUNE, "local_dkdv_rows", rows)
+    monkeypatch.setitem(ops.TUNE, "local_dkdv", dict(ops.TUNE["local_dkdv"], KEYS_AS_M=rows != 8))
     cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=init_blocks, window=32)
     q, k, v = qkv(1, q_offset + T, G, 1, 16, seed, requires_grad=True)
     q_new = q[:, q_offset:]
