@@ -1,6 +1,6 @@
 """InfLLM-V2 on a GPU: bf16 correctness against the reference, then timings against SDPA and fla's parallel_nsa.
 
-    python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep [--sweep-length T]]
+    python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep]
     python bench/infllm_v2.py --smoke   # CPU, Triton interpreter, tiny shapes: checks that the script runs
 
 Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prints a short table last.
@@ -306,13 +306,13 @@ def sweep(cfg, dev, dtype, T=32768):
     ws = lambda *pairs: [dict(num_warps=w, num_stages=st) for w, st in pairs]
     found = {}
     for key, fn, options in (
-            ("fwd", attend, [dict(w, KV_EVICT=e) for e in ("", "evict_last") for w in ws((2, 3), (4, 3))]),
+            ("fwd", attend, ws((2, 3), (4, 3))),
             ("local", attend, ws((4, 2), (8, 2), (8, 3))),
             ("select_rows", score, [64, 128, 256]),
             ("scores", score, ws((4, 2), (8, 2), (8, 3))),
             ("select_blocks", score, [16, 32]),
             ("topk", lambda: ops.topk_blocks(scores, cfg.k_total), ws((4, 1), (8, 1))),
-            ("dq", attend_fwd_bwd, [dict(w, KV_EVICT=e) for e in ("", "evict_last") for w in ws((2, 3), (4, 2))]),
+            ("dq", attend_fwd_bwd, ws((2, 3), (4, 2))),
             (("dkdv_rows", "dkdv"), attend_fwd_bwd,
              [(r, dict(w, KEYS_AS_M=m)) for m in (False, True) for r in (64, 128) for w in ws((4, 2), (8, 2))]),
             ("local_dq", attend_fwd_bwd, ws((4, 2), (8, 2), (8, 3))),
@@ -354,7 +354,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-length", type=int, default=32768)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--skip-check", action="store_true")
@@ -377,7 +376,7 @@ def main():
     if dev == "cuda":
         probe_new_paths(dev, dtype)
     checks = [] if args.skip_check else check_correctness(dev, dtype, smoke)
-    tuned = sweep(cfg, dev, dtype, args.sweep_length) if args.sweep and not smoke else {}
+    tuned = sweep(cfg, dev, dtype) if args.sweep and not smoke else {}
     log("TUNE", json.dumps(ops.TUNE))
 
     def write_record(timings, decode):

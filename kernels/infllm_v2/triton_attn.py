@@ -42,14 +42,11 @@ def is_forced(kb, qblk, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def load_kv(k_ptr, v_ptr, b, kvh, kpos, mask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D: tl.constexpr,
-            EVICT: tl.constexpr = ""):
-    """K and V rows kpos [BS, D] of KV head kvh (zeros where mask is off); EVICT: the L2 eviction hint."""
+def load_kv(k_ptr, v_ptr, b, kvh, kpos, mask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D: tl.constexpr):
+    """K and V rows kpos [BS, D] of KV head kvh (zeros where mask is off)."""
     d = tl.arange(0, D)
-    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=mask[:, None], other=0.0,
-                eviction_policy=EVICT)
-    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=mask[:, None], other=0.0,
-                eviction_policy=EVICT)
+    k = tl.load(k_ptr + b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kpos[:, None] * s_vt + kvh * s_vh + d[None, :], mask=mask[:, None], other=0.0)
     return k, v
 
 
@@ -97,8 +94,7 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
                 s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                 KSEL: tl.constexpr, KSEL_P: tl.constexpr, SPLITS: tl.constexpr,
-                FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0,
-                KV_EVICT: tl.constexpr = ""):
+                FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
     t = tl.program_id(0)
     pid_bk = tl.program_id(1)
     split = tl.program_id(2)
@@ -132,7 +128,7 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
         seen = kpos <= pos  # only the query's own block is cut; also keeps a last, partial block inside the keys
-        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D, KV_EVICT)
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
         m, l, acc = attend_step(q, k, v, seen[None, :], m, l, acc, qk_scale)
     l_safe = tl.where(l > 0, l, 1.0)  # an empty split (decode) leaves zeros and lse = -inf
     out = acc / l_safe[:, None]
@@ -148,8 +144,7 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it, s_lb, s_lh,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    KSEL: tl.constexpr, KSEL_P: tl.constexpr,
-                   FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0,
-                   KV_EVICT: tl.constexpr = ""):
+                   FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
     # q, do, dq and the fp32 dqin (_local_bwd_dq's unscaled sum over the forced blocks) share one layout
     # (strides s_q*); lse and delta share theirs (s_l*)
     t = tl.program_id(0)
@@ -177,7 +172,7 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
         seen = kpos <= pos  # also keeps the last, partial block inside the keys
-        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D, KV_EVICT)
+        k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
         dq += dq_step(q, do, k, v, lse, delta, seen[None, :], qk_scale)
     tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=g_ok[:, None])
 
