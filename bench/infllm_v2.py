@@ -1,6 +1,6 @@
 """InfLLM-V2 on a GPU: bf16 correctness against the reference, then timings against SDPA and fla's parallel_nsa.
 
-    python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep]
+    python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep [--sweep-length T]]
     python bench/infllm_v2.py --smoke   # CPU, Triton interpreter, tiny shapes: checks that the script runs
 
 Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prints a short table last.
@@ -329,6 +329,8 @@ def sweep(cfg, dev, dtype, T=32768):
             log(f"sweep {key} {opt}: {ms:.3f} ms")
             if best is None or ms < best[0]:
                 best = (ms, opt)
+        if best is None:  # every option failed: keep the default
+            continue
         set_tune(key, best[1])
         found["+".join(key) if isinstance(key, tuple) else key] = {"ms": best[0], "best": best[1]}
     return found
@@ -354,6 +356,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-length", type=int, default=32768)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--skip-check", action="store_true")
@@ -376,7 +379,7 @@ def main():
     if dev == "cuda":
         probe_new_paths(dev, dtype)
     checks = [] if args.skip_check else check_correctness(dev, dtype, smoke)
-    tuned = sweep(cfg, dev, dtype) if args.sweep and not smoke else {}
+    tuned = sweep(cfg, dev, dtype, args.sweep_length) if args.sweep and not smoke else {}
     log("TUNE", json.dumps(ops.TUNE))
 
     def write_record(timings, decode):
