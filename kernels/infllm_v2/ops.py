@@ -23,11 +23,11 @@ LOG2E = 1.4426950408889634
 # their products) plus tile sizes; bench/infllm_v2.py sweeps them.
 TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "num_stages": 2},
         "fwd": {"num_warps": 2, "num_stages": 3}, "dq": {"num_warps": 2, "num_stages": 3},
-        "dkdv": {"num_warps": 8, "num_stages": 2, "KEYS_AS_M": False}, "topk": {"num_warps": 4, "num_stages": 1},
+        "dkdv": {"num_warps": 4, "num_stages": 2, "KEYS_AS_M": False}, "topk": {"num_warps": 4, "num_stages": 1},
         "local": {"num_warps": 8, "num_stages": 3}, "local_dq": {"num_warps": 8, "num_stages": 3},
         "local_dkdv": {"num_warps": 4, "num_stages": 2, "KEYS_AS_M": True},
         "select_rows": 128, "select_blocks": 16, "lse_kernels": 64, "lse_min_programs": 264,
-        "dkdv_chunk": 16, "dkdv_rows": 128, "local_rows": 128, "local_dkdv_rows": 64,
+        "dkdv_chunk": 16, "dkdv_rows": 64, "local_rows": 128, "local_dkdv_rows": 64,
         "triton_topk": True, "local_split": True}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
 
@@ -301,19 +301,40 @@ def dense_causal_attn(q_BTHD, k_BTKD, v_BTKD, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
 
 
+def _padded_dense(q_BTHD, k_BTKD, v_BTKD, spans, length: int, scale, backend):
+    """Causal attention of the packed sequences spans (start, end) as one batch padded to length: the padding
+    sits after every real token, so causal attention never lets a real query see it."""
+    pad = lambda x, s, e: F.pad(x[0, s:e], (0, 0, 0, 0, 0, length - (e - s)))
+    q, k, v = (torch.stack([pad(x, s, e) for s, e in spans]) for x in (q_BTHD, k_BTKD, v_BTKD))
+    if backend == "torch":
+        return naive.dense_causal_ref(q, k, v, scale)
+    return dense_causal_attn(q, k, v, scale)
+
+
 def infllm_v2_attn(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None, cu_seqlens=None, backend=None):
     """The whole layer. Dense causal attention when the key length is < dense_len, else compress -> select -> attend.
 
-    cu_seqlens (int tensor [N+1], batch of 1, sequences packed along T): each sequence runs on its own, and
-    decides dense or sparse by its own length.
+    cu_seqlens (int tensor [N+1], batch of 1, sequences packed along T): each sequence decides dense or sparse
+    by its own length. A sparse one (>= dense_len keys) runs on its own; the dense ones run as a few padded
+    batches, one per power-of-two length bucket.
     """
     if cu_seqlens is not None:
         if q_BTHD.shape[0] != 1:
             raise ValueError("cu_seqlens needs a batch of 1 with the sequences packed along T")
         bounds = cu_seqlens.tolist()
-        parts = [infllm_v2_attn(q_BTHD[:, s:e], k_BTKD[:, s:e], v_BTKD[:, s:e], cfg, scale, None, backend)
-                 for s, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(parts, dim=1)
+        spans = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        out = {}
+        for s, e in spans:
+            if e - s >= cfg.dense_len:
+                out[s] = infllm_v2_attn(q_BTHD[:, s:e], k_BTKD[:, s:e], v_BTKD[:, s:e], cfg, scale, None, backend)
+        buckets = {}
+        for s, e in spans:
+            if e - s < cfg.dense_len:
+                buckets.setdefault(_pow2(e - s), []).append((s, e))
+        for length, group in buckets.items():
+            o = _padded_dense(q_BTHD, k_BTKD, v_BTKD, group, length, scale, backend)
+            out.update({s: o[i:i + 1, :e - s] for i, (s, e) in enumerate(group)})
+        return torch.cat([out[s] for s, _ in spans], dim=1) if spans else q_BTHD[:, :0].clone()
     if k_BTKD.shape[1] < cfg.dense_len:
         if backend == "torch":
             return naive.dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale)

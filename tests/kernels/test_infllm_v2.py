@@ -220,13 +220,18 @@ def test_prefill_then_decode_equals_one_full_pass(lse_kernels, monkeypatch):
 
 
 def test_varlen_equals_per_sequence_runs():
-    lengths = [40, 70, 20]  # one of them long enough (>= dense_len) to run sparse
-    q, k, v = qkv(1, sum(lengths), 4, 1, 16, seed=11)
-    cu = torch.tensor([0, 40, 110, 130], dtype=torch.int32)
+    """Two sequences run sparse (>= dense_len 64), the dense ones share padded batches by length bucket (9 and 20
+    pad to 32, 33 and 40 to 64), an empty one is skipped; outputs and gradients match per-sequence references."""
+    lengths = [40, 70, 20, 9, 0, 33, 64]
+    q, k, v = qkv(1, sum(lengths), 4, 1, 16, seed=11, requires_grad=True)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0)
     packed = infllm_v2_attn(q, k, v, SMALL, cu_seqlens=cu, backend="triton")
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        alone = naive.infllm_v2_attn_ref(q[:, s:e], k[:, s:e], v[:, s:e], SMALL)
-        torch.testing.assert_close(packed[:, s:e], alone, rtol=1e-5, atol=1e-5)
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    alone = torch.cat([naive.infllm_v2_attn_ref(q[:, s:e], k[:, s:e], v[:, s:e], SMALL) for s, e in spans], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    do = torch.randn_like(packed)
+    for got, want in zip(torch.autograd.grad(packed, (q, k, v), do), torch.autograd.grad(alone, (q, k, v), do)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_imports_without_triton_fall_back_to_reference():
