@@ -3,7 +3,6 @@
 backend=None picks by device; "torch" forces the reference; "triton" forces the kernels (on CPU tensors it
 needs TRITON_INTERPRET=1, as the tests use it).
 """
-import math
 import os
 
 import torch
@@ -189,12 +188,14 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None)
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), o_s.stride(3), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
         G=G, GP=GP, D=D, BS=block_size, KSEL=ksel, KSEL_P=_pow2(ksel), SPLITS=splits, **extra, **TUNE["fwd"])
-    if splits == 1:
-        return o, lse
-    lse = torch.logsumexp(lse_s * math.log(2), dim=0) / math.log(2)  # [B, H, T]
-    weight = torch.exp2(lse_s - lse).nan_to_num(0.0)  # empty splits weigh 0
-    o = (o_s * weight.permute(0, 1, 3, 2).unsqueeze(-1)).sum(0)
-    return o.to(q.dtype), lse
+    if splits > 1:
+        o = _empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
+        triton_attn._merge_splits[(T, B)](
+            o_s, lse_s, o, lse, splits, o_s.stride(0), o_s.stride(1), o_s.stride(2), o_s.stride(3),
+            lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1), H=H, HP=_pow2(H), D=D)
+    return o, lse
 
 
 def _dkdv_work(idx, n_blocks: int, chunk: int, valid):

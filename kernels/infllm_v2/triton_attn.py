@@ -11,7 +11,7 @@ spread over many programs instead of one.
 import triton
 import triton.language as tl
 
-from .triton_select import group_tile, load_group_queries
+from .triton_select import group_tile, load_group_queries, merge_lse
 
 
 @triton.jit
@@ -136,6 +136,29 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
     tl.store(o_ptr + split * s_os + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
     tl.store(lse_ptr + split * s_ls + b * s_lb + heads * s_lh + t, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits(o_ptr, lse_ptr, out_ptr, lse_out_ptr, n_splits, s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
+                  s_rb, s_rt, s_rh, s_mb, s_mh, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+    """Token program_id(0) of batch program_id(1): the split-K partial outputs (fp32, normalised each) of all H
+    heads weighted by their share of the merged LSE; an empty split (lse -inf) weighs 0."""
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.arange(0, HP)
+    h_ok = h < H
+    d = tl.arange(0, D)
+    lse_ptrs = lse_ptr + b * s_lb + h * s_lh + t
+    lse = merge_lse(lse_ptrs, h_ok, n_splits, s_ls)
+    acc = tl.zeros([HP, D], tl.float32)
+    for i in range(0, n_splits):
+        weight = tl.exp2(tl.load(lse_ptrs + i * s_ls, mask=h_ok, other=float("-inf")) - lse)
+        part = tl.load(o_ptr + i * s_os + b * s_ob + t * s_ot + h[:, None] * s_oh + d[None, :], mask=h_ok[:, None],
+                       other=0.0)
+        acc += weight[:, None] * part
+    tl.store(out_ptr + b * s_rb + t * s_rt + h[:, None] * s_rh + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, None])
+    tl.store(lse_out_ptr + b * s_mb + h * s_mh + t, lse, mask=h_ok)
 
 
 @triton.jit
