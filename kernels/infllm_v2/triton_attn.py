@@ -15,12 +15,24 @@ from .triton_select import group_tile, load_group_queries, merge_lse
 
 
 @triton.jit
-def middle_picks(sel, pos, BS: tl.constexpr, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
-    """[lo, hi) of the picks in an ascending block list that lie between the init blocks and the local window
-    of position pos: the ones left to the per-token kernels when the dense tiles took the forced blocks."""
-    lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
-    hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
-    return lo, hi
+def token_setup(pid_t, pid_bk, q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP: tl.constexpr, G: tl.constexpr,
+                KSEL: tl.constexpr, KSEL_P: tl.constexpr, BS: tl.constexpr, FROM_LOCAL: tl.constexpr,
+                INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+    """A per-token program: token pid_t, its G heads of KV group pid_bk as GP rows, and the picks it walks,
+    [lo, hi) of its ascending block list idx_row: every valid pick, or with FROM_LOCAL only those between
+    the init blocks and the local window (the dense tiles took the rest). Returns b, kvh, tok, g, row_ok, pos,
+    idx_row, lo, hi."""
+    b, kvh, tok, g, row_ok = group_tile(pid_t, pid_bk, pid_t + 1, Hkv, 1, GP, G)  # a tile of one token, in range
+    pos = pid_t + q_offset
+    idx_row = idx_ptr + b * s_ib + kvh * s_ih + pid_t * s_it
+    sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
+    if FROM_LOCAL:
+        lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
+        hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
+    else:
+        lo = tl.zeros([], tl.int32)
+        hi = tl.sum((sel >= 0).to(tl.int32), 0)
+    return b, kvh, tok, g, row_ok, pos, idx_row, lo, hi
 
 
 @triton.jit
@@ -95,35 +107,25 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                 KSEL: tl.constexpr, KSEL_P: tl.constexpr, SPLITS: tl.constexpr,
                 FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
-    t = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bk // Hkv
-    kvh = pid_bk % Hkv
-    g = tl.arange(0, GP)
-    g_ok = g < G
+    b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
+        tl.program_id(0), tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
+        FROM_LOCAL, INIT, WIN_BLOCKS)
     heads = kvh * G + g
     d = tl.arange(0, D)
-    pos = t + q_offset
-    q = tl.load(q_ptr + b * s_qb + t * s_qt + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    idx_row = idx_ptr + b * s_ib + kvh * s_ih + t * s_it
-    sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
-    n_sel = tl.sum((sel >= 0).to(tl.int32), 0)
-    per_split = tl.cdiv(n_sel, SPLITS)
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, n_sel)
-
+    q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
+    per_split = tl.cdiv(hi - lo, SPLITS)  # split-K over the list (decode)
+    lo = lo + tl.program_id(2) * per_split
+    hi = tl.minimum(lo + per_split, hi)
     m = tl.full([GP], float("-inf"), tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     if FROM_LOCAL:
-        # _local_fwd already attended to the forced blocks and left its state in oin/lse (oin: fp32, o's strides): continue from it over
-        # the picks between the init blocks and the local window (the list is ascending, so they are contiguous)
-        lo, hi = middle_picks(sel, pos, BS, INIT, WIN_BLOCKS)
-        o_prev = tl.load(oin_ptr + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :], mask=g_ok[:, None], other=0.0)
-        m = tl.load(lse_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
+        # _local_fwd already attended to the forced blocks and left its state in oin/lse (oin: fp32, o's
+        # strides): continue from it over the picks between the init blocks and the local window
+        acc = tl.load(oin_ptr + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :],
+                      mask=row_ok[:, None], other=0.0).to(tl.float32)
+        m = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
         l = tl.where(m == float("-inf"), 0.0, 1.0)
-        acc = o_prev.to(tl.float32)
     for i in range(lo, hi):
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
@@ -133,9 +135,10 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
     l_safe = tl.where(l > 0, l, 1.0)  # an empty split (decode) leaves zeros and lse = -inf
     out = acc / l_safe[:, None]
     lse = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))
-    tl.store(o_ptr + split * s_os + b * s_ob + t * s_ot + heads[:, None] * s_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
-    tl.store(lse_ptr + split * s_ls + b * s_lb + heads * s_lh + t, lse, mask=g_ok)
+    split = tl.program_id(2)
+    tl.store(o_ptr + split * s_os + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + split * s_ls + b * s_lb + heads * s_lh + tok, lse, mask=row_ok)
 
 
 @triton.jit
@@ -170,34 +173,25 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
                    FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
     # q, do, dq and the fp32 dqin (_local_bwd_dq's unscaled sum over the forced blocks) share one layout
     # (strides s_q*); lse and delta share theirs (s_l*)
-    t = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // Hkv
-    kvh = pid_bk % Hkv
-    g = tl.arange(0, GP)
-    g_ok = g < G
+    b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
+        tl.program_id(0), tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
+        FROM_LOCAL, INIT, WIN_BLOCKS)
     heads = kvh * G + g
-    d = tl.arange(0, D)
-    pos = t + q_offset
-    row_off = b * s_qb + t * s_qt + heads[:, None] * s_qh + d[None, :]
-    q = tl.load(q_ptr + row_off, mask=g_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + row_off, mask=g_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
-    delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + t, mask=g_ok, other=0.0)
-    idx_row = idx_ptr + b * s_ib + kvh * s_ih + t * s_it
-    sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
-    lo, hi = 0, tl.sum((sel >= 0).to(tl.int32), 0)
+    row_off = b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + tl.arange(0, D)[None, :]
+    q = tl.load(q_ptr + row_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + row_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
     dq = tl.zeros([GP, D], tl.float32)
     if FROM_LOCAL:
-        lo, hi = middle_picks(sel, pos, BS, INIT, WIN_BLOCKS)
-        dq = tl.load(dqin_ptr + row_off, mask=g_ok[:, None], other=0.0)
+        dq = tl.load(dqin_ptr + row_off, mask=row_ok[:, None], other=0.0)
     for i in range(lo, hi):
         blk = tl.load(idx_row + i)
         kpos = blk * BS + tl.arange(0, BS)
         seen = kpos <= pos  # also keeps the last, partial block inside the keys
         k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, seen, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
         dq += dq_step(q, do, k, v, lse, delta, seen[None, :], qk_scale)
-    tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=g_ok[:, None])
+    tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
