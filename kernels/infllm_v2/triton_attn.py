@@ -83,10 +83,17 @@ def dq_step(q, do, k, v, lse, delta, seen, qk_scale):
 
 
 @triton.jit
-def dkdv_step(k, v, q, do, lse, delta, seen_t, qk_scale, KEYS_AS_M: tl.constexpr):
-    """dK (unscaled) and dV of one key block from a tile of query rows; seen_t masks (key, row) pairs.
+def dkdv_step(k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, b, kvh, tok, g, ok, q_offset, qk_scale,
+              s_qb, s_qt, s_qh, s_lb, s_lh, G: tl.constexpr, D: tl.constexpr, KEYS_AS_M: tl.constexpr):
+    """dK (unscaled) and dV of one key block from the query rows (tok, head g; ok marks real ones), causal.
     KEYS_AS_M computes Pᵀ [BS, rows] directly (keys as the M side of every product), else P [rows, BS] and its
     transposes: the same numbers, but which one compiles faster depends on the kernel (bench --sweep)."""
+    q = load_group_queries(q_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
+    do = load_group_queries(do_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
+    heads = kvh * G + g
+    lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+    delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
+    seen_t = ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :])
     if KEYS_AS_M:
         p_t = tl.where(seen_t, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
         dv = tl.dot(p_t.to(do.dtype), do)
@@ -214,20 +221,14 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, kmask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
     rows = tl.arange(0, TQ * GP)  # row = (token in chunk) * GP + head
     g = rows % GP
-    heads = kvh * G + g
     dk = tl.zeros([BS, D], tl.float32)
     dv = tl.zeros([BS, D], tl.float32)
     for c in range(lo, hi, TQ):
         li = c + rows // GP
         ok = (li < hi) & (g < G)
         tok = tl.load(tok_list_ptr + li, mask=li < hi, other=0)
-        row_off = b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :]
-        q = tl.load(q_ptr + row_off, mask=ok[:, None], other=0.0)
-        do = tl.load(do_ptr + row_off, mask=ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
-                               qk_scale, KEYS_AS_M)
+        dk_i, dv_i = dkdv_step(k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, b, kvh, tok, g, ok, q_offset, qk_scale,
+                               s_qb, s_qt, s_qh, s_lb, s_lh, G, D, KEYS_AS_M)
         dk += dk_i
         dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
@@ -309,8 +310,8 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
                     INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, KEYS_AS_M: tl.constexpr):
     """dK/dV of key block INIT + program_id(0) from the queries whose local window holds it: the tokens of
     query blocks kb .. kb + WIN_BLOCKS, a contiguous range walked in tiles of TQ tokens × GP heads. Stores
-    into the fp32 dk/dv (k's strides): it runs
-    first, the per-token picks are added atomically after it; the init blocks are left to those."""
+    into the fp32 dk/dv (k's strides): it runs first, the per-token picks are added atomically after it; the
+    init blocks are left to those."""
     kb = INIT + tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
@@ -321,7 +322,6 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, kmask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
     rows = tl.arange(0, TQ * GP)  # row = (token in tile) * GP + head
     g = rows % GP
-    heads = kvh * G + g
     t_lo = tl.maximum(kb * BS - q_offset, 0)
     t_hi = tl.minimum((kb + WIN_BLOCKS + 1) * BS - q_offset, T)
     dk = tl.zeros([BS, D], tl.float32)
@@ -329,12 +329,8 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     for t0 in range(t_lo, t_hi, TQ):
         tok = t0 + rows // GP
         ok = (tok < t_hi) & (g < G)
-        q = load_group_queries(q_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
-        do = load_group_queries(do_ptr, b, kvh, tok, g, ok, s_qb, s_qt, s_qh, G, D)
-        lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=ok, other=0.0)
-        dk_i, dv_i = dkdv_step(k, v, q, do, lse, delta, ok[None, :] & (kpos[:, None] <= (tok + q_offset)[None, :]),
-                               qk_scale, KEYS_AS_M)
+        dk_i, dv_i = dkdv_step(k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, b, kvh, tok, g, ok, q_offset, qk_scale,
+                               s_qb, s_qt, s_qh, s_lb, s_lh, G, D, KEYS_AS_M)
         dk += dk_i
         dv += dv_i
     out_off = b * s_kb + kpos[:, None] * s_kt + kvh * s_kh + d[None, :]
