@@ -9,5 +9,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from hyloom.blueprint import BlueprintError, load_blueprint  # noqa: E402
 from hyloom.model import HybridLM, build_model  # noqa: E402
+from hyloom.registry import register_plugin, unregister_plugin  # noqa: E402
 
-__all__ = ["__version__", "BlueprintError", "load_blueprint", "build_model", "HybridLM"]
+__all__ = ["__version__", "BlueprintError", "load_blueprint", "build_model", "HybridLM", "register_plugin",
+           "unregister_plugin"]

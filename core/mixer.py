@@ -13,21 +13,32 @@ Family = Literal["softmax", "sparse", "linear"]
 
 @dataclass(frozen=True)
 class MixerCapabilities:
+    """What a mixer supports; each flag is enforced outside the mixer (docs/plugins.md, "Capabilities")."""
+
     family: Family  # decides the position encoding a policy gives the layer (HyPE: RoPE for linear only)
-    causal: bool = True
-    bidirectional: bool = False
-    decode: bool = True
-    varlen: bool = False
+    causal: bool = True  # runs with model.causal true (checked when the blueprint is validated)
+    bidirectional: bool = False  # runs with model.causal false (checked when the blueprint is validated)
+    decode: bool = True  # has new_cache and a cached forward (HybridLM.new_cache refuses otherwise)
+    varlen: bool = False  # honours ctx.cu_seqlens (HybridLM.forward refuses packed input otherwise)
+
+
+class CapabilityError(ValueError):
+    """A model was asked for something one of its mixers does not declare (decoding, packed sequences)."""
 
 
 class PositionEncoding(Protocol):
-    """What one layer does with positions: rotate q/k and optionally scale queries (both may be no-ops)."""
+    """What one layer does with positions: rotate q/k and optionally scale queries (both may be no-ops).
+
+    `apply(q [B, T, H, D], k [B, T, Hkv, D], pos [B, T] int64)` returns q and k of the same shapes and dtypes.
+    A query scaling (HyPE's ln(t+a)/ln(a)) multiplies q and comes on top of the mixer's own 1/sqrt(D).
+    """
 
     def apply(self, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class PositionPolicy(Protocol):
-    """Gives each layer its position encoding from the layer's mixer family."""
+    """Gives each layer its position encoding from the layer's mixer family; asked once per layer, when the
+    model is built."""
 
     def for_layer(self, family: Family, layer: int) -> PositionEncoding: ...
 
@@ -36,11 +47,16 @@ class PositionPolicy(Protocol):
 class MixerContext:
     """Everything a mixer needs besides its input.
 
-    pos_BT:    absolute position of each input token.
-    valid_BS:  which keys are real (not padding), over the cached keys *and* the new ones (S = cached + T);
-               None when every token is real.
-    cache:     this layer's decode state (from `new_cache`), updated in place; None when not decoding.
-    cu_seqlens: int32 offsets of packed sequences in a batch of one row (training on packed data), or None.
+    pos_BT:    position of each input token, int64 [B, T]: counts real tokens only (left padding gets 0) and
+               restarts at every packed sequence.
+    position:  this layer's encoding, from the position policy (`q, k = ctx.position.apply(q, k, ctx.pos_BT)`).
+    causal:    model.causal; False only if the mixer declares `bidirectional`.
+    valid_BS:  bool [B, S], which keys are real (not padding), over the cached keys *and* the new ones
+               (S = cached + T; the new tokens are `valid_BS[:, -T:]`); None when every token is real.
+    cache:     this layer's decode state (from `new_cache`), updated in place; None outside prefill/decode.
+               Prefill passes a fresh (empty) state with T >= 1 tokens, decode passes it again with T == 1.
+    cu_seqlens: int32 [N + 1] offsets (0 ... T) of packed sequences in a batch of one row, or None. Only given
+               to mixers that declare `varlen`; never together with a cache.
     """
 
     pos_BT: torch.Tensor
@@ -60,11 +76,13 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
-        """An empty decode state for `batch` sequences."""
+        """An empty decode state for `batch` sequences (any object: forward receives it as ctx.cache)."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoding")
 
     def cache_bytes(self, dtype_bytes: int) -> tuple[int, int]:
-        """Decode-state size for one sequence: (bytes per cached token, bytes independent of length)."""
+        """Decode-state size for one sequence: (bytes per cached token, bytes independent of length).
+        `dtype_bytes` is the size of the model's dtype; a state kept in its own dtype (an fp32 recurrent
+        state) reports its real size whatever `dtype_bytes` is."""
         return 0, 0
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from hyloom.mixer import MixerContext
+from hyloom.mixer import CapabilityError, MixerContext
 from hyloom.registry import registry
 
 
@@ -25,6 +25,7 @@ class Block(nn.Module):
         self.mixer = mixer_reg.build(mixer_cfg, layer, spec)
         self.ffn_norm = reg.get("norm", spec.norm.type).build(spec.norm, spec.d_model)
         self.ffn = reg.get("ffn", spec.ffn.type).build(spec.ffn, spec.d_model)
+        self.capabilities = mixer_reg.capabilities  # the registered ones: what HybridLM enforces
         self.position = policy.for_layer(mixer_reg.capabilities.family, layer)
 
     def forward(self, x_BTD, ctx: MixerContext, residual_scale: float):
@@ -70,6 +71,8 @@ class HybridLM(nn.Module):
         """Logits [B, T, V]. Without a cache: a training/eval pass (positions restart inside each packed
         sequence when `cu_seqlens` is given). With a cache: the new tokens continue the cached ones."""
         B, T = ids_BT.shape
+        if cu_seqlens is not None:
+            self._check_packed(cu_seqlens, B, T, cache)
         if cache is not None:
             valid_new = valid_BT if valid_BT is not None else torch.ones_like(ids_BT, dtype=torch.bool)
             pos_BT = cache.next_pos_B[:, None] + valid_new.long().cumsum(1) - 1
@@ -94,9 +97,31 @@ class HybridLM(nn.Module):
             x = x * self.logit_scale
         return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
 
+    def _require(self, capability: str, what: str) -> None:
+        """Refuse, naming the layers, when a mixer does not declare `capability`: the one place each
+        capability a mixer can lack is enforced, so no mixer has to check for itself."""
+        lacking = [f"layers.{i} ({self.spec.layers[i].type})" for i, block in enumerate(self.layers)
+                   if not getattr(block.capabilities, capability)]
+        if lacking:
+            raise CapabilityError(f"{what} needs mixers with the {capability!r} capability; "
+                                  f"{', '.join(lacking)} {'does' if len(lacking) == 1 else 'do'} not declare it")
+
+    def _check_packed(self, cu_seqlens, B: int, T: int, cache) -> None:
+        self._require("varlen", "packed sequences (cu_seqlens)")
+        if cache is not None:
+            raise ValueError("cu_seqlens cannot be combined with a decode cache: prefill one row per sequence")
+        if B != 1 or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or len(cu_seqlens) < 2:
+            raise ValueError(f"cu_seqlens must be integer offsets [N + 1] for a batch of one row; got shape "
+                             f"{tuple(cu_seqlens.shape)}, dtype {cu_seqlens.dtype}, for ids of shape {(B, T)}")
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or bool((cu_seqlens.diff() < 0).any()):
+            shown = cu_seqlens.tolist()
+            shown = shown if len(shown) <= 8 else [*shown[:4], "...", *shown[-2:]]
+            raise ValueError(f"cu_seqlens must rise from 0 to the row length {T}; got {shown}")
+
     # ---- inference ---------------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, device=None, dtype=None) -> ModelCache:
+        self._require("decode", "decoding (prefill, decode_step, generate)")
         device = device or self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
         return ModelCache(

@@ -4,7 +4,8 @@ Built-in plugins and third-party ones (entry-point group `hyloom.plugins`) regis
 Each third-party plugin is loaded on its own: one that fails to import, names a hook that does not exist or
 raises while registering is reported (a warning, and `failed` in `hyloom plugins`) and the rest still work,
 unless HYLOOM_STRICT_PLUGINS=1. HYLOOM_DISABLE_PLUGINS=a,b (entry-point or distribution names, or `all`)
-blocks plugins before they are imported.
+blocks plugins before they are imported. `register_plugin(obj)` adds a plugin object from Python without an
+entry point (notebooks, tests); its failures always raise.
 """
 
 from __future__ import annotations
@@ -229,6 +230,18 @@ def load_registry(*, no_plugins: bool = False) -> Registry:
                 pm.unregister(plugin)
             _fail(info, exc, strict)
 
+    for name, plugin in _in_process.items():  # registered from Python (a notebook): errors always raise
+        info = PluginInfo(name, IN_PROCESS, "", builtin=False)
+        registry.plugins.append(info)
+        if disabled & {"all", "*", name}:
+            info.status = "disabled"
+            continue
+        try:
+            pm.register(plugin, name=name)
+            pm.check_pending()
+        except Exception as exc:
+            raise PluginError(f"in-process plugin {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
     infos = {p.name: p for p in registry.plugins}
     for kind, hook_name in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order: built-ins first
@@ -242,12 +255,49 @@ def load_registry(*, no_plugins: bool = False) -> Registry:
             except Exception as exc:
                 if info.builtin:
                     raise
+                if info.dist == IN_PROCESS:
+                    raise PluginError(f"in-process plugin {info.name!r} failed while registering: "
+                                      f"{type(exc).__name__}: {exc}") from exc
                 registry.remove_plugin(info)
                 _fail(info, exc, strict)
     return registry
 
 
 _options = {"no_plugins": False}
+IN_PROCESS = "<in-process>"  # the `dist` of plugins given to register_plugin
+_in_process: dict[str, Any] = {}  # survives reset(), like an installed distribution would
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object (a module, a class or any object with `hyloom_register_*` functions) in this
+    process, without an entry point: for notebooks and a plugin's own tests. It is loaded at once, so a
+    mistake raises PluginError here; registering the same name again replaces the earlier object (re-running
+    a notebook cell). Returns the name, for unregister_plugin."""
+    name = name or getattr(plugin, "__name__", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_plugin: {plugin!r} has no __name__; pass name=")
+    previous = _in_process.get(name)
+    _in_process[name] = plugin
+    _cached.cache_clear()
+    try:
+        registry()
+    except Exception:
+        if previous is None:
+            _in_process.pop(name)
+        else:
+            _in_process[name] = previous
+        _cached.cache_clear()
+        raise
+    _clear_schema()
+    return name
+
+
+def unregister_plugin(name: str) -> None:
+    """Forget a plugin given to register_plugin."""
+    if _in_process.pop(name, None) is None:
+        raise KeyError(f"no in-process plugin named {name!r} (registered: {', '.join(_in_process) or 'none'})")
+    _cached.cache_clear()
+    _clear_schema()
 
 
 @functools.cache
@@ -264,6 +314,10 @@ def reset(*, no_plugins: bool = False) -> None:
     """Forget the cached registry (after installing a plugin, or to run with `--no-plugins`)."""
     _options["no_plugins"] = no_plugins
     _cached.cache_clear()
-    from hyloom.blueprint import schema
+    _clear_schema()
+
+
+def _clear_schema() -> None:
+    from hyloom.blueprint import schema  # the blueprint schema is built from the registry
 
     schema.clear_cache()

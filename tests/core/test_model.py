@@ -125,3 +125,20 @@ def test_meta_device_builds_a_9b_blueprint_without_memory():
     model = hyloom.build_model(bp, device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert model.cache_bytes(2) == (32 * 2 * 8 * 128 * 2, 0)
+
+
+@pytest.mark.parametrize("cu_seqlens, message", [
+    ([0, 3, 5], r"rise from 0 to the row length 6; got \[0, 3, 5\]"),
+    ([1, 6], "rise from 0"),
+    ([0, 4, 2, 6], "rise from 0"),
+    ([[0, 6]], r"integer offsets \[N \+ 1\]"),
+    ([0.0, 6.0], r"integer offsets .* torch\.float32"),
+])
+def test_bad_cu_seqlens_are_refused(cu_seqlens, message):
+    model = hyloom.build_model(tiny_spec(registry().get("mixer", "attention").example))
+    with pytest.raises(ValueError, match=message):
+        model(torch.randint(0, 61, (1, 6)), cu_seqlens=torch.tensor(cu_seqlens))
+    with pytest.raises(ValueError, match="batch of one row"):
+        model(torch.randint(0, 61, (2, 3)), cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="decode cache"):
+        model(torch.randint(0, 61, (1, 3)), cu_seqlens=torch.tensor([0, 3]), cache=model.new_cache(1))

@@ -5,13 +5,20 @@ import re
 import warnings
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import nn
 
 import hyloom
 from hyloom.cli import main
 from hyloom.hookspecs import KINDS
+from hyloom.mixer import CapabilityError, Mixer, MixerCapabilities
 from hyloom.registry import PluginError, registry
+from hyloom.testing import check_checkpoint_round_trip, check_decode, check_left_padding, check_mixer, check_packed, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,3 +203,122 @@ def test_every_hook_is_documented():
     docs = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
     for hook in KINDS.values():
         assert hook in docs, f"{hook} is not documented in docs/"
+
+
+# ---- in-process registration, capabilities and hyloom.testing ----------------------------------------------
+
+class MeanConfig(BaseModel):
+    # each switch breaks one contract, to show that the matching check in hyloom.testing catches it
+    mask_padding: bool = True
+    use_cache: bool = True
+    pack: bool = True
+    random_constant: bool = False
+
+
+class RunningMean(Mixer):
+    """The mean of the (gated) inputs so far: decodes with a running sum, honours padding and packing, and
+    keeps a constant of its config in a non-persistent buffer (not saved; checkpoint loading must remake it)."""
+
+    def __init__(self, cfg: MeanConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        gate = torch.rand(d_model) if cfg.random_constant else torch.linspace(0.5, 1.5, d_model)
+        self.register_buffer("gate", gate, persistent=False)
+
+    def forward(self, x_BTD, ctx):
+        T = x_BTD.shape[1]
+        keep = torch.ones_like(x_BTD[..., :1])
+        if ctx.valid_BS is not None and self.cfg.mask_padding:
+            keep = ctx.valid_BS[:, -T:, None].to(x_BTD.dtype)
+        total, count = (self.proj(x_BTD) * self.gate * keep).cumsum(1), keep.cumsum(1)
+        if ctx.cu_seqlens is not None and self.cfg.pack:  # subtract what came before each sequence's start
+            start = ctx.cu_seqlens[torch.bucketize(torch.arange(T), ctx.cu_seqlens[1:], right=True)].long()
+            total = total - F.pad(total, (0, 0, 1, 0))[:, start]
+            count = count - F.pad(count, (0, 0, 1, 0))[:, start]
+        if ctx.cache is not None and self.cfg.use_cache:
+            total, count = total + ctx.cache["total"], count + ctx.cache["count"]
+            ctx.cache["total"], ctx.cache["count"] = total[:, -1:], count[:, -1:]
+        return total / count.clamp_min(1)
+
+    def new_cache(self, batch, device, dtype):
+        return {"total": torch.zeros(batch, 1, self.gate.shape[0], device=device, dtype=dtype),
+                "count": torch.zeros(batch, 1, 1, device=device, dtype=dtype)}
+
+
+def _build_mean(cfg, layer, model):
+    return RunningMean(cfg, model.d_model)
+
+
+class MeanPlugin:
+    """A plugin given in-process: the hook functions are plain attributes of any object."""
+
+    def hyloom_register_mixers(register):
+        register("mean", _build_mean, config=MeanConfig, summary="running mean",
+                 capabilities=MixerCapabilities(family="linear", varlen=True), example={"type": "mean"})
+        register("mean_plain", _build_mean, config=MeanConfig, summary="running mean, no packing, no decoding",
+                 capabilities=MixerCapabilities(family="linear", decode=False), example={"type": "mean_plain"})
+
+
+@pytest.fixture
+def mean_plugin():
+    name = hyloom.register_plugin(MeanPlugin)
+    yield name
+    hyloom.unregister_plugin(name)
+
+
+def test_register_plugin_in_process(mean_plugin, capsys):
+    assert mean_plugin == "MeanPlugin"
+    assert registry().get("mixer", "mean").dist == "<in-process>"
+    hyloom.registry.reset()  # like an installed plugin, it stays registered when the registry is rebuilt
+    assert "mean" in registry().names("mixer")
+    assert main(["plugins"]) == 0
+    assert re.search(r"ok\s+MeanPlugin\s+<in-process>", capsys.readouterr().out)
+    hyloom.register_plugin(MeanPlugin)  # again (a re-run notebook cell): replaces, no conflict
+    hyloom.unregister_plugin("MeanPlugin")
+    assert "mean" not in registry().names("mixer")
+    hyloom.register_plugin(MeanPlugin)  # for the fixture to remove
+
+
+def test_register_plugin_refuses_mistakes_and_leaves_nothing_behind():
+    conflict = SimpleNamespace(hyloom_register_mixers=lambda register: register(
+        "attention", _build_mean, summary="taken", capabilities=MixerCapabilities(family="linear")))
+    with pytest.raises(PluginError, match="mixer 'attention' is provided by two distributions"):
+        hyloom.register_plugin(conflict, name="conflict")
+    misspelled = SimpleNamespace(hyloom_register_mixer=lambda register: None)
+    with pytest.raises(PluginError, match="hyloom_register_mixer"):
+        hyloom.register_plugin(misspelled, name="typo")
+    with pytest.raises(TypeError, match="pass name="):
+        hyloom.register_plugin(misspelled)
+    assert not {"conflict", "typo"} & {p.name for p in registry().plugins}
+    assert registry().get("mixer", "attention").dist == "hyloom"
+
+
+def test_a_plugin_mixer_passes_every_check_of_hyloom_testing(mean_plugin, tmp_path):
+    check_mixer(tiny_model({"type": "mean"}), tmp_path)  # includes the round trip of a non-persistent buffer
+
+
+def test_capabilities_a_mixer_lacks_are_refused_naming_the_layer(mean_plugin, tmp_path):
+    model = tiny_model({"type": "mean_plain"}, n_layers=3, layout="AMA", mixers={"A": {"type": "attention", "heads": 2}})
+    ids = torch.randint(0, 61, (1, 8))
+    with pytest.raises(CapabilityError, match=r"'varlen' capability; layers\.1 \(mean_plain\) does not"):
+        model(ids, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+    with pytest.raises(CapabilityError, match=r"'decode' capability; layers\.1 \(mean_plain\) does not"):
+        model.generate([[1, 2, 3]], max_new_tokens=2)
+    check_mixer(model, tmp_path)  # the refusals are what the checks expect of such a mixer
+
+
+@pytest.mark.parametrize("broken, check", [
+    ({"mask_padding": False}, check_left_padding),
+    ({"use_cache": False}, check_decode),
+    ({"pack": False}, check_packed),
+    ({"random_constant": True}, "round trip"),
+])
+def test_each_check_catches_the_defect_it_is_for(mean_plugin, tmp_path, broken, check):
+    model = tiny_model({"type": "mean", **broken})
+    with pytest.raises(AssertionError):
+        if check == "round trip":
+            check_checkpoint_round_trip(model, tmp_path / "ckpt")
+        else:
+            check(model)
+
