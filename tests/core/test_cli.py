@@ -11,7 +11,8 @@ from hyloom.registry import registry
 
 
 def test_every_help_has_examples(capsys):
-    commands = registry().names("command")
+    # hyloom's own commands: an installed third-party plugin's are its authors' to test (docs/plugins.md)
+    commands = [reg.name for reg in registry().all("command") if reg.dist == "hyloom"]
     assert {"plugins", "ls", "show", "validate", "schema", "cp"} <= set(commands)
     for argv in [[]] + [[c] for c in commands]:
         with pytest.raises(SystemExit):
