@@ -1,7 +1,10 @@
 """Plugins: a real third-party distribution, broken ones, disabling, strict mode, conflicts, every hook."""
 
+import importlib.util
+import inspect
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from torch import nn
 
 import hyloom
 from hyloom.cli import main
+from hyloom.cli.parser import command_parser
+from hyloom.blueprint import Problem
 from hyloom.hookspecs import KINDS
 from hyloom.mixer import CapabilityError, Mixer, MixerCapabilities
 from hyloom.registry import PluginError, registry
@@ -322,3 +327,51 @@ def test_each_check_catches_the_defect_it_is_for(mean_plugin, tmp_path, broken, 
         else:
             check(model)
 
+
+
+def test_the_example_plugins_own_tests_pass(example_plugin_dir, on_path, tmp_path):
+    """The tests shipped in docs/examples/hyloom-example-plugin/tests, run against the installed plugin."""
+    on_path(example_plugin_dir)
+    path = ROOT / "docs" / "examples" / "hyloom-example-plugin" / "tests" / "test_short_conv.py"
+    spec = importlib.util.spec_from_file_location("example_plugin_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [(name, fn) for name, fn in vars(module).items() if name.startswith("test_")]
+    assert len(tests) == 3
+    for name, fn in tests:
+        args = {"tmp_path": tmp_path / name} if "tmp_path" in inspect.signature(fn).parameters else {}
+        fn(**args)
+
+
+def _cmd_hello(args):
+    if args.name == "nobody":  # bad input: one line on stderr, status 2
+        print("hyloom hello: nobody to greet", file=sys.stderr)
+        return 2
+    if args.name == "file":  # a blueprint problem raised: hyloom prints it and exits with 2
+        raise hyloom.BlueprintError([Problem("model.d_model", "must be positive", "file.yaml")])
+    print(f"hello {args.name}")
+    return 3 if args.name == "three" else 0
+
+
+def _add_hello(sub):
+    p = command_parser(sub, "hello", "say hello", "  hyloom hello world\n")
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_hello)
+
+
+def test_a_plugin_command_gets_examples_and_its_exit_status(capsys):
+    plugin = SimpleNamespace(hyloom_register_commands=lambda register: register("hello", _add_hello, summary="hi"))
+    hyloom.register_plugin(plugin, name="hello_plugin")
+    try:
+        assert main(["hello", "world"]) == 0
+        assert "hello world" in capsys.readouterr().out
+        assert main(["hello", "three"]) == 3
+        assert main(["hello", "nobody"]) == 2
+        assert "nobody to greet" in capsys.readouterr().err
+        assert main(["hello", "file"]) == 2
+        assert "file.yaml: model.d_model: must be positive" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["hello", "--help"])
+        assert "examples:\n  hyloom hello world" in capsys.readouterr().out
+    finally:
+        hyloom.unregister_plugin("hello_plugin")
