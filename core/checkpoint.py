@@ -1,6 +1,7 @@
 """Checkpoints: a directory of sharded safetensors in the Hugging Face layout, the resolved blueprint and
 trainer state. Every write goes to a temporary sibling directory first and is renamed into place, so a crash
-mid-save never destroys the previous checkpoint."""
+mid-save never destroys the previous checkpoint. Every read failure (a missing folder, a truncated shard, an
+index without `weight_map`, tensors that do not fit the blueprint) is a CheckpointError naming the file."""
 
 from __future__ import annotations
 
@@ -13,11 +14,40 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hyloom.blueprint import BlueprintError, Problem
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 BLUEPRINT = "blueprint.yaml"
+SHOWN = 5  # problems of one kind listed before "... and N more"
+
+
+class CheckpointError(BlueprintError):
+    """A checkpoint or weights directory that cannot be read or does not fit its model. The CLI prints it
+    (one screen: long lists of tensors are summarised) and exits with status 2."""
+
+    title = "cannot load checkpoint"
+
+    def __str__(self) -> str:
+        return f"{self.title}:\n" + "\n".join(f"  {line}" for line in summarise(self.problems))
+
+
+def summarise(problems: list[Problem], shown: int = SHOWN) -> list[str]:
+    """One line per problem, except that of the problems sharing a file and message only the first `shown`
+    are listed, then how many more there are."""
+    groups: dict[tuple, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.file, p.message), []).append(p)
+    lines = []
+    for (_, message), group in groups.items():
+        lines += [str(p) for p in group[:shown]]
+        if len(group) > shown:
+            lines.append(f"... and {len(group) - shown} more: {message}")
+    return lines
 
 
 def _fsync_tree(path: Path) -> None:
@@ -85,19 +115,95 @@ def save_safetensors(folder: Path, state_dict: dict[str, torch.Tensor], max_shar
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def load_safetensors(folder: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+# ---- reading -----------------------------------------------------------------------------------------------
+
+def require_dir(folder: str | Path) -> Path:
     folder = Path(folder)
-    if (folder / INDEX).exists():
-        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-    elif (folder / SINGLE).exists():
-        files = [SINGLE]
-    else:
-        raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX}")
+    if not folder.is_dir():
+        raise CheckpointError([Problem("", "is not a directory" if folder.exists() else "does not exist",
+                                       str(folder))])
+    return folder
+
+
+def weight_files(folder: str | Path, explicit: str | None = None) -> list[Path]:
+    """The safetensors files holding a directory's weights, chosen as transformers chooses them: the file
+    `explicit` names (config.json's `transformers_weights`), else `model.safetensors`, else the shards
+    `model.safetensors.index.json` lists. Every file returned exists."""
+    folder = require_dir(folder)
+    if explicit is not None:
+        return _index_files(folder / explicit) if explicit.endswith(".index.json") else [_existing(folder / explicit)]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    if (folder / INDEX).is_file():
+        return _index_files(folder / INDEX)
+    pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    why = "only pickled weights (*.bin); convert them to safetensors first" if pickled else "no safetensors weights"
+    raise CheckpointError([Problem("", f"{why} (expected {SINGLE} or {INDEX})", str(folder))])
+
+
+def _existing(file: Path) -> Path:
+    if not file.is_file():
+        raise CheckpointError([Problem("", "does not exist", str(file))])
+    return file
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        data = json.loads(_existing(index).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError([Problem("", f"is not valid JSON ({exc})", str(index))]) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError([Problem("weight_map", "missing or not a mapping of tensor name to shard file",
+                                       str(index))])
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [Problem("weight_map", f"lists {f.name}, which does not exist", str(index)) for f in files
+               if not f.is_file()]
+    if missing:
+        raise CheckpointError(missing)
+    return files
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """safe_open, with a file that is not safetensors (truncated, garbage, empty) reported by name."""
+    try:
+        handle = safe_open(file, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError([Problem("", f"not a readable safetensors file ({exc})", str(file))]) from None
+    with handle as f:
+        yield f
+
+
+def tensor_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name → (the file holding it, its shape), from the headers alone."""
+    found = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            found.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
+    return found
+
+
+def load_safetensors(folder: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     state = {}
-    for name in files:
-        state.update(load_file(folder / name, device=device))
+    for file in weight_files(folder):
+        with open_safetensors(file) as f:
+            state.update({name: f.get_tensor(name).to(device) for name in f.keys()})
     return state
 
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str,
+                     what: str = "the blueprint") -> None:
+    """Refuse tensors that are missing, unexpected or of the wrong shape, all at once."""
+    problems = [Problem(k, "missing from the checkpoint", where) for k in expected if k not in found]
+    problems += [Problem(k, f"not a tensor of the model {what} describes", where) for k in found if k not in expected]
+    problems += [Problem(k, f"shape {tuple(t.shape)} but {what} implies {tuple(expected[k].shape)}", where)
+                 for k, t in found.items() if k in expected and t.shape != expected[k].shape]
+    if problems:
+        raise CheckpointError(problems)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: str | Path, model, blueprint: dict, *, trainer_state: dict | None = None,
                     extra_files: dict[str, str] | None = None, max_shard_bytes: int = 2 << 30) -> Path:
@@ -115,18 +221,49 @@ def save_checkpoint(path: str | Path, model, blueprint: dict, *, trainer_state: 
     return path
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Inside this block every parameter moves to the meta device as it is registered, while buffers stay
+    where the constructor made them: a model built here allocates no weights, yet its non-persistent
+    buffers (constants the constructor computes) hold real values. Parameters are still created by
+    their modules, as `torch.empty` on the current device, so each exists only briefly and is never filled."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)  # attributes a module tags its parameters with
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def load_checkpoint(path: str | Path, *, device: str = "cpu", dtype=None, overrides=()):
-    """(model, validated blueprint) from a checkpoint directory."""
+    """(model, validated blueprint) from a checkpoint directory. The model is built without initialising
+    its weights (they come from the checkpoint); non-persistent buffers get the values its constructor
+    computes on `device` (docs/design.md, Checkpoints)."""
     from hyloom.blueprint import load_blueprint
     from hyloom.model import build_model
 
-    path = Path(path)
+    path = require_dir(path)
+    if not (path / BLUEPRINT).is_file():
+        raise CheckpointError([Problem("", f"not a hyloom checkpoint (no {BLUEPRINT})", str(path))])
     bp = load_blueprint(str(path / BLUEPRINT), overrides)
-    model = build_model(bp, device="meta")
-    model.load_state_dict(load_safetensors(path, device=device), strict=True, assign=True)
+    with parameters_on_meta():
+        model = build_model(bp, device=device)
+    state = load_safetensors(path, device=device)
+    check_state_dict(model.state_dict(), state, str(path), f"{BLUEPRINT}")
+    model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # mixers keep derived constants out of buffers so that everything real is in the checkpoint
-        raise RuntimeError(f"{path}: not restored from the checkpoint: {', '.join(left)}")
+    if left:  # a buffer the constructor derived from a (then meta) parameter
+        raise CheckpointError([Problem(name, "still on the meta device after loading: a non-persistent buffer "
+                                             "must be computed from the config alone, not from parameters",
+                                       str(path)) for name in left])
     return (model.to(dtype) if dtype is not None else model), bp
 
 
