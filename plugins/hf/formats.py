@@ -8,6 +8,7 @@ loading the weights anyway would give a model that runs but computes something d
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -103,7 +104,7 @@ class HFFormat:
             "n_layers": n,
             "vocab_size": config["vocab_size"],
             "max_seq_len": get("max_position_embeddings"),
-            "position": {"type": "rope", "theta": float(rope_theta(config, self.defaults["rope_theta"]))},
+            "position": rope_position(config, self.defaults["rope_theta"], get("max_position_embeddings")),
             "mixers": {"A": mixer},
             "layout": {"repeat": "A", "times": n},
             "ffn": {"type": "swiglu", "hidden": config["intermediate_size"]},
@@ -148,7 +149,7 @@ class HFFormat:
             raise ConversionError(problems)
         first = spec.layers[0]
         heads = first.heads
-        theta = float(spec.position.theta)
+        theta = float(spec.position.rope_theta)
         config = {
             "architectures": [self.architecture],
             "model_type": self.model_types[0],
@@ -164,7 +165,7 @@ class HFFormat:
             "rms_norm_eps": spec.norm.eps,
             # transformers 5 reads rope_parameters, 4.x reads rope_theta; both agree
             "rope_theta": theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            **hf_rope(spec.position, theta),
             "tie_word_embeddings": spec.tie_embeddings,
             "attention_bias": False,
             "attention_dropout": 0.0,
@@ -185,6 +186,7 @@ class HFFormat:
                                 ("norm", spec.norm.type, "rmsnorm")):
             if kind != want:
                 out.append((f"model.{key}.type", f"is {kind!r}; {self.name} needs {want!r}"))
+        out += _scaling_problems(spec)
         if spec.scale_emb != 1.0 or spec.scale_depth is not None or spec.dim_model_base is not None:
             out.append(("model.scale_emb", f"µP scalars (scale_emb, scale_depth, dim_model_base) have no "
                                            f"{self.name} equivalent"))
@@ -224,6 +226,20 @@ def rope_theta(config: dict, default: float) -> float:
     return config["rope_theta"] if config.get("rope_theta") is not None else default
 
 
+def _rope_params(config: dict) -> tuple[str, dict] | None:
+    """(key, dict) of the rope settings that choose a scaling: rope_parameters (transformers 5), else
+    rope_scaling (4.x); None when neither asks for one."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = config.get(key)
+        if isinstance(params, dict) and params.get("rope_type", params.get("type", "default")) != "default":
+            return key, params
+    return None
+
+
+LONGROPE_KEYS = {"rope_type", "type", "rope_theta", "short_factor", "long_factor", "original_max_position_embeddings",
+                 "factor", "attention_factor", "partial_rotary_factor"}
+
+
 def _rope_problems(config: dict) -> list[tuple[str, str]]:
     out = []
     for key in ("rope_parameters", "rope_scaling"):
@@ -235,8 +251,10 @@ def _rope_problems(config: dict) -> list[tuple[str, str]]:
             continue
         name = "rope_type" if "rope_type" in params else "type"  # `type` in configs older than rope_type
         kind = params.get(name, "default")
-        if kind != "default":
-            out.append((f"{key}.{name}", f"{kind!r} rope scaling is not supported (only 'default')"))
+        if kind == "longrope":
+            out += [(f"{key}.{f}", why) for f, why in _longrope_problems(config, params)]
+        elif kind != "default":
+            out.append((f"{key}.{name}", f"{kind!r} rope scaling is not supported (only 'default' and 'longrope')"))
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             out.append((f"{key}.partial_rotary_factor", "partial rotary embeddings are not supported"))
     if config.get("partial_rotary_factor", 1.0) != 1.0:
@@ -244,6 +262,107 @@ def _rope_problems(config: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _longrope_problems(config: dict, params: dict) -> list[tuple[str, str]]:
+    out = [(f, "is not supported with longrope") for f in sorted(set(params) - LONGROPE_KEYS)]
+    lists = {}
+    for f in ("short_factor", "long_factor"):
+        v = params.get(f)
+        if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and x > 0 for x in v):
+            out.append((f, "must be a non-empty list of positive numbers (one per rotary pair)"))
+        else:
+            lists[f] = v
+    if len(lists) == 2 and len(lists["short_factor"]) != len(lists["long_factor"]):
+        out.append(("long_factor", f"has {len(lists['long_factor'])} values, short_factor "
+                                   f"{len(lists['short_factor'])}"))
+    original = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    if not isinstance(original, int) or original < 1:
+        out.append(("original_max_position_embeddings", "a positive integer is required"))
+    elif (len(lists) == 2 and lists["short_factor"] != lists["long_factor"]
+          and (config.get("max_position_embeddings") or 0) > original):
+        # transformers switches lists inside one context, hyloom (like MiniCPM's code) fixes one per context
+        out.append(("long_factor", "differs from short_factor while max_position_embeddings exceeds "
+                                   "original_max_position_embeddings: transformers switches between them by "
+                                   "sequence length, hyloom uses long_factor throughout, so the results would differ"))
+    return out
+
+
+def rope_position(config: dict, default_theta: float, max_positions: int) -> dict:
+    """The blueprint's `position` for an HF config whose rope settings passed _rope_problems."""
+    position = {"type": "rope", "rope_theta": float(rope_theta(config, default_theta))}
+    found = _rope_params(config)
+    if found is None:
+        return position
+    params = found[1]
+    scaling = {"type": "longrope", "short_factor": [float(x) for x in params["short_factor"]],
+               "long_factor": [float(x) for x in params["long_factor"]],
+               "original_max_position_embeddings": params.get("original_max_position_embeddings",
+                                                              config.get("original_max_position_embeddings")),
+               "max_position_embeddings": max_positions}
+    if params.get("attention_factor") is not None:
+        scaling["attention_factor"] = float(params["attention_factor"])
+    elif params.get("factor") is not None:  # transformers derives the magnitude from `factor` when it is given
+        f, original = float(params["factor"]), scaling["original_max_position_embeddings"]
+        scaling["attention_factor"] = math.sqrt(1 + math.log(f) / math.log(original)) if f > 1 else 1.0
+    return {**position, "scaling": scaling}
+
+
+def hf_rope(position, theta: float) -> dict:
+    """config.json's rope fields for a `rope` position: transformers 5 reads rope_parameters, 4.x rope_theta and
+    rope_scaling; all are written and agree. The magnitude is written out so no version re-derives it."""
+    scaling = position.scaling
+    if scaling is None:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    longrope = {"rope_type": "longrope", "short_factor": list(scaling.short_factor),
+                "long_factor": list(scaling.long_factor),
+                "original_max_position_embeddings": scaling.original_max_position_embeddings,
+                "attention_factor": scaling.magnitude()}
+    return {"rope_parameters": {**longrope, "rope_theta": theta}, "rope_scaling": longrope}
+
+
+def _scaling_problems(spec) -> list[tuple[str, str]]:
+    scaling = getattr(spec.position, "scaling", None)
+    if scaling is None:
+        return []
+    out = []
+    if scaling.max_position_embeddings != spec.max_seq_len:
+        out.append(("model.position.scaling.max_position_embeddings",
+                    f"is {scaling.max_position_embeddings}; config.json has one max_position_embeddings, "
+                    f"model.max_seq_len ({spec.max_seq_len})"))
+    if scaling.extended() and scaling.short_factor != scaling.long_factor:
+        out.append(("model.position.scaling.long_factor",
+                    "differs from short_factor in an extended context: transformers would use short_factor for "
+                    "sequences within original_max_position_embeddings, hyloom uses long_factor throughout"))
+    return out
+
+
+# Fields any transformers config may carry that take no part in a causal LM's forward pass: bookkeeping, label
+# maps, output switches, and the generation settings older configs stored beside the model.
+INERT_FIELDS = frozenset("""
+    architectures model_type transformers_version dtype torch_dtype use_cache initializer_range attention_dropout
+    bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id output_attentions output_hidden_states
+    return_dict torchscript use_bfloat16 tf_legacy_loss id2label label2id num_labels problem_type finetuning_task
+    tokenizer_class prefix task_specific_params chunk_size_feed_forward is_encoder_decoder is_decoder
+    add_cross_attention tie_encoder_decoder cross_attention_hidden_size pruned_heads max_length min_length do_sample
+    early_stopping num_beams num_beam_groups diversity_penalty temperature top_k top_p typical_p repetition_penalty
+    length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids num_return_sequences
+    output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+""".split())
+# Fields that `unsupported` and the rope mapping read whatever the class: checked, refused or honoured there.
+CHECKED_FIELDS = frozenset("""
+    quantization_config hidden_activation partial_rotary_factor rope_theta rope_scaling rope_parameters
+    original_max_position_embeddings transformers_weights
+""".split())
+
+
+def _known(name: str, fields: frozenset) -> bool:
+    # `_name_or_path`-style private fields and tool stamps (`unsloth_version`) describe no computation
+    return name in fields or name in INERT_FIELDS or name in CHECKED_FIELDS or name.startswith("_") \
+        or name.endswith("_version")
+
+
+_DECODER_FIELDS = """vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads
+    head_dim hidden_act max_position_embeddings rms_norm_eps tie_word_embeddings attention_bias"""
 LLAMA = HFFormat(
     name="llama", model_types=("llama",), architecture="LlamaForCausalLM", qk_norm=False,
     defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,

@@ -20,8 +20,9 @@ class LightningConfig(BaseModel):
     heads: PositiveInt
     head_dim: PositiveInt | None = Field(None, description="default: d_model // heads")
     decay: Literal["alibi", "alibi_layer", "tnl_linear"] = Field(
-        "alibi", description="per-head decay: alibi (HypeNet, MiniCPM-SALA), alibi_layer (MiniMax-01), "
-                             "tnl_linear (fla chunk_lightning_attn)")
+        "alibi", description="per-head decay: alibi (HypeNet, MiniCPM-SALA), alibi_layer (MiniMax-01's "
+                             "depth-scaled schedule; only the decay: MiniMax's layer also has SiLU on q/k/v, no "
+                             "1/√D scale and no QK-norm), tnl_linear (fla chunk_lightning_attn)")
     bidirectional_decay: Literal["none", "symmetric"] = Field(
         "none", description="with model.causal false: no decay (O = Q KᵀV), or λ^|i-j|")
     qk_norm: bool = Field(True, description="per-head RMSNorm on q and k")

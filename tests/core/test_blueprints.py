@@ -179,7 +179,7 @@ def test_real_architectures_are_built_exactly():
     sparse, linear = sala.layers[0], sala.layers[1]
     assert (sparse.type, sparse.heads, sparse.kv_heads, sparse.head_dim, sparse.topk, sparse.dense_len) == \
         ("infllm_v2", 32, 2, 128, 64, 8192)
-    assert sparse.qk_norm and sparse.gate and linear.qk_norm and linear.output_norm and linear.gate
+    assert not sparse.qk_norm and sparse.gate and linear.qk_norm and linear.output_norm and linear.gate
     assert (linear.type, linear.heads, linear.head_dim, linear.decay) == ("lightning", 32, 128, "alibi")
     assert (sala.scale_emb, sala.scale_depth, sala.dim_model_base, sala.position.type) == (12, 1.4, 256, "hype")
     model = hyloom.build_model(load_blueprint("builtin:minicpm-sala"), device="meta")
@@ -197,4 +197,5 @@ def test_real_architectures_are_built_exactly():
 def test_changing_a_component_type_in_a_child_replaces_the_mapping(tmp_path):
     write(tmp_path, GOOD, "parent.yaml")
     child = write(tmp_path, "extends: parent.yaml\nmodel: {position: {type: hype, a: 500}}\n", "child.yaml")
-    assert load_blueprint(child).model.position.model_dump() == {"rope_theta": 10000.0, "a": 500.0, "type": "hype"}
+    assert load_blueprint(child).model.position.model_dump() == {"rope_theta": 10000.0, "scaling": None, "a": 500.0,
+                                                                 "type": "hype"}

@@ -161,7 +161,7 @@ def test_old_style_rope_theta_is_read():
     config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
               "num_attention_heads": 4, "intermediate_size": 128, "rope_theta": 5e5}
     model = LLAMA.blueprint(config)["model"]
-    assert model["position"] == {"type": "rope", "theta": 5e5}
+    assert model["position"] == {"type": "rope", "rope_theta": 5e5}
     assert model["mixers"]["A"] == {"type": "attention", "heads": 4, "kv_heads": 4, "head_dim": 16}
 
 
