@@ -1,14 +1,33 @@
-"""Batched generation over one model cache: greedy, temperature, top-k, top-p, stop tokens."""
+"""Batched generation over one model cache: greedy, temperature, top-k, top-p, stop tokens and stop strings."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+BIDIRECTIONAL = ("model.causal is false: a bidirectional model sees the tokens after each position, so it "
+                 "cannot continue text left to right")
+
+
+def check_sampling(*, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   max_new_tokens: int = 0) -> None:
+    """Refuse sampling settings that would silently mean something else (a negative temperature, top_p > 1)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (None: no limit), not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (None: no limit), not {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
 
 
 def sample(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row. temperature 0 is greedy."""
-    if temperature <= 0:
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0:
         return logits_BV.argmax(-1)
     logits = logits_BV.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -24,14 +43,30 @@ def sample(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int | No
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def cut_at_stop(text: str, stop_strings) -> str | None:
+    """`text` up to (not including) the first stop string in it, or None when there is none."""
+    found = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return text[:min(found)] if found else None
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, stop_tokens=(), pad_id: int = 0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             top_k: int | None = None, top_p: float | None = None, stop_tokens=(), stop_strings=(), decode=None,
+             pad_id: int = 0, generator: torch.Generator | None = None) -> list[list[int]]:
     """Continue each prompt (token ids). Prompts of different lengths are left-padded into one batch.
-    Returns the new tokens of each row, ending before the first stop token."""
+    Returns the new tokens of each row, ending before the first stop token. A row also stops once
+    `decode(its new tokens)` contains one of `stop_strings` (its tokens then include the stop string: cut the
+    text with `cut_at_stop`)."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+    spec = getattr(model, "spec", None)
+    if spec is not None and not spec.causal:
+        raise ValueError(f"cannot generate: {BIDIRECTIONAL}")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings needs decode (token ids -> text)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
     device = next(model.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -49,6 +84,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, tempe
         done |= torch.isin(token, stops)
         for row in (~done).nonzero()[:, 0].tolist():
             out[row].append(int(token[row]))
+            if stop_strings and cut_at_stop(decode(out[row]), stop_strings) is not None:
+                done[row] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = model.decode_step(token, cache)

@@ -1,84 +1,68 @@
-"""A loss-curve PNG with no plotting library: lines rasterised with numpy, a 3×5 pixel font for the labels."""
+"""Figures for runs and analyses, drawn with matplotlib: one line plot and one heatmap, each written to a file.
+
+matplotlib is imported on first use (the CLI starts without it) and drawn through its Agg canvas, never
+pyplot, so no global backend or figure state is touched and nothing needs a display."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 
-# 3×5 glyphs, rows top to bottom, 3 bits a row
-GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "000111111100111", "s": "011100010001110", "t": "010111010010011", "p": "111101111100100",
-    "l": "100100100100111", "o": "000111101101111", "r": "000111100100100", "a": "000011101101011",
-    "i": "010000010010010", "n": "000110101101101", "v": "000101101101010", " ": "000000000000000",
-}
-COLORS = {"train": (31, 119, 180), "eval": (214, 39, 40)}
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _text(img, x, y, text, color=(0, 0, 0), scale=2):
-    for ch in text:
-        bits = GLYPHS.get(ch, GLYPHS[" "])
-        for r in range(5):
-            for c in range(3):
-                if bits[r * 3 + c] == "1":
-                    img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = color
-        x += 4 * scale
+def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str,
+              title: str | None = None, hlines: dict[str, float] | None = None, markers: tuple[str, ...] = (),
+              size=(7.0, 4.2)):
+    """One line per named series of (x, y) points, a dashed horizontal line per `hlines` entry (a baseline),
+    a legend naming each. Series named in `markers` are drawn with a dot at every point (sparse series such as
+    evaluations). Writes `path` (the suffix picks the format) and returns the matplotlib Figure."""
+    fig = _figure(size)
+    ax = fig.subplots()
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name, marker="o" if name in markers else None, markersize=4)
+    for name, value in (hlines or {}).items():
+        ax.axhline(value, linestyle="--", color="0.4", linewidth=1, label=f"{name} ({value:.2f})")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.savefig(path)
+    return fig
 
 
-def _line(img, xs, ys, color):
-    for (x0, y0), (x1, y1) in zip(zip(xs[:-1], ys[:-1]), zip(xs[1:], ys[1:])):
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        px = np.linspace(x0, x1, n).round().astype(int)
-        py = np.linspace(y0, y1, n).round().astype(int)
-        for dy in (0, 1):
-            img[np.clip(py + dy, 0, img.shape[0] - 1), px] = color
+def heatmap(path: str | Path, values, *, xlabel: str, ylabel: str, title: str | None = None,
+            colorbar: str = "", xticklabels=None, yticklabels=None, cmap: str = "viridis", size=(6.0, 5.0)):
+    """A 2-D array (rows on the y axis, top to bottom) as coloured cells with a labelled colour bar. Writes
+    `path` and returns the matplotlib Figure."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-
-def _write_png(path: Path, img: np.ndarray) -> None:
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[row].astype(np.uint8).tobytes() for row in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                     + chunk(b"IEND", b""))
-
-
-def loss_png(path: str | Path, series: dict[str, list[tuple[int, float]]], width=720, height=420) -> None:
-    """Plot each named series of (step, loss) points; names found in COLORS get their colour and a legend."""
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 70, width - 20, 20, height - 40
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return _write_png(Path(path), img)
-    x_max = max(max(s for s, _ in points), 1)
-    y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
-    y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
-    img[top:bottom + 1, left] = img[bottom, left:right + 1] = (0, 0, 0)
-    for frac in (0.0, 0.5, 1.0):
-        value = y_lo + frac * (y_hi - y_lo)
-        y = int(bottom - frac * (bottom - top))
-        img[y, left - 4:left] = (0, 0, 0)
-        _text(img, 4, y - 5, f"{value:.2f}")
-        step = int(frac * x_max)
-        x = int(left + frac * (right - left))
-        img[bottom:bottom + 4, x] = (0, 0, 0)
-        _text(img, min(x - 6, width - 50), bottom + 8, str(step))
-    _text(img, (left + right) // 2 - 16, height - 14, "step")
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS.get(name, (90, 90, 90))
-        xs = [left + s / x_max * (right - left) for s, _ in pts]
-        ys = [bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top) for _, v in pts]
-        if len(pts) == 1:
-            xs, ys = xs * 2, ys * 2
-        _line(img, xs, ys, color)
-        img[top + 6 + 16 * i:top + 14 + 16 * i, right - 90:right - 78] = color
-        _text(img, right - 72, top + 5 + 16 * i, name)
-    _write_png(Path(path), img)
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D array, got shape {values.shape}")
+    fig = _figure(size)
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colorbar)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    for axis in (ax.xaxis, ax.yaxis):  # cells are indices: no ticks between them
+        axis.set_major_locator(MaxNLocator(integer=True))
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), labels=[str(t) for t in xticklabels])
+    if yticklabels is not None:
+        ax.set_yticks(range(len(yticklabels)), labels=[str(t) for t in yticklabels])
+    if title:
+        ax.set_title(title)
+    fig.savefig(path)
+    return fig

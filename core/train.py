@@ -17,7 +17,36 @@ from hyloom.checkpoint import BLUEPRINT, load_safetensors, load_trainer_state, s
 
 
 class TrainingError(Exception):
-    """A run that cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+    """A run that cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. The CLI exits with 1."""
+
+
+class SetupError(TrainingError):
+    """A run that cannot start as asked (run directory already used, nothing left to resume, no such device);
+    nothing has been written. The CLI exits with 2."""
+
+
+def pick_device(name: str = "auto", what: str = "device", local_rank: int | None = None) -> torch.device:
+    """`auto` (CUDA when there is one, else the CPU), `cpu`, `cuda` or `cuda:N`; under torchrun (`local_rank`
+    given) `cuda` means this process's GPU. `what` names the setting in errors (`train.device`, `--device`)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SetupError(f"{what}: {name!r} is not a device; expected auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise SetupError(f"{what}: {name!r}, but this torch ({torch.__version__}) sees no CUDA device")
+    if local_rank is not None:
+        if device.index is not None:
+            raise SetupError(f"{what}: {name!r} names one GPU, but torchrun gives each process its own; use cuda")
+        return torch.device(f"cuda:{local_rank}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SetupError(f"{what}: {name!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 @dataclass(frozen=True)
@@ -50,19 +79,21 @@ class Dist:
         return float(t) / self.world
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: str = "auto", what: str = "train.device") -> Dist:
     """One process, or the process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     if world == 1:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+        return Dist(device=pick_device(device, what))
+    chosen = pick_device(device, what, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = chosen.type == "cuda"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+        torch.cuda.set_device(chosen)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=chosen)
+
+
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png", "tensorboard")
 
 
 class RunDir:
@@ -90,6 +121,19 @@ class RunDir:
             shutil.rmtree(old)
         return path
 
+    def in_use(self) -> list[str]:
+        """What a run has written here (names), empty for a new or unrelated folder."""
+        return sorted(p.name for p in self.path.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-"))
+
+    def clear(self) -> None:
+        """Remove what a run writes (checkpoints, `latest`, metrics, figure, logs); leave any other file alone."""
+        for p in self.path.glob("*"):
+            if p.name in RUN_FILES or p.name.startswith(("checkpoint-", ".checkpoint-")):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -106,18 +150,23 @@ def resume_point(run: RunDir, resume: str | None) -> Path | None:
     if resume == "auto":
         return run.latest()
     path = Path(resume)
-    if not (path / "blueprint.yaml").exists():
-        raise TrainingError(f"--resume {resume}: not a checkpoint directory (no blueprint.yaml)")
+    if not (path / BLUEPRINT).exists():
+        raise SetupError(f"--resume {resume}: not a checkpoint directory (no {BLUEPRINT})")
     return path
+
+
+def saved_blueprint(path: Path) -> dict:
+    """The resolved blueprint a checkpoint was saved with."""
+    return yaml.safe_load((path / BLUEPRINT).read_text()) or {}
 
 
 def restore(path: Path, model, resolved: dict) -> dict:
     """Load a checkpoint's weights into `model` (in place) and return its trainer state. The checkpoint must
     come from the same model: resuming into another architecture is refused with the keys that differ."""
-    saved = yaml.safe_load((path / BLUEPRINT).read_text()).get("model", {})
+    saved = saved_blueprint(path).get("model", {})
     differ = sorted(k for k in set(saved) | set(resolved["model"]) if saved.get(k) != resolved["model"].get(k))
     if differ:
-        raise TrainingError(f"cannot resume from {path}: its model differs in {', '.join('model.' + k for k in differ)}")
+        raise SetupError(f"cannot resume from {path}: its model differs in {', '.join('model.' + k for k in differ)}")
     model.load_state_dict(load_safetensors(path, device=str(next(model.parameters()).device)))
     state = load_trainer_state(path)
     if state is None:
@@ -125,15 +174,24 @@ def restore(path: Path, model, resolved: dict) -> dict:
     return state
 
 
-def train(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True):
-    """Prepare the data, build the model and hand both to the blueprint's trainer."""
+def train(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True, overwrite: bool = False):
+    """Prepare the data, build the model and hand both to the blueprint's trainer. A run directory that
+    already holds a run is continued only with `resume`, or emptied first with `overwrite`; else refused."""
     from hyloom.blueprint import blueprint_model
     from hyloom.data import prepare
     from hyloom.model import build_model
     from hyloom.registry import registry
 
     trainer_cfg = blueprint.train or _default(blueprint_model().model_fields["train"], {"type": "lm"})
-    env = init_distributed()
+    trainer = registry().get("trainer", trainer_cfg.type).build(trainer_cfg)
+    if hasattr(trainer, "check"):  # what this trainer cannot train is refused before the data is prepared
+        trainer.check(blueprint)
+    out_dir = getattr(trainer_cfg, "out_dir", None)
+    if out_dir is not None:
+        _check_run_dir(RunDir(out_dir), resume, overwrite)
+    env = init_distributed(getattr(trainer_cfg, "device", "auto"))
+    if overwrite and out_dir is not None and env.main:
+        RunDir(out_dir).clear()
     if env.main:  # rank 0 builds the data cache (defaults when the blueprint has no `data`); the others find it
         prepared = prepare(blueprint.data, progress=progress)
     env.barrier()
@@ -144,7 +202,6 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
                             f"{blueprint.model.vocab_size}")
     torch.manual_seed(trainer_cfg.seed)
     model = build_model(blueprint, device=env.device)
-    trainer = registry().get("trainer", trainer_cfg.type).build(trainer_cfg)
     try:
         result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
     except BaseException:
@@ -152,6 +209,16 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
         raise
     env.close()
     return result
+
+
+def _check_run_dir(run: RunDir, resume: str | None, overwrite: bool) -> None:
+    if overwrite and resume not in (None, "", "never"):
+        raise SetupError("--overwrite starts the run over, --resume continues it: give one of them")
+    used = run.in_use()
+    if used and not overwrite and resume in (None, "", "never"):
+        listed = ", ".join(used[:4]) + (f" and {len(used) - 4} more" if len(used) > 4 else "")
+        raise SetupError(f"{run.path} already holds a run ({listed}). Continue it with --resume auto, start it over "
+                         f"with --overwrite (deletes those), or train into another folder with --out")
 
 
 def _default(field, data: dict):

@@ -140,7 +140,8 @@ def blueprint_model() -> type[BaseModel]:
         overrides=(dict[NonNegativeInt, dict[str, Any]], Field({}, description="per-layer changes: {31: {topk: 32}}")),
         ffn=(_union("ffn"), Field(description="feed-forward block")),
         norm=(_union("norm"), _default("norm", "rmsnorm", "normalisation layer (default: rmsnorm)")),
-        causal=(bool, Field(True, description="false: bidirectional (masked diffusion); every mixer must support it")),
+        causal=(bool, Field(True, description="false: bidirectional, every position sees the whole sequence "
+                                              "(every mixer must support it; no trainer takes such a model yet)")),
         tie_embeddings=(bool, Field(False, description="output head shares the embedding matrix")),
         scale_emb=(PositiveFloat, Field(1.0, description="embeddings are multiplied by this (MiniCPM: 12)")),
         scale_depth=(PositiveFloat | None, Field(None, description="residual branches × scale_depth/√n_layers (MiniCPM: 1.4)")),

@@ -7,9 +7,10 @@ import sys
 
 from hyloom import __version__
 from hyloom.blueprint import BlueprintError
+from hyloom.cli.parser import CommandLine
 from hyloom.data import DataError
 from hyloom.registry import PluginError, UnknownComponentError, registry, reset
-from hyloom.train import TrainingError
+from hyloom.train import SetupError, TrainingError
 
 EPILOG = """examples:
   hyloom ls mixer                      list the registered mixers
@@ -20,8 +21,8 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyloom", description="Compose hybrid language models from YAML blueprints.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(prog="hyloom", description="Compose hybrid language models from YAML blueprints.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hyloom {__version__}")
     parser.add_argument("--no-plugins", action="store_true", help="load built-in plugins only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return args.func(args) or 0
-    except (BlueprintError, DataError, PluginError, UnknownComponentError) as exc:
+    except (BlueprintError, DataError, PluginError, UnknownComponentError, SetupError) as exc:
         print(f"hyloom: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -198,8 +199,11 @@ def cmd_train(args) -> int:
     section = loaded.data.setdefault("train", {"type": "lm"})
     if args.out:
         section["out_dir"] = args.out
+    if args.device:
+        section["device"] = args.device
     bp = validate(loaded)
-    result = train(bp, bp.model_dump(mode="json"), resume=args.resume, progress=not args.no_progress)
+    result = train(bp, bp.model_dump(mode="json"), resume=args.resume, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     if result.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
         print(f"train loss {result['train_loss']:.3f}   held-out loss {result['eval_loss']:.3f}   "
               f"unigram baseline {result['unigram_loss']:.3f}   ({result['seconds']} s)")
@@ -212,46 +216,106 @@ def cmd_train(args) -> int:
 def add_train(sub):
     p = command_parser(sub, "train", "train a blueprint's model on its data (the embedded corpus by default)",
                        "  hyloom train builtin:tiny\n  hyloom train my.yaml train.steps=1000 --out runs/mine\n"
-                       "  hyloom train my.yaml --resume auto          continue from the newest checkpoint\n"
+                       "  hyloom train my.yaml --resume auto train.steps=600   continue from the newest checkpoint\n"
+                       "  hyloom train my.yaml --overwrite                     start runs/... over\n"
                        "  torchrun --nproc_per_node=2 -m hyloom train my.yaml    data-parallel\n")
     _blueprint_args(p)
-    p.add_argument("--resume", default=None, metavar="auto|PATH", help="auto: the newest checkpoint in out_dir")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="auto: continue from the newest checkpoint in out_dir (if any); PATH: from that checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="out_dir already holds a run: delete its checkpoints, metrics and figure, start over")
     p.add_argument("--out", default=None, help="run directory (train.out_dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a line every train.log_every steps")
     p.set_defaults(func=cmd_train)
 
 
+def _checkpoint_dir(path: str):
+    """A checkpoint directory, or a run directory's newest checkpoint (its `latest`)."""
+    from hyloom.checkpoint import BLUEPRINT
+    from hyloom.train import RunDir, SetupError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SetupError(f"{path}: {'not a folder' if folder.exists() else 'does not exist'}")
+    if (folder / BLUEPRINT).exists():
+        return folder
+    latest = RunDir(folder).latest()
+    if latest is None:
+        raise SetupError(f"{path}: neither a checkpoint (no {BLUEPRINT}) nor a run directory with checkpoints")
+    return latest
+
+
 def cmd_generate(args) -> int:
+    import sys
+
     import torch
 
-    from hyloom.checkpoint import load_checkpoint
-    from hyloom.registry import registry
+    from hyloom.checkpoint import BLUEPRINT, load_checkpoint
+    from hyloom.generate import BIDIRECTIONAL, cut_at_stop
+    from hyloom.train import pick_device
 
-    model, _ = load_checkpoint(args.checkpoint)
-    tokenizer_file = Path(args.checkpoint) / "tokenizer.json"
+    path = _checkpoint_dir(args.checkpoint)
+    if path != Path(args.checkpoint):
+        print(f"checkpoint: {path}", file=sys.stderr)
+    device = pick_device(args.device, "--device")
+    tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.exists():
-        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(args.checkpoint))])
+        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(path))])
+    model, bp = load_checkpoint(path, device=str(device))
+    if not bp.model.causal:
+        raise BlueprintError([Problem("model.causal", f"cannot generate: {BIDIRECTIONAL}", str(path / BLUEPRINT))])
     file_tokenizer = registry().get("tokenizer", "file")
     tokenizer = file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file)))
     torch.manual_seed(args.seed)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     outs = model.eval().generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=[tokenizer.eos_id])
+                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=[tokenizer.eos_id],
+                                 stop_strings=args.stop or (), decode=tokenizer.decode)
     for prompt, out in zip(args.prompt, outs):
-        print(prompt + tokenizer.decode(out))
+        text = tokenizer.decode(out)
+        cut = cut_at_stop(text, args.stop or ())
+        print(prompt + (text if cut is None else cut))
     return 0
+
+
+def _arg(kind, ok, expected: str):
+    """An argparse type: a `kind` value for which `ok(value)` holds; else exit 2 saying what was `expected`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+    return parse
+
+
+def _escapes(text: str) -> str:
+    """`\\n` and `\\t` typed on a command line as newline and tab (`\\\\` for a backslash)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m[1], m[0]), text)
 
 
 def add_generate(sub):
     p = command_parser(sub, "generate", "continue prompts with a trained checkpoint",
-                       "  hyloom generate runs/train/checkpoint-000300 --prompt 'def '\n"
-                       "  hyloom generate CKPT --prompt 'import ' --prompt 'class ' --temperature 0 --max-new-tokens 40\n")
-    p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json)")
+                       "  hyloom generate runs/tiny --prompt 'def '           the run's newest checkpoint\n"
+                       "  hyloom generate runs/tiny/checkpoint-000300 --prompt 'import ' --prompt 'class ' "
+                       "--temperature 0 --max-new-tokens 40\n"
+                       "  hyloom generate runs/tiny --prompt 'def ' --stop '\\n\\n' --top-p 0.9 --device cuda\n")
+    p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json), or a run directory: its newest")
     p.add_argument("--prompt", action="append", required=True, help="may repeat: one batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=_arg(int, lambda v: v >= 0, "an integer >= 0"), default=64)
+    p.add_argument("--temperature", type=_arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0"), default=0.8,
+                   help="0: greedy")
+    p.add_argument("--top-k", type=_arg(int, lambda v: v >= 1, "an integer >= 1"), default=None,
+                   help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=_arg(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=None,
+                   help="sample among the likeliest tokens that make up this probability (0 < p <= 1)")
+    p.add_argument("--stop", action="append", type=_escapes, default=None, metavar="TEXT",
+                   help="may repeat: end a continuation before this text (\\n and \\t read as newline and tab)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 

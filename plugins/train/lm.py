@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from typing import Literal
 
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from tqdm.auto import tqdm
 
-from hyloom.plot import loss_png
-from hyloom.plugins.train.schedule import learning_rate
-from hyloom.train import RunDir, TrainingError, TrainRun, restore, resume_point
+from hyloom.blueprint import BlueprintError, Problem
+from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
+from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point, saved_blueprint
 
 
 class LMTrainerConfig(BaseModel):
@@ -33,11 +34,13 @@ class LMTrainerConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.95)
     clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda")
     eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
     eval_batches: PositiveInt = Field(8, description="batches per evaluation")
     save_every: PositiveInt = Field(100, description="steps between checkpoints")
     keep: PositiveInt = Field(2, description="checkpoints kept")
-    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines")
+    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines (and printed lines without a progress bar)")
     out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
     seed: int = 0
     tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
@@ -76,6 +79,14 @@ class LMTrainer:
     def __init__(self, cfg: LMTrainerConfig):
         self.cfg = cfg
 
+    def check(self, blueprint) -> None:
+        """Refuse, before any data is prepared, a model this objective cannot train."""
+        if not blueprint.model.causal:
+            raise BlueprintError([Problem("model.causal", (
+                "false, but the lm trainer predicts each next token, and a bidirectional model sees that token in "
+                "its input: the loss falls without the model learning to predict anything. There is no trainer for "
+                "bidirectional models yet; set model.causal: true"))])
+
     def fit(self, model, data, run: TrainRun) -> dict:
         from hyloom.data import TokenLoader, data_spec
 
@@ -94,13 +105,17 @@ class LMTrainer:
         point = resume_point(out, run.resume)
         if point is not None:
             state = restore(point, model, run.resolved)
+            start = state["step"]
+            if start >= cfg.steps:
+                raise SetupError(f"{point} is at step {start}, and train.steps is {cfg.steps}: nothing left to train. "
+                                 f"Raise train.steps to continue the run")
             opt.load_state_dict(state["optimizer"])
             loader.load_state_dict(state["loader"])
             _set_rng_state(state["rng"])
-            start = state["step"]
-            if env.main:  # forget metrics logged after that checkpoint by the run that stopped
-                kept = [r for r in out.metrics() if r["step"] <= start]
-                (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
+            kept = [r for r in out.metrics() if r["step"] <= start]
+            (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._summary(model, data, env, seq_len, point, start)
         net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -150,6 +165,10 @@ class LMTrainer:
                 eval_loss = record["eval_loss"] = evaluate()
             if env.main and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.steps):
                 out.log(record)
+                if not run.progress:  # the bar's place: one line per logged step
+                    held_out = f"   held-out {record['eval_loss']:.3f}" if "eval_loss" in record else ""
+                    print(f"step {done}/{cfg.steps}   loss {loss:.3f}{held_out}   lr {lr:.2e}   "
+                          f"grad norm {grad_norm:.3g}   {tok_s:,.0f} tokens/s", flush=True)
                 if board:
                     for key, value in record.items():
                         board.add_scalar(f"train/{key}", value, done)
@@ -170,11 +189,58 @@ class LMTrainer:
             self._finish(model, data, out, result)
         return result
 
+    def _summary(self, model, data, env, seq_len: int, point, start: int) -> None:
+        """What is about to run, printed before the first step; and what changed since a resumed checkpoint."""
+        cfg = self.cfg
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        splits = data.manifest["splits"]
+        print(f"model    {model.num_parameters():,} parameters on {env.device} "
+              f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}")
+        print(f"data     {splits['train']['tokens']:,} training tokens, {splits['eval']['tokens']:,} held out, "
+              f"vocab {data.tokenizer.vocab_size:,}, seq_len {seq_len} ({data.dir})")
+        print(f"steps    {cfg.steps} x {cfg.batch_size} sequences ({cfg.steps * cfg.batch_size * seq_len:,} tokens), "
+              f"lr {cfg.lr:g}, warmup {cfg.warmup}, {cfg.schedule}")
+        print(f"run      {cfg.out_dir}: " + (f"resuming from {point.name} at step {start}" if point else "from step 0"),
+              flush=True)
+        if cfg.warmup > cfg.steps:
+            peak = learning_rate(cfg.steps - 1, **self._schedule(cfg))
+            print(f"hyloom: warning: train.warmup ({cfg.warmup}) is longer than train.steps ({cfg.steps}): the whole run "
+                  f"is warmup, the learning rate only climbs (to {peak:.2e} of lr {cfg.lr:g}) and never decays",
+                  file=sys.stderr, flush=True)
+        if point is not None:
+            self._schedule_change(saved_blueprint(point).get("train") or {}, start)
+
+    @staticmethod
+    def _schedule(cfg) -> dict:
+        return {k: getattr(cfg, k) for k in SCHEDULE_KEYS}
+
+    def _schedule_change(self, saved: dict, start: int) -> None:
+        """Say how the learning rate moves when the resumed run's schedule settings differ from the checkpoint's.
+        The schedule is a function of the step and these settings only, so it is recomputed as if the run had
+        had the new settings from step 0: the LR can jump at the resume point."""
+        new = self._schedule(self.cfg)
+        try:
+            old = {k: type(v)(saved[k]) for k, v in new.items()}
+        except (KeyError, TypeError, ValueError):
+            return  # a checkpoint of another trainer type: nothing to compare
+        changed = [f"train.{k} {old[k]} -> {new[k]}" for k in new if old[k] != new[k]]
+        if not changed:
+            return
+        before, after = learning_rate(start - 1, **old), learning_rate(start, **new)
+        print(f"resume: {', '.join(changed)}. The {new['schedule']} schedule is recomputed for the new settings as if "
+              f"the run had always had them: the LR goes from {before:.2e} (step {start}) to {after:.2e} "
+              f"(step {start + 1}) and ends at {learning_rate(new['steps'] - 1, **new):.2e} (step {new['steps']}); "
+              f"the optimizer state carries on", flush=True)
+
     def _finish(self, model, data, out: RunDir, result: dict) -> None:
+        from hyloom.plot import line_plot
+
         metrics = out.metrics()
-        loss_png(out.path / "loss.png", {
+        line_plot(out.path / "loss.png", {
             "train": [(r["step"], r["loss"]) for r in metrics],
-            "eval": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]})
+            "held-out": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]},
+            hlines={"unigram baseline": data.unigram_loss} if math.isfinite(data.unigram_loss) else {}, markers=("held-out",),
+            xlabel="optimizer step", ylabel="loss (nats/token)", title=f"{out.path}: next-token loss")
         if self.cfg.sample_tokens:
             model.eval()
             ids = data.tokenizer.encode(self.cfg.sample_prompt)

@@ -1,5 +1,7 @@
 import math
 
+SCHEDULE_KEYS = ("lr", "steps", "warmup", "schedule", "min_lr_ratio", "decay_fraction")  # what learning_rate reads
+
 
 def learning_rate(step: int, *, lr: float, steps: int, warmup: int, schedule: str, min_lr_ratio: float,
                   decay_fraction: float) -> float:
