@@ -13,6 +13,7 @@ runs. Tolerances default to fp32 ones; pass `rtol`/`atol` for a model in a lower
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -97,8 +98,7 @@ def check_packed(model, *, lengths=(5, 1, 7), **tol) -> None:
     that does not declare `varlen` must refuse `cu_seqlens` instead."""
     seqs = [_ids(model, (1, n), seed=i) for i, n in enumerate(lengths)]
     packed = torch.cat(seqs, 1)
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                              device=packed.device)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=packed.device)
     with _eval(model):
         if not _declares(model, "varlen"):
             _assert_refuses(lambda: model(packed, cu_seqlens=cu_seqlens), "varlen", "a forward with cu_seqlens")

@@ -279,6 +279,9 @@ def test_register_plugin_in_process(mean_plugin, capsys):
     assert "mean" in registry().names("mixer")
     assert main(["plugins"]) == 0
     assert re.search(r"ok\s+MeanPlugin\s+<in-process>", capsys.readouterr().out)
+    assert main(["--no-plugins", "plugins", "--json"]) == 0
+    assert {p["name"]: p["status"] for p in json.loads(capsys.readouterr().out)}["MeanPlugin"] == "disabled"
+    hyloom.registry.reset()
     hyloom.register_plugin(MeanPlugin)  # again (a re-run notebook cell): replaces, no conflict
     hyloom.unregister_plugin("MeanPlugin")
     assert "mean" not in registry().names("mixer")
