@@ -5,8 +5,8 @@
     def test_my_mixer(tmp_path):
         check_mixer(tiny_model({"type": "my_mixer", "heads": 2}), tmp_path)
 
-Each check raises AssertionError saying what differed (or CapabilityError from the model when the mixer is
-used for something it does not declare); none depends on pytest. The model is put in eval mode while a check
+Each check raises AssertionError saying what differed; none depends on pytest. Where the model lacks a
+capability the check is for (`decode`, `varlen`), it checks that the model refuses instead. The model is put in eval mode while a check
 runs. Tolerances default to fp32 ones; pass `rtol`/`atol` for a model in a lower precision.
 """
 
