@@ -1,5 +1,6 @@
 """The command line: every command runs, every --help has examples, bad input exits with status 2."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from hyloom.cli import build_parser, main
+from hyloom.cli.parser import CommandLine
 from hyloom.registry import registry
 
 
@@ -76,3 +78,58 @@ def test_bad_data_is_a_message_not_a_traceback(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "/nonexistent/corpus.jsonl does not exist" in err and "Traceback" not in err
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["show", "builtin:tiny", "--tree", "model.n_layers=2", "model.layout=SL"]) == 0
+    assert capsys.readouterr().out.count("layers.") == 2
+    assert main(["show", "builtin:tiny", "model.n_layers=2", "--tree", "model.layout=SL"]) == 0
+    assert capsys.readouterr().out.count("layers.") == 2
+    args = build_parser().parse_args(["train", "builtin:tiny", "--resume", "auto", "train.steps=600", "--no-progress",
+                                      "train.lr=1e-3"])
+    assert (args.blueprint, args.overrides, args.resume, args.no_progress) == (
+        "builtin:tiny", ["train.steps=600", "train.lr=1e-3"], "auto", True)
+    with pytest.raises(SystemExit, match="2"):  # an unknown option is still an error
+        build_parser().parse_args(["show", "builtin:tiny", "--tree", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_commands_intermixed_parsing_cannot_handle_still_parse():
+    """A third-party command with a nested subcommand (which argparse cannot parse intermixed) parses as written."""
+    parser = CommandLine(prog="hyloom")
+    command = parser.add_subparsers(dest="command").add_parser("remote")
+    command.add_argument("--host")
+    nested = command.add_subparsers(dest="action").add_parser("run")
+    nested.add_argument("script")
+    nested.add_argument("--fast", action="store_true")
+    args = parser.parse_args(["remote", "--host", "h", "run", "x.py", "--fast"])
+    assert (args.host, args.action, args.script, args.fast) == ("h", "run", "x.py", True)
+    with pytest.raises(SystemExit, match="2"):  # leftovers are reported, not a TypeError from argparse
+        parser.parse_args(["remote", "run", "x.py", "--fast", "extra"])
+    remainder = CommandLine(prog="hyloom")
+    command = remainder.add_subparsers(dest="command").add_parser("exec")
+    command.add_argument("--env")
+    command.add_argument("rest", nargs=argparse.REMAINDER)
+    assert remainder.parse_args(["exec", "--env", "e", "ls", "-l"]).rest == ["ls", "-l"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-p", "2"], "argument --top-p: '2': expected a number in (0, 1]"),
+    (["--top-p", "0"], "argument --top-p: '0': expected a number in (0, 1]"),
+    (["--temperature", "-1"], "argument --temperature: '-1': expected a number >= 0"),
+    (["--temperature", "nan"], "argument --temperature: 'nan': expected a number >= 0"),
+    (["--top-k", "0"], "argument --top-k: '0': expected an integer >= 1"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: '-1': expected an integer >= 0"),
+    (["--max-new-tokens", "ten"], "argument --max-new-tokens: 'ten': expected an integer >= 0"),
+])
+def test_generate_refuses_bad_sampling_arguments(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(["generate", str(tmp_path), "--prompt", "x"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_generate_names_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "nope: does not exist" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "neither a checkpoint (no blueprint.yaml) nor a run directory with checkpoints" in capsys.readouterr().err
