@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hyloom.cli.parser import command_parser
 from hyloom.plugins.hf.convert import DTYPES, export_hf, formats, import_hf, parse_size
@@ -27,6 +28,8 @@ def cmd_import_hf(args) -> int:
           f"tied embeddings: {'yes' if spec.tie_embeddings else 'no'}")
     print(f"  {s.parameters:,} parameters ({', '.join(s.dtypes)}) from {s.shards_read} shard(s)")
     print(f"  copied: {', '.join(s.tokenizer_files) or 'none'}")
+    for note in s.notes:
+        print(f"hyloom: warning: {note}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hyloom.blueprint import Problem, load_blueprint
 from hyloom.blueprint.load import Loaded
-from hyloom.checkpoint import BLUEPRINT, INDEX, SINGLE, atomic_dir, save_checkpoint
+from hyloom.checkpoint import (BLUEPRINT, INDEX, SINGLE, atomic_dir, open_safetensors, require_dir, save_checkpoint,
+                               tensor_headers, weight_files)
 from hyloom.plugins.hf.formats import DERIVED_HF_KEY, ConversionError, HFFormat
 
 # Copied verbatim both ways when present (binary files included, e.g. a sentencepiece tokenizer.model).
@@ -55,30 +55,28 @@ def parse_size(text: str | int) -> int:
 
 
 def read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ConversionError([Problem("", "is not a directory" if folder.exists() else "does not exist", str(folder))])
     file = folder / "config.json"
     if not file.is_file():
         raise ConversionError([Problem("", "no config.json: not a Hugging Face model directory", str(folder))])
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ConversionError([Problem("", f"is not valid JSON ({exc})", str(file))]) from None
+    if not isinstance(config, dict):
+        raise ConversionError([Problem("", "must hold a JSON object", str(file))])
+    return config
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a directory, single or sharded with an index."""
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
-    found = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-    why = "only pickled weights (*.bin); convert them to safetensors first" if found else "no safetensors weights"
-    raise ConversionError([Problem("", f"{why} (expected {SINGLE} or {INDEX})", str(folder))])
-
-
-def _tensor_names(files: list[Path]) -> list[str]:
-    names = []
-    for file in files:
-        with safe_open(file, "pt") as f:
-            names += list(f.keys())
-    return names
+def shard_files(folder: Path, config: dict) -> list[Path]:
+    """The safetensors files transformers would load from `folder` (see checkpoint.weight_files)."""
+    explicit = config.get("transformers_weights")
+    if explicit is not None and not (isinstance(explicit, str) and explicit.endswith((".safetensors", ".index.json"))
+                                     and Path(explicit).name == explicit):
+        raise ConversionError([Problem("transformers_weights", "must name a *.safetensors or *.safetensors.index.json "
+                                                               "file in the model directory", str(folder / "config.json"))])
+    return weight_files(folder, explicit)
 
 
 def _check_target(src: Path, out: Path, marker: str) -> None:
@@ -107,6 +105,7 @@ class ImportSummary:
     dtypes: list[str]
     shards_read: int
     tokenizer_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def pick_import_format(config: dict, name: str = "auto") -> HFFormat:
@@ -130,50 +129,59 @@ def pick_import_format(config: dict, name: str = "auto") -> HFFormat:
 
 def import_hf(src: str | Path, out: str | Path, *, format: str = "auto", dtype: str = "auto",
               max_shard_bytes: int = 2 << 30) -> ImportSummary:
-    """Convert the HF checkpoint directory `src` into a hyloom checkpoint at `out` (written atomically)."""
+    """Convert the HF checkpoint directory `src` into a hyloom checkpoint at `out` (written atomically),
+    loading what transformers would load or refusing with every reason named."""
     from hyloom.blueprint.schema import validate
     from hyloom.model import build_model
 
     src, out = Path(src), Path(out)
-    _check_target(src, out, BLUEPRINT)
     config = read_config(src)
+    _check_target(src, out, BLUEPRINT)
     fmt = pick_import_format(config, format)
     source = str(src / "config.json")
     blueprint = fmt.blueprint(config, source)
+    files = shard_files(src, config)
+    headers = tensor_headers(files)  # HF name -> (file, shape): everything is checked before a tensor is read
+    notes = []
+    embed, head = fmt.to_hf("embed_tokens.weight"), fmt.to_hf("lm_head.weight")
+    rename = {}  # HF name -> ours, where it differs from fmt.to_ours
+    if blueprint["model"]["tie_embeddings"] and head in headers:
+        # transformers ties the head to the embedding only when the file has one of them or both are equal
+        if embed not in headers:
+            rename[head] = "embed_tokens.weight"  # it ties the other way round: the stored head is the embedding
+        elif not _equal(headers, embed, head):
+            blueprint["model"]["tie_embeddings"] = False
+            notes.append(f"config.json says tie_word_embeddings, but {head} differs from {embed}: imported "
+                         "untied, as transformers loads it")
     bp = validate(Loaded(blueprint, source))
-    files = shard_files(src)
     model = build_model(bp, device="meta")
     expected = model.state_dict()  # meta tensors: names and shapes, no memory
-    tied = bp.model.tie_embeddings
 
-    plan, unknown = {}, []  # HF name -> our name, checked before any tensor is read
-    for hf in _tensor_names(files):
-        ours = fmt.to_ours(hf)
-        if DERIVED_HF_KEY.fullmatch(hf) or (tied and ours == "lm_head.weight"):
-            continue  # tied heads are the embedding again (transformers ties them on load too)
+    plan, problems = {}, []  # HF name -> our name
+    for hf, (file, shape) in headers.items():
+        ours = rename.get(hf) or fmt.to_ours(hf)
+        if DERIVED_HF_KEY.fullmatch(hf) or (bp.model.tie_embeddings and hf == head and embed in headers):
+            continue  # a tied head equal to the embedding: the embedding again
         if ours is None or ours not in expected:
-            unknown.append(hf)
+            problems.append(Problem(hf, f"tensor has no place in a {fmt.name} model of this config", str(file)))
+        elif shape != tuple(expected[ours].shape):
+            problems.append(Problem(hf, f"shape {shape} but config.json implies {tuple(expected[ours].shape)}",
+                                    str(file)))
         else:
             plan[hf] = ours
-    missing = sorted(set(expected) - set(plan.values()))
-    problems = [Problem(k, f"tensor has no place in a {fmt.name} model of this config", str(src)) for k in unknown]
-    problems += [Problem(k, "no HF tensor provides it", str(src)) for k in missing]
+    problems += [Problem(fmt.to_hf(k) or k, "missing, but config.json implies it", str(src))
+                 for k in expected if k not in plan.values()]
     if problems:
         raise ConversionError(problems)
 
     cast = DTYPES[dtype]
     for file in files:
         part = {}
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             for hf in f.keys():
-                if hf not in plan:
-                    continue
-                tensor = f.get_tensor(hf)
-                ours = plan[hf]
-                if tensor.shape != expected[ours].shape:
-                    raise ConversionError([Problem(hf, f"shape {tuple(tensor.shape)} but config.json implies "
-                                                       f"{tuple(expected[ours].shape)}", str(file))])
-                part[ours] = tensor.to(cast) if cast is not None else tensor
+                if hf in plan:
+                    tensor = f.get_tensor(hf)
+                    part[plan[hf]] = tensor.to(cast) if cast is not None else tensor
         model.load_state_dict(part, strict=False, assign=True)
         del part
 
@@ -187,7 +195,15 @@ def import_hf(src: str | Path, out: str | Path, *, format: str = "auto", dtype: 
                         extra_files={"config.json": json.dumps(hf_config, indent=2) + "\n"})
         copied = _copy_tokenizer(src, staging)
     dtypes = sorted({_dtype_name(t.dtype) for t in model.state_dict().values()})
-    return ImportSummary(fmt.name, bp, model.num_parameters(), dtypes, len(files), copied)
+    return ImportSummary(fmt.name, bp, model.num_parameters(), dtypes, len(files), copied, notes)
+
+
+def _equal(headers: dict, a: str, b: str) -> bool:
+    """Whether two stored tensors are equal (transformers' test for tying them); reads just these two."""
+    def read(name):
+        with open_safetensors(headers[name][0]) as f:
+            return f.get_tensor(name)
+    return headers[a][1] == headers[b][1] and torch.equal(read(a), read(b))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -282,29 +298,30 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, format: str = "auto", 
     """Write the hyloom checkpoint `checkpoint` as an HF directory at `out` (atomically)."""
     from hyloom.model import build_model
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = require_dir(checkpoint), Path(out)
     if not (checkpoint / BLUEPRINT).is_file():
         raise ConversionError([Problem("", f"not a hyloom checkpoint (no {BLUEPRINT})", str(checkpoint))])
     _check_target(checkpoint, out, "config.json")
     bp = load_blueprint(str(checkpoint / BLUEPRINT))
     fmt, config = pick_export_format(bp.model, format)
-    files = shard_files(checkpoint)
-    names = _tensor_names(files)
-    expected = set(build_model(bp, device="meta").state_dict())
+    files = weight_files(checkpoint)
+    headers = tensor_headers(files)
+    expected = build_model(bp, device="meta").state_dict()
     # transformers would fill a missing tensor with random values, so every one must be there
-    problems = [Problem(n, f"no {fmt.name} tensor name for it", str(checkpoint))
-                for n in names if n not in expected or fmt.to_hf(n) is None]
-    problems += [Problem(n, "missing from the checkpoint", str(checkpoint)) for n in sorted(expected - set(names))]
+    problems = [Problem(n, f"no {fmt.name} tensor name for it", str(file))
+                for n, (file, _) in headers.items() if n not in expected or fmt.to_hf(n) is None]
+    problems += [Problem(n, f"shape {shape} but {BLUEPRINT} implies {tuple(expected[n].shape)}", str(file))
+                 for n, (file, shape) in headers.items() if n in expected and shape != tuple(expected[n].shape)]
+    problems += [Problem(n, "missing from the checkpoint", str(checkpoint)) for n in expected if n not in headers]
     if problems:
         raise ConversionError(problems)
-    old_config = checkpoint / "config.json"
-    if old_config.is_file():  # keep the token ids an import (or the lead's writer) recorded
-        config.update({k: v for k, v in json.loads(old_config.read_text()).items() if k in TOKEN_ID_FIELDS})
+    if (checkpoint / "config.json").is_file():  # keep the token ids an import (or the lead's writer) recorded
+        config.update({k: v for k, v in read_config(checkpoint).items() if k in TOKEN_ID_FIELDS})
     cast = DTYPES[dtype]
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for file in files:
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     tensor = tensor.to(cast) if cast is not None else tensor
@@ -314,4 +331,4 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, format: str = "auto", 
         shards = writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = _copy_tokenizer(checkpoint, tmp)
-    return ExportSummary(fmt.name, len(names), shards, writer.total, copied)
+    return ExportSummary(fmt.name, len(headers), shards, writer.total, copied)

@@ -12,7 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from hyloom.blueprint import BlueprintError, Problem
+from hyloom.blueprint import Problem
+from hyloom.checkpoint import CheckpointError
 
 # HF name ↔ our name; `{n}` is the layer index.
 SHARED_KEYS = (
@@ -37,11 +38,10 @@ QK_NORM_KEYS = (
 DERIVED_HF_KEY = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 
-class ConversionError(BlueprintError):
+class ConversionError(CheckpointError):
     """A config or checkpoint a format cannot express. The CLI prints it and exits with status 2."""
 
-    def __str__(self) -> str:
-        return "cannot convert:\n" + "\n".join(f"  {p}" for p in self.problems)
+    title = "cannot convert"
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -62,7 +62,9 @@ class HFFormat:
     model_types: tuple[str, ...]  # config.json `model_type` values this format reads
     architecture: str  # written to `architectures` on export
     qk_norm: bool
-    defaults: dict  # what transformers assumes for a field config.json leaves out
+    defaults: dict  # what transformers assumes for a field config.json leaves out (None: derived)
+    fields: frozenset  # the fields of transformers' config class: each honoured, checked or inert here
+    nullable: tuple = ("num_key_value_heads",)  # fields whose explicit null transformers derives too
     export_fields: dict = field(default_factory=dict)  # format-specific fields written on export
     key_map: tuple[tuple[str, str], ...] = field(init=False)
 
@@ -92,10 +94,14 @@ class HFFormat:
         def get(name):  # a field left out (or null) means what transformers assumes for it
             return config[name] if config.get(name) is not None else self.defaults[name]
 
+        def derived(name, value):  # absent: transformers' default; null (where allowed): derived from `value`
+            found = config[name] if name in config else self.defaults[name]
+            return value if found is None else found
+
         heads = config["num_attention_heads"]
         eps = get("rms_norm_eps")
-        mixer = {"type": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
-                 "head_dim": config.get("head_dim") or config["hidden_size"] // heads}
+        mixer = {"type": "attention", "heads": heads, "kv_heads": derived("num_key_value_heads", heads),
+                 "head_dim": derived("head_dim", config["hidden_size"] // heads)}
         if self.qk_norm:  # HF normalises q and k with the model's rms_norm_eps
             mixer.update(qk_norm=True, norm_eps=eps)
         n = config["num_hidden_layers"]
@@ -119,6 +125,17 @@ class HFFormat:
         if model_type is not None and model_type not in self.model_types:
             out.append(("model_type", f"{model_type!r} is not read by format {self.name!r} "
                                       f"(it reads: {', '.join(self.model_types)})"))
+        architectures = config.get("architectures") or []
+        for arch in [architectures] if isinstance(architectures, str) else architectures:
+            if arch != self.architecture:
+                out.append(("architectures", f"names {arch!r}; format {self.name!r} reads only "
+                                             f"{self.architecture} checkpoints"))
+        for name in set(self.defaults) - set(self.nullable) - {"rope_theta"}:
+            if name in config and config[name] is None:
+                out.append((name, f"is null, which transformers' {self.config_class} refuses; give a value"))
+        activation = config.get("hidden_activation", "silu")  # Gemma's name for hidden_act
+        if activation != "silu":
+            out.append(("hidden_activation", f"{activation!r} is not supported (only 'silu': the FFN is SwiGLU)"))
         act = config.get("hidden_act", "silu")
         if act != "silu":
             out.append(("hidden_act", f"{act!r} is not supported (only 'silu': the FFN is SwiGLU)"))
@@ -136,7 +153,18 @@ class HFFormat:
         other_layers = sorted(set(config.get("layer_types") or []) - {"full_attention"})
         if other_layers:
             out.append(("layer_types", f"only 'full_attention' layers are supported, got {other_layers}"))
+        # transformers ignores a field its config class does not define, so a field of another family
+        # (Granite's *_multiplier and logits_scaling, Gemma's softcapping, MiniCPM's scale_emb, ...) would load
+        # as this architecture and compute something else: refused, as the weights were made for that math.
+        named = {f for f, _ in out}
+        out += [(f, f"is not a field of transformers' {self.config_class}: it may change the math of another "
+                    "architecture, which this import would silently ignore; delete it from config.json if it "
+                    "has no effect") for f in config if f not in named and not _known(f, self.fields)]
         return out
+
+    @property
+    def config_class(self) -> str:
+        return self.architecture.removesuffix("ForCausalLM") + "Config"
 
     # ---- blueprint → config.json ---------------------------------------------------------------------
 
@@ -366,13 +394,17 @@ _DECODER_FIELDS = """vocab_size hidden_size intermediate_size num_hidden_layers 
 LLAMA = HFFormat(
     name="llama", model_types=("llama",), architecture="LlamaForCausalLM", qk_norm=False,
     defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-              "tie_word_embeddings": False},
+              "tie_word_embeddings": False, "num_key_value_heads": None, "head_dim": None},
+    fields=frozenset(f"{_DECODER_FIELDS} mlp_bias pretraining_tp".split()),
+    nullable=("num_key_value_heads", "head_dim"),
     export_fields={"mlp_bias": False},
 )
 QWEN3 = HFFormat(
     name="qwen3", model_types=("qwen3",), architecture="Qwen3ForCausalLM", qk_norm=True,
+    # Qwen3Config's own defaults, not derived from the shape: 32 kv heads, head_dim 128
     defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
-              "tie_word_embeddings": False},
+              "tie_word_embeddings": False, "num_key_value_heads": 32, "head_dim": 128},
+    fields=frozenset(f"{_DECODER_FIELDS} use_sliding_window sliding_window max_window_layers layer_types".split()),
     export_fields={"use_sliding_window": False, "sliding_window": None},
 )
 FORMATS = {f.name: f for f in (LLAMA, QWEN3)}

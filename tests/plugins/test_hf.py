@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,3 +195,162 @@ def test_replaces_only_earlier_outputs(hf_dir, tmp_path, capsys):
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "ckpt")]) == 2
     assert "must differ" in capsys.readouterr().err
+
+
+# ---- matching transformers where a config and its weights disagree ---------------------------------------
+
+def _edit_config(folder, drop=(), **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key in drop:
+        del config[key]
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _import_matches_transformers(folder, out, capsys, *args):
+    """Import `folder`, then compare our logits with those of transformers loading the same folder."""
+    assert main(["import-hf", str(folder), str(out), *args]) == 0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, bp = load_checkpoint(out)
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([PROMPT]))[0]
+    assert (ours - hf_logits(reference, PROMPT)).abs().max() <= 1e-4
+    return bp, capsys.readouterr()
+
+
+def _untied_llama(folder):
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(**{**SHAPES, "num_hidden_layers": 1}, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_a_head_that_differs_from_the_embedding_is_not_tied(tmp_path, capsys):
+    _untied_llama(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", tie_word_embeddings=True)  # but the file holds a distinct lm_head.weight
+    bp, out = _import_matches_transformers(tmp_path / "hf", tmp_path / "ckpt", capsys)
+    assert not bp.model.tie_embeddings
+    assert "lm_head.weight differs from model.embed_tokens.weight: imported untied" in out.err
+
+
+def test_a_tied_config_with_only_the_head_stored_uses_it_as_the_embedding(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _untied_llama(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", tie_word_embeddings=True)
+    file = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    bp, _ = _import_matches_transformers(tmp_path / "hf", tmp_path / "ckpt", capsys)
+    assert bp.model.tie_embeddings
+
+
+def test_model_safetensors_wins_over_an_index(tmp_path, capsys):
+    tiny_hf("llama").save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    other = _untied_llama(tmp_path / "single")  # other weights (and one layer) in a single file beside it
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "single" / "config.json").replace(tmp_path / "hf" / "config.json")
+    bp, _ = _import_matches_transformers(tmp_path / "hf", tmp_path / "ckpt", capsys)
+    assert bp.model.n_layers == other.config.num_hidden_layers == 1
+
+
+def test_a_qwen3_config_without_head_dim_or_kv_heads_takes_transformers_defaults(tmp_path, capsys):
+    torch.manual_seed(0)  # Qwen3Config's defaults: head_dim 128 and 32 kv heads, whatever the hidden size
+    shapes = {**SHAPES, "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 32}
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shapes, head_dim=128)).save_pretrained(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", drop=("head_dim", "num_key_value_heads"))
+    bp, _ = _import_matches_transformers(tmp_path / "hf", tmp_path / "ckpt", capsys)
+    attention = bp.model.layers[0]
+    assert (attention.head_dim, attention.kv_heads) == (128, 32)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"architectures": ["GraniteForCausalLM"]}, "architectures: names 'GraniteForCausalLM'"),
+    ({"logits_scaling": 8.0}, "logits_scaling: is not a field of transformers' LlamaConfig"),
+    ({"embedding_multiplier": 12.0}, "embedding_multiplier: is not a field"),
+    ({"hidden_activation": "gelu_pytorch_tanh"}, "hidden_activation: 'gelu_pytorch_tanh' is not supported"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping: is not a field"),
+    ({"head_dim": None, "model_type": "qwen3"}, "head_dim: is null"),
+    ({"mlp_bias": True}, "mlp_bias: biases are not supported"),
+])
+def test_fields_that_change_the_math_are_refused_by_name(tmp_path, capsys, change, field):
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+              "num_attention_heads": 4, "intermediate_size": 128, **change}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--format", config["model_type"]]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_inert_fields_are_accepted():
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+              "num_attention_heads": 4, "intermediate_size": 128, "_name_or_path": "x", "unsloth_version": "1",
+              "torch_dtype": "bfloat16", "pretraining_tp": 1, "use_cache": True, "architectures": ["LlamaForCausalLM"],
+              "hidden_activation": "silu"}
+    assert LLAMA.unsupported(config) == []
+
+
+# ---- broken folders and checkpoints --------------------------------------------------------------------------
+
+def _first_shard(folder):
+    return sorted(folder.glob("model-*.safetensors"))[0]
+
+
+def _truncate(folder):
+    data = _first_shard(folder).read_bytes()
+    _first_shard(folder).write_bytes(data[:100])
+    return f"{_first_shard(folder).name}: not a readable safetensors file"
+
+
+def _garbage(folder):
+    _first_shard(folder).write_bytes(b"\x00garbage" * 50)
+    return f"{_first_shard(folder).name}: not a readable safetensors file"
+
+
+def _shard_missing(folder):
+    name = _first_shard(folder).name
+    _first_shard(folder).unlink()
+    return f"model.safetensors.index.json: weight_map: lists {name}, which does not exist"
+
+
+def _no_weight_map(folder):
+    (folder / "model.safetensors.index.json").write_text("{}")
+    return "model.safetensors.index.json: weight_map: missing"
+
+
+def _config_not_json(folder):
+    (folder / "config.json").write_text("{'model_type': 'llama'}")
+    return "config.json: is not valid JSON"
+
+
+def _folder_missing(folder):
+    shutil.rmtree(folder)
+    return f"{folder}: does not exist"
+
+
+def _too_many_layers(folder):  # 37 layers' worth of tensors missing: summarised
+    _edit_config(folder, num_hidden_layers=40)
+    return f"... and {37 * 9 - 5} more: missing, but config.json implies it"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _shard_missing, _no_weight_map, _config_not_json,
+                                    _folder_missing, _too_many_layers])
+def test_broken_hf_folders_are_refused_naming_the_file(tmp_path, capsys, damage):
+    tiny_hf("llama").save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    needle = damage(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) < 12
+    assert not (tmp_path / "out").exists()
+
+
+def test_exporting_a_truncated_checkpoint_names_the_shard(tmp_path, capsys):
+    bp = load_blueprint_dict({"model": {"d_model": 32, "n_layers": 1, "vocab_size": 50, "mixers": {
+        "A": {"type": "attention", "heads": 2, "head_dim": 16}}, "layout": "A", "ffn": {"type": "swiglu", "hidden": 64}}})
+    save_checkpoint(tmp_path / "ckpt", build_model(bp), bp.model_dump(mode="json"))
+    needle = _truncate(tmp_path / "ckpt")
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
