@@ -70,6 +70,9 @@ SCALING = Field(None, description="rotary scaling: {type: longrope, short_factor
                                   "attention_factor}; null: plain RoPE")
 
 
+_WARNED: dict = {}
+
+
 class RopeConfig(BaseModel):
     rope_theta: float = THETA
     scaling: LongRopeScaling | None = SCALING
@@ -80,12 +83,17 @@ class RopeConfig(BaseModel):
         """`theta` was this policy's name for rope_theta: still read, with a warning, until it is removed."""
         if not isinstance(data, dict) or "theta" not in data:
             return data
-        if "rope_theta" in data:
-            raise ValueError("give `rope_theta` only: `theta` is its deprecated spelling, and both are set")
-        warnings.warn("position `rope`: `theta` is deprecated, write `rope_theta` (same meaning, the name `hype` "
-                      "and transformers use)", FutureWarning, stacklevel=2)
+        if "rope_theta" in data and data["rope_theta"] != data["theta"]:
+            # e.g. an old child blueprint's `theta` over a parent's `rope_theta`: which one is meant is unknowable
+            raise ValueError(f"`theta` ({data['theta']}) and `rope_theta` ({data['rope_theta']}) are both set; "
+                             "`theta` is the deprecated spelling: write `rope_theta` in every blueprint involved")
+        # explicit location: the caller is pydantic, whose source line would only confuse; the registry makes the
+        # note appear once per process however often blueprints are loaded
+        warnings.warn_explicit("model.position: `theta` is deprecated, write `rope_theta` (same meaning, the name "
+                               "`hype` and transformers use)", FutureWarning, "blueprint", 0,
+                               module="hyloom.plugins.position", registry=_WARNED)
         data = dict(data)
-        data["rope_theta"] = data.pop("theta")
+        data["rope_theta"] = data.pop("theta")  # (equal to rope_theta when both were given)
         return data
 
 

@@ -9,7 +9,7 @@ import torch
 
 from hyloom import load_blueprint
 from hyloom.plugins.hf.formats import LLAMA, ConversionError
-from hyloom.plugins.position import HypeConfig, LongRopeScaling, RopeConfig, rotary
+from hyloom.plugins.position import _WARNED, HypeConfig, LongRopeScaling, RopeConfig, rotary
 
 SHORT = [1.0, 1.5, 2.0, 4.0]  # head_dim 8: four rotary pairs
 LONG = [1.0, 3.0, 8.0, 16.0]
@@ -122,11 +122,15 @@ def test_both_rotary_policies_call_the_base_rope_theta():
 
 
 def test_old_theta_spelling_still_works_and_warns():
+    _WARNED.clear()  # the note is shown once per process
     with pytest.warns(FutureWarning, match="`theta` is deprecated, write `rope_theta`"):
         cfg = RopeConfig.model_validate({"theta": 5e5})
     assert cfg.rope_theta == 5e5
-    with pytest.raises(ValueError, match="give `rope_theta` only"):
+    with pytest.raises(ValueError, match=r"`theta` \(500000.0\) and `rope_theta` \(10000.0\) are both set"):
         RopeConfig.model_validate({"theta": 5e5, "rope_theta": 1e4})
+    _WARNED.clear()
+    with pytest.warns(FutureWarning):  # an old child restating its parent's base is fine
+        assert RopeConfig.model_validate({"theta": 5e5, "rope_theta": 5e5}).rope_theta == 5e5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RopeConfig.model_validate({"rope_theta": 5e5})  # the current name never warns
@@ -136,6 +140,7 @@ def test_old_theta_in_a_blueprint_loads(tmp_path):
     path = tmp_path / "bp.yaml"
     path.write_text("model: {d_model: 32, n_layers: 1, vocab_size: 50, position: {type: rope, theta: 500000},\n"
                     "        mixers: {A: {type: attention, heads: 2}}, layout: A, ffn: {type: swiglu, hidden: 64}}\n")
+    _WARNED.clear()
     with pytest.warns(FutureWarning):
         assert load_blueprint(str(path)).model.position.rope_theta == 5e5
 
