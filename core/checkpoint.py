@@ -1,7 +1,9 @@
 """Checkpoints: a directory of sharded safetensors in the Hugging Face layout, the resolved blueprint and
 trainer state. Every write goes to a temporary sibling directory first and is renamed into place, so a crash
 mid-save never destroys the previous checkpoint. Every read failure (a missing folder, a truncated shard, an
-index without `weight_map`, tensors that do not fit the blueprint) is a CheckpointError naming the file."""
+index without `weight_map`, tensors that do not fit the blueprint) is a CheckpointError naming the file.
+torch is imported only where a function needs it, so the CLI can register the hf plugin (whose errors derive
+from CheckpointError) without paying for torch."""
 
 from __future__ import annotations
 
@@ -12,11 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import nn
 
 from hyloom.blueprint import BlueprintError, Problem
 
@@ -96,6 +95,8 @@ def save_safetensors(folder: Path, state_dict: dict[str, torch.Tensor], max_shar
                      metadata: dict | None = None) -> None:
     """`model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json` (also for one shard, so
     every checkpoint has the same layout)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -209,6 +210,8 @@ def save_checkpoint(path: str | Path, model, blueprint: dict, *, trainer_state: 
                     extra_files: dict[str, str] | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write weights, the resolved blueprint, optional trainer state (torch.save'd dict, in `trainer/`)
     and extra text files, atomically."""
+    import torch
+
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_safetensors(tmp, model.state_dict(), max_shard_bytes)
@@ -227,6 +230,8 @@ def parameters_on_meta():
     where the constructor made them: a model built here allocates no weights, yet its non-persistent
     buffers (constants the constructor computes) hold real values. Parameters are still created by
     their modules, as `torch.empty` on the current device, so each exists only briefly and is never filled."""
+    from torch import nn
+
     register = nn.Module.register_parameter
 
     def to_meta(module, name, param):
@@ -268,5 +273,7 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu", dtype=None, overri
 
 
 def load_trainer_state(path: str | Path) -> dict | None:
+    import torch
+
     file = Path(path) / "trainer" / "state.pt"
     return torch.load(file, map_location="cpu", weights_only=False) if file.exists() else None

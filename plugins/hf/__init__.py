@@ -1,9 +1,18 @@
 """Hugging Face checkpoints: the `llama` and `qwen3` checkpoint formats and the `import-hf` / `export-hf`
-commands. See docs/hf.md."""
+commands. See docs/hf.md. Registering them imports no torch; the conversion functions load on first use."""
 
 from hyloom.hookspecs import hookimpl
-from hyloom.plugins.hf.convert import export_hf, hf_config_for, import_hf
 from hyloom.plugins.hf.formats import FORMATS, LLAMA, QWEN3, ConversionError, HFFormat
+
+_CONVERT = ("import_hf", "export_hf", "hf_config_for")
+
+
+def __getattr__(name):
+    if name in _CONVERT:
+        from hyloom.plugins.hf import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hookimpl
@@ -22,4 +31,4 @@ def hyloom_register_commands(register):
     register("export-hf", add_export_hf, summary="write a checkpoint as a Hugging Face Llama/Qwen3 directory")
 
 
-__all__ = ["HFFormat", "LLAMA", "QWEN3", "FORMATS", "ConversionError", "import_hf", "export_hf", "hf_config_for"]
+__all__ = ["HFFormat", "LLAMA", "QWEN3", "FORMATS", "ConversionError", *_CONVERT]

@@ -6,19 +6,21 @@ import argparse
 import sys
 
 from hyloom.cli.parser import command_parser
-from hyloom.plugins.hf.convert import DTYPES, export_hf, formats, import_hf, parse_size
+from hyloom.plugins.hf.formats import DTYPE_NAMES, formats  # torch-free: building the parser stays cheap
 
 
 def _common(p: argparse.ArgumentParser, default_shard: str) -> None:
     p.add_argument("--format", default="auto", choices=["auto", *formats()],
                    help="checkpoint format (default: auto — from model_type on import, from the blueprint on export)")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES),
                    help="cast the weights (default: auto — keep the stored dtype)")
     p.add_argument("--max-shard-size", default=default_shard, metavar="SIZE",
                    help=f"largest safetensors shard, e.g. 5GB or 500MB (default: {default_shard})")
 
 
 def cmd_import_hf(args) -> int:
+    from hyloom.plugins.hf.convert import import_hf, parse_size
+
     s = import_hf(args.source, args.out, format=args.format, dtype=args.dtype,
                   max_shard_bytes=parse_size(args.max_shard_size))
     spec = s.blueprint.model
@@ -46,6 +48,8 @@ def add_import_hf(sub):
 
 
 def cmd_export_hf(args) -> int:
+    from hyloom.plugins.hf.convert import export_hf, parse_size
+
     s = export_hf(args.checkpoint, args.out, format=args.format, dtype=args.dtype,
                   max_shard_bytes=parse_size(args.max_shard_size))
     print(f"exported {args.checkpoint} as {s.format}: {s.tensors} tensors, {s.total_bytes / 1e6:.1f} MB "

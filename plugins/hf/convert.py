@@ -21,26 +21,13 @@ from hyloom.blueprint import Problem, load_blueprint
 from hyloom.blueprint.load import Loaded
 from hyloom.checkpoint import (BLUEPRINT, INDEX, SINGLE, atomic_dir, open_safetensors, require_dir, save_checkpoint,
                                tensor_headers, weight_files)
-from hyloom.plugins.hf.formats import DERIVED_HF_KEY, ConversionError, HFFormat
+from hyloom.plugins.hf.formats import DERIVED_HF_KEY, DTYPE_NAMES, ConversionError, HFFormat, formats
 
 # Copied verbatim both ways when present (binary files included, e.g. a sentencepiece tokenizer.model).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def formats() -> dict[str, HFFormat]:
-    """Every registered checkpoint format that speaks HF config.json (third-party ones included)."""
-    from hyloom.registry import registry
-
-    found = {}
-    for reg in registry().all("checkpoint_format"):
-        fmt = reg.build(None)
-        if all(hasattr(fmt, a) for a in ("model_types", "blueprint", "hf_config", "to_ours", "to_hf")):
-            found[reg.name] = fmt
-    return found
+DTYPES = {name: getattr(torch, dtype) if dtype else None for name, dtype in DTYPE_NAMES.items()}
 
 
 def parse_size(text: str | int) -> int:

@@ -38,6 +38,23 @@ QK_NORM_KEYS = (
 DERIVED_HF_KEY = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 
+# --dtype values: the torch dtype each names (None: keep the stored one)
+DTYPE_NAMES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def formats() -> dict[str, HFFormat]:
+    """Every registered checkpoint format that speaks HF config.json (third-party ones included)."""
+    from hyloom.registry import registry
+
+    found = {}
+    for reg in registry().all("checkpoint_format"):
+        fmt = reg.build(None)
+        if all(hasattr(fmt, a) for a in ("model_types", "blueprint", "hf_config", "to_ours", "to_hf")):
+            found[reg.name] = fmt
+    return found
+
+
 class ConversionError(CheckpointError):
     """A config or checkpoint a format cannot express. The CLI prints it and exits with status 2."""
 
