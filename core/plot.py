@@ -32,6 +32,10 @@ def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], *,
     for name, value in (hlines or {}).items():
         ax.axhline(value, linestyle="--", color="0.4", linewidth=1, label=f"{name} ({value:.2f})")
     ax.set(xlabel=xlabel, ylabel=ylabel)
+    if all(float(x).is_integer() for points in series.values() for x, _ in points):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no ticks at 2.5
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
