@@ -7,13 +7,46 @@ Every part comes from the registries; this file only wires them. Parameter names
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from hyloom.blueprint.errors import BlueprintError, Problem
 from hyloom.mixer import CapabilityError, MixerContext
 from hyloom.registry import registry
+
+
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def mixer_path(spec, layer: int) -> str:
+    """The blueprint key a layer's mixer config comes from: its override if it has one, else its symbol."""
+    return f"model.overrides.{layer}" if layer in spec.overrides else f"model.mixers.{spec.layout[layer]}"
+
+
+def component_error(path: str, what: str, exc: Exception) -> BlueprintError:
+    """A plugin's exception as a blueprint problem at `path`. A ValueError is a config check speaking to the
+    user; anything else is shown with the place it was raised, for the plugin's author."""
+    if isinstance(exc, ValueError) and str(exc):
+        return BlueprintError([Problem(path, f"{what}: {exc}")])
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    # the innermost frame outside torch: where the plugin went wrong
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(TORCH_DIR)]
+    text += "".join(f" (raised at {f.filename}:{f.lineno})" for f in frames[-1:])
+    return BlueprintError([Problem(path, f"{what}: {text}")])
+
+
+def _build(path: str, what: str, build, *args):
+    """Call a registered build function; its failure becomes a blueprint problem at `path`."""
+    try:
+        return build(*args)
+    except (BlueprintError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (any plugin code: reported at the blueprint key it builds)
+        raise component_error(path, what, exc) from exc
 
 
 class Block(nn.Module):
@@ -21,12 +54,18 @@ class Block(nn.Module):
         super().__init__()
         reg = registry()
         mixer_reg = reg.get("mixer", mixer_cfg.type)
-        self.mixer_norm = reg.get("norm", spec.norm.type).build(spec.norm, spec.d_model)
-        self.mixer = mixer_reg.build(mixer_cfg, layer, spec)
-        self.ffn_norm = reg.get("norm", spec.norm.type).build(spec.norm, spec.d_model)
-        self.ffn = reg.get("ffn", spec.ffn.type).build(spec.ffn, spec.d_model)
+        norm, ffn = reg.get("norm", spec.norm.type), reg.get("ffn", spec.ffn.type)
+        def cannot(reg_):
+            return f"cannot build {reg_.kind} {reg_.name!r} for layer {layer}"
+
+        self.mixer_norm = _build("model.norm", cannot(norm), norm.build, spec.norm, spec.d_model)
+        self.mixer = _build(mixer_path(spec, layer), cannot(mixer_reg), mixer_reg.build, mixer_cfg, layer, spec)
+        self.ffn_norm = _build("model.norm", cannot(norm), norm.build, spec.norm, spec.d_model)
+        self.ffn = _build("model.ffn", cannot(ffn), ffn.build, spec.ffn, spec.d_model)
         self.capabilities = mixer_reg.capabilities  # the registered ones: what HybridLM enforces
-        self.position = policy.for_layer(mixer_reg.capabilities.family, layer)
+        self.position = _build("model.position", f"position {spec.position.type!r} has no encoding for layer {layer} "
+                               f"({mixer_reg.capabilities.family} family)", policy.for_layer,
+                               mixer_reg.capabilities.family, layer)
 
     def forward(self, x_BTD, ctx: MixerContext, residual_scale: float):
         x_BTD = x_BTD + residual_scale * self.mixer(self.mixer_norm(x_BTD), replace(ctx, position=self.position))
@@ -47,10 +86,11 @@ class HybridLM(nn.Module):
         super().__init__()
         self.spec = spec
         reg = registry()
-        policy = reg.get("position", spec.position.type).build(spec.position)
+        position, norm = reg.get("position", spec.position.type), reg.get("norm", spec.norm.type)
+        policy = _build("model.position", f"cannot build position {position.name!r}", position.build, spec.position)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model)
         self.layers = nn.ModuleList(Block(spec, i, cfg, policy) for i, cfg in enumerate(spec.layers))
-        self.norm = reg.get("norm", spec.norm.type).build(spec.norm, spec.d_model)
+        self.norm = _build("model.norm", f"cannot build norm {norm.name!r} (final)", norm.build, spec.norm, spec.d_model)
         self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         # µP-style scalars (MiniCPM): embeddings × scale_emb, residual branches × scale_depth/√L,
         # logits ÷ (d_model / dim_model_base).

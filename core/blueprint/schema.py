@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib.metadata as md
@@ -120,8 +121,27 @@ def _union(kind: str):
     return Annotated[Union[configs], Field(discriminator="type")]
 
 
-def _default(kind: str, name: str, description: str):
+# The component a section gets when the blueprint leaves it out, and the `type` of a section written without
+# one (so that `data.source.max_bytes=1000` or `train.steps=600` alone changes one key of the default).
+DEFAULT_TYPES = {
+    ("model", "position"): "rope",
+    ("model", "norm"): "rmsnorm",
+    ("data", "source"): "stdlib",
+    ("data", "tokenizer"): "bpe",
+    ("train",): "lm",
+}
+
+
+def _default(loc: tuple, description: str):
+    kind, name = SLOTS[loc], DEFAULT_TYPES[loc]
     return Field(default_factory=lambda: registry().get(kind, name).config(), description=description)
+
+
+def _fill_default_types(data: dict) -> None:
+    for loc, name in DEFAULT_TYPES.items():
+        parent = _node(data, loc[:-1])
+        if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), dict):
+            parent[loc[-1]].setdefault("type", name)
 
 
 @functools.cache
@@ -134,12 +154,12 @@ def blueprint_model() -> type[BaseModel]:
         n_layers=(PositiveInt, Field(description="number of blocks; layout must expand to this many")),
         vocab_size=(PositiveInt, Field(description="rows of the embedding and the output head")),
         max_seq_len=(PositiveInt, Field(4096, description="longest sequence the model is meant for")),
-        position=(_union("position"), _default("position", "rope", "position policy (default: rope)")),
+        position=(_union("position"), _default(("model", "position"), "position policy (default: rope)")),
         mixers=(dict[Symbol, _union("mixer")], Field(description="mixer configs by symbol, used by layout")),
         layout=(Layout, Field(description="one symbol per layer: 'SLLL', [S, L, ...] or {repeat: SLLL, times: 8}")),
         overrides=(dict[NonNegativeInt, dict[str, Any]], Field({}, description="per-layer changes: {31: {topk: 32}}")),
         ffn=(_union("ffn"), Field(description="feed-forward block")),
-        norm=(_union("norm"), _default("norm", "rmsnorm", "normalisation layer (default: rmsnorm)")),
+        norm=(_union("norm"), _default(("model", "norm"), "normalisation layer (default: rmsnorm)")),
         causal=(bool, Field(True, description="false: bidirectional, every position sees the whole sequence "
                                               "(every mixer must support it; no trainer takes such a model yet)")),
         tie_embeddings=(bool, Field(False, description="output head shares the embedding matrix")),
@@ -153,9 +173,9 @@ def blueprint_model() -> type[BaseModel]:
     data = create_model(
         "DataSpec",
         __config__=ConfigDict(extra="forbid"),
-        source=(_union("data_source"), _default("data_source", "stdlib", "where documents come from (default: stdlib)")),
+        source=(_union("data_source"), _default(("data", "source"), "where documents come from (default: stdlib)")),
         tiers=(list[_union("data_tier")], Field([], description="tier steps (filters, dedup) applied in order")),
-        tokenizer=(_union("tokenizer"), _default("tokenizer", "bpe", "tokenizer (default: bpe trained on the data)")),
+        tokenizer=(_union("tokenizer"), _default(("data", "tokenizer"), "tokenizer (default: bpe trained on the data)")),
         seq_len=(PositiveInt, Field(256, description="tokens per training sequence")),
         eval_fraction=(float, Field(0.02, gt=0, le=0.5, description="share of the text (whole documents) held out for eval")),
         cache_dir=(str, Field("~/.cache/hyloom", description="where tokenizers and token shards are cached")),
@@ -166,7 +186,7 @@ def blueprint_model() -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         model=(spec, Field(description="the architecture")),
         data=(data | None, Field(None, description="training data: source, tiers, tokenizer, sequence length")),
-        train=(_union("trainer") | None, Field(None, description="trainer and its options (type: lm, ...)")),
+        train=(_union("trainer") | None, Field(None, description="trainer and its options (type: lm by default)")),
         requires=(list[str], Field([], description="distributions this blueprint needs, e.g. 'hyloom-myplugin>=0.3'")),
     )
 
@@ -249,7 +269,22 @@ def _message(err: dict, loc: tuple, data: Any, fields: list[str] | None = None) 
         return f"unknown key {key!r}{_suggest(key, fields)} (expected one of: {', '.join(fields)})"
     if err["type"] == "missing":
         return "required key is missing"
-    return f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})"
+    if err["type"] in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping (key: value, ...), got {_describe(err['input'])}"
+    if err["type"] == "list_type":
+        return f"expected a list, got {_describe(err['input'])}"
+    return f"{err['msg'].removeprefix('Value error, ')} (got {_short(err['input'])})"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _describe(value: Any) -> str:
+    kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return kind if value is None else f"{kind} {_short(value)}"
 
 
 def _check_requires(requires: Any, loaded: Loaded) -> list[Problem]:
@@ -280,7 +315,8 @@ def _check_requires(requires: Any, loaded: Loaded) -> list[Problem]:
 
 def validate(loaded: Loaded) -> BaseModel:
     """Validate loaded blueprint data; raise BlueprintError naming file, key path and expectation."""
-    data = loaded.data
+    data = copy.deepcopy(loaded.data)
+    _fill_default_types(data)
     problems = _check_requires(data.get("requires", []), loaded)
     if problems:
         raise BlueprintError(problems)

@@ -21,8 +21,13 @@ def _blueprint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides like model.n_layers=8 or ~model.overrides")
 
 
-def _load(args):
-    return validate(load(args.blueprint, args.overrides))
+def _load_checked(args):
+    """Validate a blueprint, build its model on `meta` and run one token through it (hyloom.blueprint.check)."""
+    from hyloom.blueprint.check import build_checked
+
+    loaded = load(args.blueprint, args.overrides)
+    bp = validate(loaded)
+    return bp, build_checked(bp, loaded)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -92,34 +97,32 @@ def add_ls(sub):
 
 # ---- show / validate ---------------------------------------------------------------------------------------
 
-def _build_meta(bp):
-    from hyloom.model import build_model
-
-    return build_model(bp, device="meta")
-
-
 def cmd_show(args) -> int:
-    bp = _load(args)
+    import sys
+
+    bp, model = _load_checked(args)
     spec = bp.model
-    model = _build_meta(bp)
+    # with --yaml, stdout holds the YAML alone (it loads back as a blueprint); the description goes to stderr
+    out = sys.stderr if args.yaml else sys.stdout
     per_token, fixed = model.cache_bytes(dtype_bytes=2)
-    print(f"blueprint: {args.blueprint}")
-    print(f"layers: {spec.n_layers}   d_model: {spec.d_model}   vocab: {spec.vocab_size}   "
-          f"position: {spec.position.type}   ffn: {spec.ffn.type}   norm: {spec.norm.type}")
-    print(f"layout: {''.join(s if len(s) == 1 else f'[{s}]' for s in spec.layout)}")
+    lines = [f"blueprint: {args.blueprint}",
+             f"layers: {spec.n_layers}   d_model: {spec.d_model}   vocab: {spec.vocab_size}   "
+             f"position: {spec.position.type}   ffn: {spec.ffn.type}   norm: {spec.norm.type}",
+             f"layout: {''.join(s if len(s) == 1 else f'[{s}]' for s in spec.layout)}"]
     for symbol, cfg in spec.mixers.items():
-        print(f"  {symbol}: {json.dumps({'type': cfg.type, **cfg.model_dump(exclude={'type'})})}")
-    print(f"parameters: {model.num_parameters():,} ({_human(model.num_parameters())})")
-    print(f"decode cache (bf16, one sequence): {_human(per_token, 'B')} per token + {_human(fixed, 'B')} fixed")
+        lines.append(f"  {symbol}: {json.dumps({'type': cfg.type, **cfg.model_dump(exclude={'type'})})}")
+    lines.append(f"parameters: {model.num_parameters():,} ({_human(model.num_parameters())})")
+    lines.append(f"decode cache (bf16, one sequence): {_human(per_token, 'B')} per token + {_human(fixed, 'B')} fixed")
     if args.tree:
         for i, (block, cfg) in enumerate(zip(model.layers, spec.layers)):
             n = sum(p.numel() for p in block.parameters())
             t, f = block.mixer.cache_bytes(2)
-            print(f"  layers.{i:<3} {spec.layout[i]:>3} {cfg.type:14} {block.mixer.capabilities.family:8} "
-                  f"{type(block.position).__name__:13} params {_human(n):>7}   "
-                  f"cache {_human(t, 'B')}/token + {_human(f, 'B')}")
+            lines.append(f"  layers.{i:<3} {spec.layout[i]:>3} {cfg.type:14} {block.mixer.capabilities.family:8} "
+                         f"{type(block.position).__name__:13} params {_human(n):>7}   "
+                         f"cache {_human(t, 'B')}/token + {_human(f, 'B')}")
+    print("\n".join(lines), file=out)
     if args.yaml:
-        print(to_yaml(bp.model_dump(mode="json")))
+        print(to_yaml(bp.model_dump(mode="json")), end="")
     return 0
 
 
@@ -129,19 +132,20 @@ def add_show(sub):
                        "  hyloom show my.yaml model.n_layers=4 --yaml\n")
     _blueprint_args(p)
     p.add_argument("--tree", action="store_true", help="one line per layer")
-    p.add_argument("--yaml", action="store_true", help="print the fully resolved blueprint")
+    p.add_argument("--yaml", action="store_true",
+                   help="print the fully resolved blueprint as YAML alone on stdout (the description goes to stderr)")
     p.set_defaults(func=cmd_show)
 
 
 def cmd_validate(args) -> int:
-    bp = _load(args)
-    model = _build_meta(bp)
+    bp, model = _load_checked(args)
     print(f"ok: {args.blueprint} ({bp.model.n_layers} layers, {_human(model.num_parameters())} parameters)")
     return 0
 
 
 def add_validate(sub):
-    p = command_parser(sub, "validate", "check a blueprint and build it on the meta device (no memory, no GPU)",
+    p = command_parser(sub, "validate", "check a blueprint, build it on the meta device and run one token through "
+                       "it (no memory, no GPU)",
                        "  hyloom validate builtin:llama3-8b\n  hyloom validate my.yaml model.mixers.A.heads=8\n"
                        "  hyloom validate my.yaml ~model.overrides\n")
     _blueprint_args(p)

@@ -13,6 +13,7 @@ from hyloom.hookspecs import hookimpl
 from hyloom.kernels.lightning import (decay_alibi, decay_alibi_layer, decay_tnl_linear, lightning_attn,
                                       lightning_attn_decode)
 from hyloom.mixer import Mixer, MixerCapabilities, MixerContext
+from hyloom.plugins.transformer.attention import default_head_dim
 from hyloom.plugins.transformer.norm import RMSNorm
 
 
@@ -41,7 +42,7 @@ class Lightning(Mixer):
 
     def __init__(self, cfg: LightningConfig, layer: int, n_layers: int, d_model: int):
         super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim or d_model // cfg.heads
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim or default_head_dim(d_model, cfg.heads)
         self.bidirectional_decay = cfg.bidirectional_decay
         H, D = self.heads, self.head_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)

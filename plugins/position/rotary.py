@@ -38,6 +38,8 @@ class Rotary:
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
     def apply(self, q_BTHD, k_BTHD, pos_BT):
+        if q_BTHD.shape[-1] % 2:
+            raise ValueError(f"RoPE rotates pairs of channels, so head_dim must be even, got {q_BTHD.shape[-1]}")
         cos, sin = self.cos_sin(pos_BT, q_BTHD.shape[-1])
         return _rotate(q_BTHD, cos, sin), _rotate(k_BTHD, cos, sin)
 

@@ -28,6 +28,15 @@ class AttentionConfig(BaseModel):
         return self
 
 
+def default_head_dim(d_model: int, heads: int) -> int:
+    """d_model // heads, when heads split d_model evenly (a remainder would silently narrow every head, and more
+    heads than d_model would leave none)."""
+    if d_model % heads:
+        raise ValueError(f"heads ({heads}) must divide d_model ({d_model}) when head_dim is not given; "
+                         "set head_dim, or pick heads that divide d_model")
+    return d_model // heads
+
+
 class GroupedQKV(Mixer):
     """The projections every GQA attention layer has — softmax attention and InfLLM-V2 share them, which is
     what lets a dense checkpoint become a sparse one with no new parameters: q/k/v/o, optional QK-norm before
@@ -37,7 +46,7 @@ class GroupedQKV(Mixer):
                  gate: bool, eps: float):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads
-        self.head_dim = head_dim or d_model // heads
+        self.head_dim = head_dim or default_head_dim(d_model, heads)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)
         self.k_proj = nn.Linear(d_model, Hkv * D, bias=False)
