@@ -35,12 +35,14 @@ class LMTrainerConfig(BaseModel):
     clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; under torchrun: auto, cpu or cuda")
+                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; "
+                                    "under torchrun: auto, cpu or cuda")
     eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
     eval_batches: PositiveInt = Field(8, description="batches per evaluation")
     save_every: PositiveInt = Field(100, description="steps between checkpoints")
     keep: PositiveInt = Field(2, description="checkpoints kept")
-    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines (and printed lines without a progress bar)")
+    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines "
+                                                   "(and printed lines without a progress bar)")
     out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
     seed: int = 0
     tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
@@ -204,8 +206,9 @@ class LMTrainer:
               flush=True)
         if cfg.warmup > cfg.steps:
             peak = learning_rate(cfg.steps - 1, **self._schedule(cfg))
-            print(f"hyloom: warning: train.warmup ({cfg.warmup}) is longer than train.steps ({cfg.steps}): the whole run "
-                  f"is warmup, the learning rate only climbs (to {peak:.2e} of lr {cfg.lr:g}) and never decays",
+            print(f"hyloom: warning: train.warmup ({cfg.warmup}) is longer than train.steps ({cfg.steps}): "
+                  f"the whole run is warmup, the learning rate only climbs (to {peak:.2e} of lr {cfg.lr:g}) "
+                  "and never decays",
                   file=sys.stderr, flush=True)
         if point is not None:
             self._schedule_change(saved_blueprint(point).get("train") or {}, start)
@@ -236,10 +239,11 @@ class LMTrainer:
         from hyloom.plot import line_plot
 
         metrics = out.metrics()
+        baseline = {"unigram baseline": data.unigram_loss} if math.isfinite(data.unigram_loss) else {}
         line_plot(out.path / "loss.png", {
             "train": [(r["step"], r["loss"]) for r in metrics],
             "held-out": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]},
-            hlines={"unigram baseline": data.unigram_loss} if math.isfinite(data.unigram_loss) else {}, markers=("held-out",),
+            hlines=baseline, markers=("held-out",),
             xlabel="optimizer step", ylabel="loss (nats/token)", title=f"{out.path}: next-token loss")
         if self.cfg.sample_tokens:
             model.eval()
