@@ -10,28 +10,36 @@ import sys
 class CommandLine(argparse.ArgumentParser):
     """The top-level `hyloom` parser. argparse matches a command's positionals in one go, so in
     `hyloom train X --resume auto train.steps=600` the override after the option is left over as "unrecognized";
-    when that happens the command's own arguments are parsed again intermixed (options and positionals in any
-    order), which is how every command that takes KEY=VALUE overrides accepts them anywhere."""
-
-    def add_subparsers(self, **kwargs):
-        # the commands are plain parsers: only the top level needs the second pass
-        self._commands = super().add_subparsers(parser_class=argparse.ArgumentParser, **kwargs)
-        return self._commands
+    when that happens the chosen (sub)command's own arguments are parsed again intermixed (options and
+    positionals in any order), which is how every command that takes KEY=VALUE overrides accepts them anywhere."""
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         parsed, extras = self.parse_known_args(args, namespace)
-        name = getattr(parsed, "command", None)
-        command = self._commands.choices.get(name) if name and hasattr(self, "_commands") else None
-        if extras and command is not None:
+        chosen = _chosen_command(self, parsed, args) if extras else None
+        if chosen is not None:
+            command, tail = chosen
             try:
-                tail = command.parse_intermixed_args(args[args.index(name) + 1:])
+                vars(parsed).update(vars(command.parse_intermixed_args(tail)))
+                return parsed
             except TypeError:
                 pass  # a (third-party) parser intermixed parsing cannot handle, e.g. REMAINDER: parsed as written
-            else:
-                vars(parsed).update(vars(tail))
-                return parsed
         return super().parse_args(args, namespace)  # reports the leftovers as usual
+
+
+def _chosen_command(parser, parsed, args):
+    """The innermost command parser `parsed` went into (`data prepare` is two deep), and the arguments after
+    its name; None when that cannot be told."""
+    command, tail = parser, args
+    while True:
+        # argparse has no public way to list a parser's subcommands
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if not nested:
+            return (command, tail) if command is not parser else None
+        name = getattr(parsed, nested[0].dest, None)
+        if name not in nested[0].choices or name not in tail:
+            return None
+        command, tail = nested[0].choices[name], tail[tail.index(name) + 1:]
 
 
 def command_parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:

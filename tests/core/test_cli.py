@@ -94,23 +94,28 @@ def test_overrides_may_follow_options(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_commands_intermixed_parsing_cannot_handle_still_parse():
-    """A third-party command with a nested subcommand (which argparse cannot parse intermixed) parses as written."""
+def test_nested_and_third_party_commands_parse_too():
+    args = build_parser().parse_args(["data", "prepare", "builtin:tiny", "--no-progress", "data.seq_len=64"])
+    assert (args.blueprint, args.overrides, args.no_progress) == ("builtin:tiny", ["data.seq_len=64"], True)
+    # a third-party command with its own subcommands
     parser = CommandLine(prog="hyloom")
     command = parser.add_subparsers(dest="command").add_parser("remote")
     command.add_argument("--host")
     nested = command.add_subparsers(dest="action").add_parser("run")
-    nested.add_argument("script")
+    nested.add_argument("scripts", nargs="*")
     nested.add_argument("--fast", action="store_true")
-    args = parser.parse_args(["remote", "--host", "h", "run", "x.py", "--fast"])
-    assert (args.host, args.action, args.script, args.fast) == ("h", "run", "x.py", True)
-    with pytest.raises(SystemExit, match="2"):  # leftovers are reported, not a TypeError from argparse
-        parser.parse_args(["remote", "run", "x.py", "--fast", "extra"])
+    args = parser.parse_args(["remote", "--host", "h", "run", "a.py", "--fast", "b.py"])
+    assert (args.host, args.action, args.scripts, args.fast) == ("h", "run", ["a.py", "b.py"], True)
+    with pytest.raises(SystemExit, match="2"):  # leftovers are still reported
+        parser.parse_args(["remote", "run", "a.py", "--fast", "--bogus"])
+    # one intermixed parsing cannot handle (REMAINDER) is parsed as written, without a TypeError from argparse
     remainder = CommandLine(prog="hyloom")
     command = remainder.add_subparsers(dest="command").add_parser("exec")
     command.add_argument("--env")
     command.add_argument("rest", nargs=argparse.REMAINDER)
     assert remainder.parse_args(["exec", "--env", "e", "ls", "-l"]).rest == ["ls", "-l"]
+    with pytest.raises(SystemExit, match="2"):  # leftovers: intermixed parsing is tried, refuses, plain parsing reports
+        remainder.parse_args(["exec", "--bogus", "ls"])
 
 
 @pytest.mark.parametrize("argv, message", [
