@@ -218,6 +218,13 @@ class MeanConfig(BaseModel):
     use_cache: bool = True
     pack: bool = True
     random_constant: bool = False
+    largest_d_model: int = 1024  # checked in build, which sees the whole model
+
+
+def _build_mean(cfg, layer, model):
+    if model.d_model > cfg.largest_d_model:
+        raise ValueError(f"d_model {model.d_model} is more than largest_d_model {cfg.largest_d_model}")
+    return RunningMean(cfg, model.d_model)
 
 
 class RunningMean(Mixer):
@@ -249,10 +256,6 @@ class RunningMean(Mixer):
     def new_cache(self, batch, device, dtype):
         return {"total": torch.zeros(batch, 1, self.gate.shape[0], device=device, dtype=dtype),
                 "count": torch.zeros(batch, 1, 1, device=device, dtype=dtype)}
-
-
-def _build_mean(cfg, layer, model):
-    return RunningMean(cfg, model.d_model)
 
 
 class MeanPlugin:
@@ -300,6 +303,18 @@ def test_register_plugin_refuses_mistakes_and_leaves_nothing_behind():
         hyloom.register_plugin(misspelled)
     assert not {"conflict", "typo"} & {p.name for p in registry().plugins}
     assert registry().get("mixer", "attention").dist == "hyloom"
+
+
+def test_config_errors_of_a_plugin_are_blueprint_problems(mean_plugin, tmp_path, capsys):
+    path = tmp_path / "mean.yaml"
+    path.write_text("model: {d_model: 32, n_layers: 2, vocab_size: 50, mixers: {M: {type: mean}}, layout: MM,\n"
+                    "        ffn: {type: swiglu, hidden: 64}}\n")
+    assert main(["validate", str(path), "model.mixers.M.largest_d_model=16"]) == 2  # raised in build
+    err = capsys.readouterr().err
+    assert "model.mixers.M: cannot build mixer 'mean' for layer 0: d_model 32 is more than largest_d_model 16" in err
+    assert "Traceback" not in err
+    assert main(["validate", str(path), "model.mixers.M.pack=maybe"]) == 2  # pydantic, in the config
+    assert "model.mixers.M.pack: Input should be a valid boolean" in capsys.readouterr().err
 
 
 def test_a_plugin_mixer_passes_every_check_of_hyloom_testing(mean_plugin, tmp_path):
