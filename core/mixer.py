@@ -8,6 +8,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from hyloom.registry import CapabilityError  # noqa: F401 (part of the mixer contract: hyloom.mixer.CapabilityError)
+
 Family = Literal["softmax", "sparse", "linear"]
 
 
@@ -20,10 +22,6 @@ class MixerCapabilities:
     bidirectional: bool = False  # runs with model.causal false (checked when the blueprint is validated)
     decode: bool = True  # has new_cache and a cached forward (HybridLM.new_cache refuses otherwise)
     varlen: bool = False  # honours ctx.cu_seqlens (HybridLM.forward refuses packed input otherwise)
-
-
-class CapabilityError(ValueError):
-    """A model was asked for something one of its mixers does not declare (decoding, packed sequences)."""
 
 
 class PositionEncoding(Protocol):

@@ -47,6 +47,11 @@ class PluginError(Exception):
     """A plugin could not be loaded, or two plugins claim one name."""
 
 
+class CapabilityError(ValueError):
+    """A model was asked for something one of its mixers does not declare (decoding, packed sequences).
+    Lives here, not in hyloom.mixer, so the CLI can catch it without importing torch."""
+
+
 class UnknownComponentError(KeyError):
     def __init__(self, kind: str, name: str, known: list[str]):
         self.kind, self.name, self.known = kind, name, known

@@ -9,7 +9,7 @@ from hyloom import __version__
 from hyloom.blueprint import BlueprintError
 from hyloom.cli.parser import CommandLine
 from hyloom.data import DataError
-from hyloom.registry import PluginError, UnknownComponentError, registry, reset
+from hyloom.registry import CapabilityError, PluginError, UnknownComponentError, registry, reset
 from hyloom.train import SetupError, TrainingError
 
 EPILOG = """examples:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return args.func(args) or 0
-    except (BlueprintError, DataError, PluginError, UnknownComponentError, SetupError) as exc:
+    except (BlueprintError, CapabilityError, DataError, PluginError, UnknownComponentError, SetupError) as exc:
         print(f"hyloom: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

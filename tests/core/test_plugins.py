@@ -331,6 +331,23 @@ def test_capabilities_a_mixer_lacks_are_refused_naming_the_layer(mean_plugin, tm
     check_mixer(model, tmp_path)  # the refusals are what the checks expect of such a mixer
 
 
+def _add_generate_plain(sub):  # a command that decodes with a model that cannot
+    p = command_parser(sub, "generate-plain", "generate with a mixer that cannot decode", "  hyloom generate-plain\n")
+    p.set_defaults(func=lambda args: tiny_model({"type": "mean_plain"}).generate([[1, 2]], max_new_tokens=1))
+
+
+def test_the_cli_reports_a_missing_capability_without_a_traceback(mean_plugin, capsys):
+    plugin = SimpleNamespace(hyloom_register_commands=lambda register: register(
+        "generate-plain", _add_generate_plain, summary="decode without the capability"))
+    hyloom.register_plugin(plugin, name="generate_plain")
+    try:
+        assert main(["generate-plain"]) == 2
+    finally:
+        hyloom.unregister_plugin("generate_plain")
+    err = capsys.readouterr().err
+    assert "layers.0 (mean_plain), layers.1 (mean_plain) do not declare it" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("broken, check", [
     ({"mask_padding": False}, check_left_padding),
     ({"use_cache": False}, check_decode),
