@@ -37,14 +37,16 @@ def _one_token(model) -> None:
 
     from hyloom.model import component_error, mixer_path
 
-    spec, entered, handles = model.spec, [], []
+    spec, entered, left, handles = model.spec, [], [("model", "failed")], []
 
-    def watch(module, path, what):  # the innermost component still running when an exception flies is its source
+    # The culprit is the innermost component still running when the exception flies, else the one that ran
+    # last (a mixer whose output has the wrong shape breaks the residual add after it returns).
+    def watch(module, path, what):
         def enter(*_):
             entered.append((path, what))
 
         def leave(*_):
-            entered.pop()
+            left.append(entered.pop())
 
         handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
 
@@ -65,7 +67,7 @@ def _one_token(model) -> None:
             warnings.warn(f"the one-token check on the meta device could not run ({exc}); the blueprint is "
                           "validated but not run", stacklevel=2)
             return
-        path, what = entered[-1] if entered else ("model", "failed")
+        path, what = (entered or left)[-1]
         raise component_error(path, f"{what} (a one-token forward on the meta device)", exc) from exc
     finally:
         for handle in handles:

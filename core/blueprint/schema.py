@@ -195,8 +195,20 @@ def clear_cache() -> None:
     blueprint_model.cache_clear()
 
 
+EXTENDS_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "parent blueprints merged first, in order: a path relative to this file or builtin:NAME",
+}
+
+
 def json_schema() -> dict:
-    return blueprint_model().model_json_schema()
+    """The JSON Schema of a blueprint after its `extends` parents are merged and overrides applied (a file
+    that extends another may leave out keys its parents set, which this schema calls missing)."""
+    schema = blueprint_model().model_json_schema()
+    schema["description"] = ("A hyloom blueprint, as validated after `extends` parents are merged and command-line "
+                             "overrides applied; a file with `extends` may leave out keys its parents set.")
+    schema["properties"] = {"extends": EXTENDS_SCHEMA, **schema["properties"]}
+    return schema
 
 
 # ---- turning pydantic's errors into messages a user can act on ------------------------------------------

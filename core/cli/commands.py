@@ -165,7 +165,8 @@ def cmd_schema(args) -> int:
 
 
 def add_schema(sub):
-    p = command_parser(sub, "schema", "print the blueprint JSON Schema (every registered component's config included)",
+    p = command_parser(sub, "schema", "print the JSON Schema of a blueprint as validated: after its `extends` parents "
+                       "are merged and overrides applied (every registered component's config included)",
                        "  hyloom schema > blueprint.schema.json\n  hyloom schema --markdown > docs/blueprint-reference.md\n")
     p.add_argument("--markdown", action="store_true", help="the blueprint reference as Markdown")
     p.set_defaults(func=cmd_schema)
