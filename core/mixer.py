@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from hyloom.registry import CapabilityError  # noqa: F401 (part of the mixer contract: hyloom.mixer.CapabilityError)
-
-Family = Literal["softmax", "sparse", "linear"]
-
-
-@dataclass(frozen=True)
-class MixerCapabilities:
-    """What a mixer supports; each flag is enforced outside the mixer (docs/plugins.md, "Capabilities")."""
-
-    family: Family  # decides the position encoding a policy gives the layer (HyPE: RoPE for linear only)
-    causal: bool = True  # runs with model.causal true (checked when the blueprint is validated)
-    bidirectional: bool = False  # runs with model.causal false (checked when the blueprint is validated)
-    decode: bool = True  # has new_cache and a cached forward (HybridLM.new_cache refuses otherwise)
-    varlen: bool = False  # honours ctx.cu_seqlens (HybridLM.forward refuses packed input otherwise)
+# part of the mixer contract, defined in the torch-free registry so that registering a mixer needs no torch
+from hyloom.registry import CapabilityError, Family, MixerCapabilities  # noqa: F401
 
 
 class PositionEncoding(Protocol):

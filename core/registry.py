@@ -47,9 +47,24 @@ class PluginError(Exception):
     """A plugin could not be loaded, or two plugins claim one name."""
 
 
+# The capability record and its error live here, not in hyloom.mixer (which re-exports both), so that registering
+# a mixer and catching the error in the CLI import no torch: `hyloom ls` stays fast.
+Family = Literal["softmax", "sparse", "linear"]
+
+
+@dataclass(frozen=True)
+class MixerCapabilities:
+    """What a mixer supports; each flag is enforced outside the mixer (docs/plugins.md, "Capabilities")."""
+
+    family: Family  # decides the position encoding a policy gives the layer (HyPE: RoPE for linear only)
+    causal: bool = True  # runs with model.causal true (checked when the blueprint is validated)
+    bidirectional: bool = False  # runs with model.causal false (checked when the blueprint is validated)
+    decode: bool = True  # has new_cache and a cached forward (HybridLM.new_cache refuses otherwise)
+    varlen: bool = False  # honours ctx.cu_seqlens (HybridLM.forward refuses packed input otherwise)
+
+
 class CapabilityError(ValueError):
-    """A model was asked for something one of its mixers does not declare (decoding, packed sequences).
-    Lives here, not in hyloom.mixer, so the CLI can catch it without importing torch."""
+    """A model was asked for something one of its mixers does not declare (decoding, packed sequences)."""
 
 
 class UnknownComponentError(KeyError):
@@ -118,8 +133,6 @@ def _typed_config(name: str, config: type[BaseModel]) -> type[BaseModel]:
 
 
 def _check_capabilities(kind: str, name: str, capabilities: Any) -> None:
-    from hyloom.mixer import MixerCapabilities  # a contract of core; imported late to keep start-up light
-
     if kind == "mixer" and not isinstance(capabilities, MixerCapabilities):
         raise TypeError(f"mixer {name!r} must declare capabilities=MixerCapabilities(...), got {capabilities!r}")
 

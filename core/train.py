@@ -14,15 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from hyloom.checkpoint import BLUEPRINT, load_safetensors, load_trainer_state, save_checkpoint, write_file_atomic
-
-
-class TrainingError(Exception):
-    """A run that cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. The CLI exits with 1."""
-
-
-class SetupError(TrainingError):
-    """A run that cannot start as asked (run directory already used, nothing left to resume, no such device);
-    nothing has been written. The CLI exits with 2."""
+from hyloom.errors import SetupError, TrainingError  # noqa: F401 (hyloom.train's errors, defined without torch)
 
 
 def pick_device(name: str = "auto", what: str = "device", local_rank: int | None = None) -> torch.device:

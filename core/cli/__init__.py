@@ -9,8 +9,8 @@ from hyloom import __version__
 from hyloom.blueprint import BlueprintError
 from hyloom.cli.parser import CommandLine
 from hyloom.data import DataError
+from hyloom.errors import SetupError, TrainingError
 from hyloom.registry import CapabilityError, PluginError, UnknownComponentError, registry, reset
-from hyloom.train import SetupError, TrainingError
 
 EPILOG = """examples:
   hyloom ls mixer                      list the registered mixers

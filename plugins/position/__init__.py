@@ -3,6 +3,9 @@
 Both rotary policies call the RoPE base `rope_theta` (the name transformers' config.json and torchtitan use), so
 a blueprint can switch between them without renaming keys. `rope`'s former `theta` is still read, with a
 FutureWarning.
+
+This module holds the configs and the registration; the policies (`policies.py`, which needs torch) are imported
+when a model is built, so that `hyloom ls` and `--help` stay fast.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 
 from hyloom.hookspecs import hookimpl
-from hyloom.mixer import NoPosition
-from hyloom.plugins.position.rotary import QueryScaling, Rotary
 
 
 class LongRopeScaling(BaseModel):
@@ -54,14 +55,6 @@ class LongRopeScaling(BaseModel):
             return self.attention_factor
         s = self.max_position_embeddings / self.original_max_position_embeddings
         return math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings)) if s > 1 else 1.0
-
-
-def rotary(theta: float, scaling: LongRopeScaling | None) -> Rotary:
-    if scaling is None:
-        return Rotary(theta)
-    which = "long_factor" if scaling.extended() else "short_factor"
-    return Rotary(theta, tuple(getattr(scaling, which)), scaling.magnitude(),
-                  factors_key=f"model.position.scaling.{which}")
 
 
 THETA = Field(10000.0, gt=0, description="RoPE base θ (1e4 MiniCPM/Llama-2, 5e5 Llama-3, 1e6 Qwen3)")
@@ -108,32 +101,31 @@ class HypeConfig(BaseModel):
                                                    "layers (HypeNet: 500/600/900); null turns it off")
 
 
-class Uniform:
-    """Every layer gets the same encoding."""
+def build_rope(cfg: RopeConfig):
+    from hyloom.plugins.position.policies import Uniform, rotary
 
-    def __init__(self, encoding):
-        self.encoding = encoding
-
-    def for_layer(self, family, layer):
-        return self.encoding
+    return Uniform(rotary(cfg.rope_theta, cfg.scaling))
 
 
-class Hype:
-    def __init__(self, cfg: HypeConfig):
-        self.rotary = rotary(cfg.rope_theta, cfg.scaling)
-        self.attention = QueryScaling(cfg.a) if cfg.a else NoPosition()
+def build_nope(cfg: NopeConfig):
+    from hyloom.plugins.position.policies import NoPosition, Uniform
 
-    def for_layer(self, family, layer):
-        return self.rotary if family == "linear" else self.attention
+    return Uniform(NoPosition())
+
+
+def build_hype(cfg: HypeConfig):
+    from hyloom.plugins.position.policies import Hype
+
+    return Hype(cfg)
 
 
 @hookimpl
 def hyloom_register_positions(register):
-    register("rope", lambda cfg: Uniform(rotary(cfg.rope_theta, cfg.scaling)), config=RopeConfig,
+    register("rope", build_rope, config=RopeConfig,
              summary="rotary position embedding on every layer (optionally LongRoPE-scaled)",
              example={"type": "rope", "rope_theta": 10000.0})
-    register("nope", lambda cfg: Uniform(NoPosition()), config=NopeConfig,
+    register("nope", build_nope, config=NopeConfig,
              summary="no position encoding on any layer", example={"type": "nope"})
-    register("hype", Hype, config=HypeConfig,
+    register("hype", build_hype, config=HypeConfig,
              summary="HyPE: RoPE on linear layers, NoPE (+ optional log-length query scaling) on attention",
              example={"type": "hype", "rope_theta": 10000.0, "a": 500.0})

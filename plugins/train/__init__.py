@@ -1,11 +1,19 @@
-"""Built-in trainers: `lm` (next-token prediction)."""
+"""Built-in trainers: `lm` (next-token prediction).
+
+Registering imports only the config; the trainer (and torch) loads when one is built."""
 
 from hyloom.hookspecs import hookimpl
-from hyloom.plugins.train.lm import LMTrainer, LMTrainerConfig
+from hyloom.plugins.train.config import LMTrainerConfig
+
+
+def build_lm(cfg: LMTrainerConfig):
+    from hyloom.plugins.train.lm import LMTrainer
+
+    return LMTrainer(cfg)
 
 
 @hookimpl
 def hyloom_register_trainers(register):
-    register("lm", LMTrainer, config=LMTrainerConfig,
+    register("lm", build_lm, config=LMTrainerConfig,
              summary="next-token language modelling: AdamW, warmup + cosine/WSD, accumulation, clipping, resume",
              example={"type": "lm", "steps": 10, "batch_size": 4})

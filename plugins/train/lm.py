@@ -8,52 +8,16 @@ import math
 import random
 import sys
 import time
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from tqdm.auto import tqdm
 
 from hyloom.blueprint import BlueprintError, Problem
+from hyloom.plugins.train.config import LMTrainerConfig
 from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
 from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point, saved_blueprint
-
-
-class LMTrainerConfig(BaseModel):
-    steps: PositiveInt = Field(300, description="optimizer steps")
-    batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all ranks and micro-steps")
-    grad_accum: PositiveInt = Field(1, description="micro-steps per optimizer step")
-    lr: PositiveFloat = Field(3e-3, description="peak learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak")
-    warmup: NonNegativeInt = Field(20, description="steps of linear warmup")
-    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="after warmup")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
-    weight_decay: float = Field(0.1, ge=0, description="decoupled (AdamW), on matrices only")
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; "
-                                    "under torchrun: auto, cpu or cuda")
-    eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
-    eval_batches: PositiveInt = Field(8, description="batches per evaluation")
-    save_every: PositiveInt = Field(100, description="steps between checkpoints")
-    keep: PositiveInt = Field(2, description="checkpoints kept")
-    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines "
-                                                   "(and printed lines without a progress bar)")
-    out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
-    seed: int = 0
-    tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
-    sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
-    sample_tokens: NonNegativeInt = Field(48, description="tokens of that sample (0: none)")
-
-    @model_validator(mode="after")
-    def _micro(self):
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        return self
 
 
 def lm_loss(model, batch_BT1) -> torch.Tensor:

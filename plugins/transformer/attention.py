@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveInt, model_validator
 from torch import nn
 
-from hyloom.mixer import Mixer, MixerCapabilities, MixerContext
+from hyloom.mixer import Mixer, MixerContext
+from hyloom.plugins.transformer.config import ATTENTION, AttentionConfig
 from hyloom.plugins.transformer.kv_cache import KVCache
 from hyloom.plugins.transformer.norm import RMSNorm
-
-
-class AttentionConfig(BaseModel):
-    heads: PositiveInt
-    kv_heads: PositiveInt | None = Field(None, description="key/value heads for GQA (default: heads)")
-    head_dim: PositiveInt | None = Field(None, description="default: d_model // heads")
-    window: PositiveInt | None = Field(None, description="sliding window in tokens (null: full causal)")
-    qk_norm: bool = Field(False, description="per-head RMSNorm on q and k before the position encoding")
-    gate: bool = Field(False, description="sigmoid output gate: o * sigmoid(x W_g) before W_o")
-    norm_eps: float = Field(1e-6, gt=0)
-
-    @model_validator(mode="after")
-    def _gqa(self):
-        if self.heads % (self.kv_heads or self.heads):
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        return self
 
 
 def default_head_dim(d_model: int, heads: int) -> int:
@@ -75,7 +59,7 @@ class GroupedQKV(Mixer):
 
 
 class Attention(GroupedQKV):
-    capabilities = MixerCapabilities(family="softmax", causal=True, bidirectional=True, decode=True, varlen=True)
+    capabilities = ATTENTION
 
     def __init__(self, cfg: AttentionConfig, d_model: int):
         super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)

@@ -1,12 +1,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import BaseModel, PositiveInt
 from torch import nn
-
-
-class SwiGLUConfig(BaseModel):
-    hidden: PositiveInt
 
 
 class SwiGLU(nn.Module):

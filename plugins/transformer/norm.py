@@ -1,12 +1,7 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
-
-
-class RMSNormConfig(BaseModel):
-    eps: float = Field(1e-6, gt=0)
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,8 @@ import torch
 import hyloom
 from hyloom import load_blueprint
 from hyloom.kernels.lightning.decay import alibi_slopes, decay_alibi
-from hyloom.plugins.infllm_v2 import InfLLMv2, InfLLMv2Config
+from hyloom.plugins.infllm_v2 import InfLLMv2Config
+from hyloom.plugins.infllm_v2.mixer import InfLLMv2
 from hyloom.plugins.lightning import LightningConfig
 
 

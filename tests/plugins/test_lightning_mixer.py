@@ -8,7 +8,8 @@ import hyloom
 from hyloom.blueprint import blueprint_model
 from hyloom.kernels.lightning import decay_alibi
 from hyloom.mixer import MixerContext, NoPosition
-from hyloom.plugins.lightning import Lightning, LightningConfig
+from hyloom.plugins.lightning import LightningConfig
+from hyloom.plugins.lightning.mixer import Lightning
 from hyloom.plugins.position.rotary import Rotary
 
 

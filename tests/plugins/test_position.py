@@ -9,7 +9,8 @@ import torch
 
 from hyloom import load_blueprint
 from hyloom.plugins.hf.formats import LLAMA, ConversionError
-from hyloom.plugins.position import _WARNED, HypeConfig, LongRopeScaling, RopeConfig, rotary
+from hyloom.plugins.position import _WARNED, HypeConfig, LongRopeScaling, RopeConfig
+from hyloom.plugins.position.policies import rotary
 
 SHORT = [1.0, 1.5, 2.0, 4.0]  # head_dim 8: four rotary pairs
 LONG = [1.0, 3.0, 8.0, 16.0]

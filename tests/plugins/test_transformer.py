@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from hyloom.mixer import MixerContext, NoPosition
-from hyloom.plugins.position import Hype, HypeConfig
+from hyloom.plugins.position import HypeConfig
+from hyloom.plugins.position.policies import Hype
 from hyloom.plugins.position.rotary import QueryScaling, Rotary
-from hyloom.plugins.transformer import Attention, AttentionConfig, RMSNorm
+from hyloom.plugins.transformer import AttentionConfig
+from hyloom.plugins.transformer.attention import Attention
+from hyloom.plugins.transformer.norm import RMSNorm
 
 
 def reference_attention(mod: Attention, x, pos, causal, window):
