@@ -6,6 +6,7 @@ import copy
 import difflib
 import functools
 import importlib.metadata as md
+import re
 from typing import Annotated, Any, Literal, Union
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -285,7 +286,18 @@ def _message(err: dict, loc: tuple, data: Any, fields: list[str] | None = None) 
         return f"expected a mapping (key: value, ...), got {_describe(err['input'])}"
     if err["type"] == "list_type":
         return f"expected a list, got {_describe(err['input'])}"
-    return f"{err['msg'].removeprefix('Value error, ')} (got {_short(err['input'])})"
+    message = err["msg"].removeprefix("Value error, ")
+    return message + _got(message, err["input"])
+
+
+def _got(message: str, value: Any) -> str:
+    """The offending value; for a component-wide check, the values of the keys its message names but does not
+    quote as `key (value)`, rather than the whole mapping."""
+    if not isinstance(value, dict):
+        return f" (got {_short(value)})"
+    named = [f"{k}: {_short(v)}" for k, v in value.items()
+             if re.search(rf"\b{re.escape(str(k))}\b(?! \()", message)]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _short(value: Any, limit: int = 80) -> str:

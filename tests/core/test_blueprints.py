@@ -154,6 +154,17 @@ def test_error_names_the_file_that_set_the_bad_value(tmp_path):
     assert f"{parent}: model.mixers.A.heads" in str(info.value)
 
 
+@pytest.mark.parametrize("overrides, quoted", [
+    (["model.mixers.S.window=8"], "window must be a multiple of block_size (block_size: 16, window: 8)"),
+    (["train.batch_size=10", "train.grad_accum=3"], "batch_size (10) must be a multiple of grad_accum (3)\n"),
+])
+def test_a_component_check_quotes_the_values_it_names_not_the_whole_mapping(overrides, quoted):
+    with pytest.raises(hyloom.BlueprintError) as info:
+        load_blueprint("builtin:tiny", overrides)
+    message = str(info.value) + "\n"
+    assert quoted in message and "{" not in message, message
+
+
 def test_cli_reports_bad_blueprints_with_status_2_and_no_traceback(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     assert main(["validate", path, "model.mixers.A.type=infllm"]) == 2
