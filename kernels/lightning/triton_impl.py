@@ -143,9 +143,12 @@ def backward(q, k, v, g, do, dht, states, scale, want_dh0, segs):
         table = (g, segs.start, segs.length)
         K.chunk_output_kernel[grid](do, v, k, dq, *table, states, scale, H=H, D=D, DP=dp, C=C, BA=blk,
                                     STATE_T=False, IEEE=ieee, **opts)
+        # fp32 tiles of a 256-wide head: two pipeline stages of the dK/dV kernel need 272 KB of shared memory,
+        # more than a Hopper GPU has (227 KB)
+        dkdv_opts = dict(opts, num_stages=1) if ieee and dp > 128 else opts
         for a, b, c, out, transposed in ((q, do, v, dk, False), (do, q, k, dv, True)):
             K.chunk_dkdv_kernel[grid](a, b, c, out, *table, dstates, scale, H=H, D=D, DP=dp, C=C, BA=blk,
-                                      STATE_T=transposed, IEEE=ieee, **opts)
+                                      STATE_T=transposed, IEEE=ieee, **dkdv_opts)
     return dq, dk, dv, dh0
 
 

@@ -244,9 +244,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, cache, mon
 
 
 def test_two_processes_match_one(tmp_path, cache):
-    one = blueprint(tmp_path / "one", cache)
+    # on the CPU (gloo) everywhere: a one-GPU machine has no second GPU for the second process
+    one = blueprint(tmp_path / "one", cache, device="cpu")
     run(one)
-    two = blueprint(tmp_path / "two", cache)
+    two = blueprint(tmp_path / "two", cache, device="cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "hyloom", "train", two, "--no-progress"], env=env, capture_output=True, text=True,
