@@ -23,6 +23,7 @@ KINDS = {
     "tokenizer": "hyloom_register_tokenizers",
     "trainer": "hyloom_register_trainers",
     "objective": "hyloom_register_objectives",
+    "eval_task": "hyloom_register_eval_tasks",
     "checkpoint_format": "hyloom_register_checkpoint_formats",
     "command": "hyloom_register_commands",
 }
@@ -68,6 +69,10 @@ class HyloomSpec:
     @hookspec
     def hyloom_register_objectives(self, register):
         """Training objectives: `build(config)` → callable `(model, batch) -> loss`."""
+
+    @hookspec
+    def hyloom_register_eval_tasks(self, register):
+        """Evaluation tasks: `build(config)` → object with `run(ctx: hyloom.eval.EvalContext) -> EvalResult`."""
 
     @hookspec
     def hyloom_register_checkpoint_formats(self, register):
