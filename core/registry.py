@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.train",
     "hyloom.plugins.data",
     "hyloom.plugins.hf",
+    "hyloom.plugins.eval",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 COMMAND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")  # CLI commands read better with hyphens (import-hf)
