@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -60,7 +61,7 @@ def cmd_stats(args) -> int:
         folder = prepared_path(_spec(args.target, args.overrides))
         if not (folder / "manifest.json").is_file():
             raise DataError(f"the data of {args.target} is not prepared yet (expected {folder}); "
-                            f"run `hyloom data prepare {args.target}` first")
+                            f"run `hyloom data prepare {shlex.join([args.target, *args.overrides])}` first")
     manifest = json.loads((folder / "manifest.json").read_text())
     print(json.dumps(manifest, indent=2) if args.json else describe(manifest, folder))
     return 0

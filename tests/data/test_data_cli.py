@@ -19,8 +19,10 @@ def blueprint(tmp_path, **data):
 
 def test_prepare_then_stats(tmp_path, capsys):
     path = blueprint(tmp_path)
-    assert main(["data", "stats", path]) == 2
-    assert "not prepared yet" in capsys.readouterr().err
+    assert main(["data", "stats", path, "data.seed=1"]) == 2
+    err = capsys.readouterr().err
+    # the hint prepares what stats looked for: the overrides are part of it
+    assert "not prepared yet" in err and f"run `hyloom data prepare {path} data.seed=1` first" in err, err
 
     assert main(["data", "prepare", path, "--no-progress"]) == 0
     out = capsys.readouterr().out
