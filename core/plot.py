@@ -46,9 +46,11 @@ def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], *,
 
 
 def heatmap(path: str | Path, values, *, xlabel: str, ylabel: str, title: str | None = None,
-            colorbar: str = "", xticklabels=None, yticklabels=None, cmap: str = "viridis", size=(6.0, 5.0)):
-    """A 2-D array (rows on the y axis, top to bottom) as coloured cells with a labelled colour bar. Writes
-    `path` and returns the matplotlib Figure."""
+            colorbar: str = "", xticklabels=None, yticklabels=None, cmap: str = "viridis", size=(6.0, 5.0),
+            vmin: float | None = None, vmax: float | None = None):
+    """A 2-D array (rows on the y axis, top to bottom) as coloured cells with a labelled colour bar; `vmin`/`vmax`
+    fix the colour scale (e.g. 0 and 1 for accuracies; default: the data's range). Writes `path` and returns the
+    matplotlib Figure."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
@@ -57,7 +59,7 @@ def heatmap(path: str | Path, values, *, xlabel: str, ylabel: str, title: str | 
         raise ValueError(f"heatmap needs a 2-D array, got shape {values.shape}")
     fig = _figure(size)
     ax = fig.subplots()
-    image = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
+    image = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, label=colorbar)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     for axis in (ax.xaxis, ax.yaxis):  # cells are indices: no ticks between them
