@@ -10,7 +10,8 @@ from hyloom.registry import registry
 
 COMPONENT_KINDS = {"position": "model.position", "mixer": "model.mixers.<SYMBOL>", "ffn": "model.ffn",
                    "norm": "model.norm", "data_source": "data.source", "data_tier": "data.tiers[]",
-                   "tokenizer": "data.tokenizer", "trainer": "train"}
+                   "tokenizer": "data.tokenizer", "trainer": "train",
+                   "eval_task": "train.eval_tasks[]"}
 
 
 def _type_text(prop: dict, defs: dict) -> str:

@@ -30,6 +30,7 @@ SLOTS = {
     ("data", "tiers", "*"): "data_tier",
     ("data", "tokenizer"): "tokenizer",
     ("train",): "trainer",
+    ("train", "eval_tasks", "*"): "eval_task",
 }
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 
 class LMTrainerConfig(BaseModel):
@@ -34,6 +34,37 @@ class LMTrainerConfig(BaseModel):
     tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
     sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
     sample_tokens: NonNegativeInt = Field(48, description="tokens of that sample (0: none)")
+    eval_tasks: list[Any] = Field([], description="evaluation tasks run during training, e.g. "
+                                                  "[{type: passkey, lengths: [512]}] (hyloom ls eval_task); "
+                                                  "logged to metrics.jsonl as eval/<metric>")
+    eval_tasks_every: PositiveInt | None = Field(None, description="steps between runs of eval_tasks "
+                                                                  "(null: at each evaluation); always at the end")
+
+    @field_validator("eval_tasks", mode="plain")
+    @classmethod
+    def _eval_tasks(cls, value):
+        # The registered eval_task configs are known only once every plugin has registered (after this class
+        # exists), so the discriminated union is built when a blueprint is validated; pydantic keeps the
+        # inner errors' key paths (train.eval_tasks.0.lengths).
+        from typing import Annotated, Union
+
+        from pydantic import TypeAdapter
+
+        from hyloom.registry import registry
+
+        configs = tuple(r.config for r in registry().all("eval_task") if r.config is not None)
+        if not configs:
+            if value:
+                raise ValueError("no eval_task is registered (hyloom ls eval_task)")
+            return []
+        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
+        tasks = TypeAdapter(list[union]).validate_python(value)
+        seen = [t.type for t in tasks]
+        twice = sorted({t for i, t in enumerate(seen) if t in seen[:i]})
+        if twice:
+            raise ValueError(f"task {', '.join(map(repr, twice))} listed twice; give each task once "
+                             "(its metrics are named after it)")
+        return tasks
 
     @model_validator(mode="after")
     def _micro(self):

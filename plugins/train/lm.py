@@ -41,9 +41,15 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _short(value) -> str:
+    return "nan" if value is None else f"{value:.3g}"
+
+
 class LMTrainer:
     def __init__(self, cfg: LMTrainerConfig):
         self.cfg = cfg
+        self._eval_ctx = None
+        self._headlines: set[str] = set()  # metrics.jsonl keys of each eval task's headline metric
 
     def check(self, blueprint) -> None:
         """Refuse, before any data is prepared, a model this objective cannot train."""
@@ -100,6 +106,7 @@ class LMTrainer:
         bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (env.main and run.progress),
                    dynamic_ncols=True)
         began, eval_loss, loss = time.perf_counter(), None, float("nan")
+        headlines = {}  # the latest headline metric of each eval task, shown on the bar
         model.train()
         for step in range(start, cfg.steps):
             lr = learning_rate(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
@@ -129,15 +136,26 @@ class LMTrainer:
                       "tokens_per_s": round(tok_s, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 eval_loss = record["eval_loss"] = evaluate()
-            if env.main and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.steps):
+            if cfg.eval_tasks and (done % (cfg.eval_tasks_every or cfg.eval_every) == 0 or done == cfg.steps):
+                if env.main:  # the raw model, not DDP: the other ranks wait at the barrier
+                    with autocast():
+                        tasks = self._run_tasks(model, data, env, seq_len)
+                    record.update(tasks)
+                    headlines = {k[len("eval/"):]: v for k, v in tasks.items() if k in self._headlines}
+                env.barrier()
+            evaluated = "eval_loss" in record or any(k.startswith("eval/") for k in record)
+            if env.main and (done % cfg.log_every == 0 or evaluated or done == cfg.steps):
                 out.log(record)
                 if not run.progress:  # the bar's place: one line per logged step
                     held_out = f"   held-out {record['eval_loss']:.3f}" if "eval_loss" in record else ""
-                    print(f"step {done}/{cfg.steps}   loss {loss:.3f}{held_out}   lr {lr:.2e}   "
+                    scores = "".join(f"   {k} {_short(record['eval/' + k])}" for k in headlines
+                                     if "eval/" + k in record)
+                    print(f"step {done}/{cfg.steps}   loss {loss:.3f}{held_out}{scores}   lr {lr:.2e}   "
                           f"grad norm {grad_norm:.3g}   {tok_s:,.0f} tokens/s", flush=True)
                 if board:
                     for key, value in record.items():
-                        board.add_scalar(f"train/{key}", value, done)
+                        if value is not None:  # a task's non-finite metric
+                            board.add_scalar(f"train/{key}", value, done)
             if done % cfg.save_every == 0 or done == cfg.steps:
                 if env.main:
                     state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
@@ -146,7 +164,7 @@ class LMTrainer:
                              extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
                 env.barrier()
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss else "-",
-                            tok_s=f"{tok_s:,.0f}", refresh=False)
+                            **{k: _short(v) for k, v in headlines.items()}, tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
         bar.close()
         result = {"steps": cfg.steps, "train_loss": loss, "eval_loss": eval_loss, "unigram_loss": data.unigram_loss,
@@ -154,6 +172,19 @@ class LMTrainer:
         if env.main:
             self._finish(model, data, out, result)
         return result
+
+    def _run_tasks(self, model, data, env, seq_len: int) -> dict:
+        """train.eval_tasks on the model now: {"eval/<metric>": value}; remembers each task's headline metric."""
+        from hyloom.eval import EvalContext, headline, heldout_reader, run_tasks
+
+        cfg = self.cfg
+        if self._eval_ctx is None:  # one context a run: the held-out ids are read once
+            self._eval_ctx = EvalContext(model=model, tokenizer=data.tokenizer, device=env.device,
+                                         heldout_ids=heldout_reader(data.dir), train_len=seq_len,
+                                         batch_size=cfg.batch_size // cfg.grad_accum, seed=cfg.seed)
+        report = run_tasks(cfg.eval_tasks, self._eval_ctx)
+        self._headlines = {"eval/" + headline(e)[0] for e in report["tasks"].values() if e["metrics"]}
+        return {f"eval/{k}": v for e in report["tasks"].values() for k, v in e["metrics"].items()}
 
     def _summary(self, model, data, env, seq_len: int, point, start: int) -> None:
         """What is about to run, printed before the first step; and what changed since a resumed checkpoint."""
