@@ -60,7 +60,7 @@ def cmd_export_hf(args) -> int:
 
 def add_export_hf(sub):
     p = command_parser(sub, "export-hf", "write a plain-transformer hyloom checkpoint as a Hugging Face Llama/Qwen3 directory",
-                       "  hyloom export-hf runs/tiny/checkpoint-001000 hf/tiny\n"
+                       "  hyloom export-hf runs/plain/checkpoint-000300 hf/plain      a run of a plain transformer\n"
                        "  hyloom export-hf ckpt/qwen3-1.7b hf/qwen3 --format qwen3 --dtype bfloat16\n")
     p.add_argument("checkpoint", help="hyloom checkpoint directory (blueprint.yaml + safetensors)")
     p.add_argument("out", help="HF directory to write (replaced atomically if it exists)")

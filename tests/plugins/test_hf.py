@@ -114,6 +114,14 @@ def test_config_for_builtin_blueprints():
     assert QWEN3.hf_config(load_blueprint("builtin:qwen3-1.7b"))["head_dim"] == 128
 
 
+def test_docs_export_example_is_exportable_and_the_tiny_hybrid_is_not():
+    # docs/hf.md trains the tiny model as a plain transformer with these overrides, then exports it
+    plain = ["model.layout=AAAA", "model.mixers={A: {type: attention, heads: 4, kv_heads: 2}}",
+             "model.position={type: rope}"]
+    assert hf_config_for(load_blueprint("builtin:tiny", plain))["model_type"] == "llama"
+    assert hf_config_for(load_blueprint("builtin:tiny")) is None
+
+
 # The published config.json of Qwen3-1.7B (4.x style: top-level rope_theta) and of Meta-Llama-3-8B.
 QWEN3_1_7B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048,
               "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
