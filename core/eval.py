@@ -133,9 +133,7 @@ def run_tasks(configs: list, ctx: EvalContext, *, out_dir: str | Path | None = N
     from hyloom.registry import CapabilityError, registry
 
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    report = {**(header or {}), "train_len": ctx.train_len, "tasks": {}}
+    report, plots = {**(header or {}), "train_len": ctx.train_len, "tasks": {}}, {}
     was_training = ctx.model.training
     ctx.model.eval()
     cuda = [ctx.device] if torch.device(ctx.device).type == "cuda" else []
@@ -149,16 +147,19 @@ def run_tasks(configs: list, ctx: EvalContext, *, out_dir: str | Path | None = N
                     result = registry().get("eval_task", name).build(cfg).run(ctx)
                 except (BlueprintError, CapabilityError, ValueError) as exc:
                     raise EvalError(f"task {name!r} cannot run: {exc}") from exc
-            entry = {"config": cfg.model_dump(mode="json"), **_checked(name, result),
-                     "seconds": round(time.perf_counter() - began, 2)}
-            if out is not None and result.plot is not None:
-                result.plot(out / f"{name}.png")
-                entry["figure"] = f"{name}.png"
-            report["tasks"][name] = entry
+            report["tasks"][name] = {"config": cfg.model_dump(mode="json"), **_checked(name, result),
+                                     "seconds": round(time.perf_counter() - began, 2)}
+            plots[name] = result.plot
     finally:
         ctx.model.train(was_training)
-    if out is not None:
+    if out is not None:  # only once every task has run: a refused task leaves no half-written results
         import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name, plot in plots.items():
+            if plot is not None:
+                plot(out / f"{name}.png")
+                report["tasks"][name]["figure"] = f"{name}.png"
 
         (out / "eval.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     return report
@@ -209,7 +210,7 @@ def format_table(report: dict) -> str:
             note = "  extrapolated" if at and int(at[1]) > train_len else ""
             shown = "nan" if value is None else f"{value:.4g}"
             lines.append(f"{name if i == 0 else '':16} {metric:32} {shown:>10}{note}")
-        lines.append(f"{'':16} {'(' + str(entry['seconds']) + ' s)':32}")
+        lines.append(f"{'':16} ({entry['seconds']} s)")
     if any("extrapolated" in line for line in lines):
         lines.append(f"extrapolated: longer than the {train_len} tokens the model was trained on")
     return "\n".join(lines)
