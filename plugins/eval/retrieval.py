@@ -39,6 +39,7 @@ BUILTIN_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here w
 # Bump when a template or the way documents are laid out changes, so prepared training data is rebuilt.
 FORMAT = 1
 ANSWER_STOP = "\n"  # an answer is one line: generation stops at the first newline
+NEEDLE_MARKS = ("The pass key is", "special magic number")  # text that only a retrieval example holds
 
 
 @dataclass
@@ -255,15 +256,23 @@ class RetrievalTask:
         return EvalResult(self._metrics(rows), rows, lambda path: self._plot(path, rows, ctx.train_len))
 
     def _filler(self, ctx) -> np.ndarray:
+        """The held-out documents joined without end-of-text tokens (a document boundary mid-prompt would tell the
+        model to forget what came before), leaving out any that hold needles of their own (synthetic retrieval
+        documents held out by a mix): their keys would be wrong answers planted in the filler."""
         ids = np.asarray(ctx.heldout_ids())
-        ids = ids[ids != ctx.tokenizer.eos_id]  # a document boundary mid-prompt would tell the model to forget
+        eos = ctx.tokenizer.eos_id
+        docs = [d[d != eos] for d in np.split(ids, np.flatnonzero(ids == eos))]
+        kept = [d for d in docs if len(d) and not any(m in ctx.tokenizer.decode(d.tolist()) for m in NEEDLE_MARKS)]
+        filler = np.concatenate(kept) if kept else ids[:0]
         longest = max(self.cfg.lengths)
-        if len(ids) < longest:
+        if len(filler) < longest:
+            dropped = len(docs) - len(kept) - sum(not len(d) for d in docs)
+            note = f" ({dropped} held-out documents with needles of their own left out)" if dropped else ""
             raise ValueError(
-                f"{self.name}: the held-out split has {len(ids)} tokens (without end-of-text tokens), fewer than the "
-                f"longest length {longest}; use shorter lengths, or hold out more text (a larger data.eval_fraction "
-                f"or a bigger data.source)")
-        return ids
+                f"{self.name}: the held-out split has {len(filler)} filler tokens{note}, fewer than the longest "
+                f"length {longest}; use shorter lengths, or hold out more text (a larger data.eval_fraction or a "
+                f"bigger data.source)")
+        return filler
 
     def _metrics(self, rows) -> dict[str, float]:
         def mean(rs):
@@ -353,6 +362,7 @@ class RetrievalSource:
     uniformly in [min_chars, max_chars]."""
 
     name = ""
+    synthetic = True  # a mix keeps it out of the eval split unless told otherwise
 
     def __init__(self, cfg):
         from hyloom.registry import registry

@@ -209,7 +209,7 @@ def test_a_real_tiny_model_runs_through_generate():
     ("passkey", dict(lengths=[60]), HELDOUT, r"length 60 is too short: .* take up to \d+ tokens; use lengths of at least"),
     ("niah", dict(lengths=[200], variants=["multiquery"]), HELDOUT, "length 200 is too short"),
     ("passkey", dict(lengths=[200, 5000]), HELDOUT[:3000],
-     rf"held-out split has {np.sum(HELDOUT[:3000] != EOS)} tokens .* fewer than the longest length 5000; use shorter lengths"),
+     rf"held-out split has {np.sum(HELDOUT[:3000] != EOS)} filler tokens, fewer than the longest length 5000; use shorter lengths"),
     ("passkey", dict(lengths=[200], digits=12, max_new_tokens=8), HELDOUT,
      r"max_new_tokens 8 cannot hold the answers \(up to 14 tokens\)"),
 ])
@@ -218,6 +218,17 @@ def test_refuses_what_it_cannot_measure(kind, cfg, heldout, match):
     with pytest.raises(ValueError, match=match):
         task(kind, **cfg).run(ctx(model, heldout=heldout))
     assert model.prompts == []  # refused before any compute
+
+
+def test_held_out_retrieval_documents_are_left_out_of_the_filler():
+    """A mix may hold synthetic examples out too: their needles would be wrong answers planted in the filler."""
+    planted = TOK.encode(" " + R.needle_text(R.PASSKEY_NEEDLE.format(key="99999")) + " ")
+    heldout = np.concatenate([np.array(planted + [EOS]), HELDOUT, np.array(planted + [EOS])])
+    model = FakeModel(retrieve)
+    assert task("passkey", **PASSKEY).run(ctx(model, heldout=heldout)).metrics["passkey/acc"] == 1.0
+    assert not any("99999" in TOK.decode(p) for p in model.prompts)
+    with pytest.raises(ValueError, match=r"has 0 filler tokens \(1 held-out documents with needles of their own"):
+        task("passkey", **PASSKEY).run(ctx(model, heldout=np.array(planted)))
 
 
 def test_refuses_a_bidirectional_model():
