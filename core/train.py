@@ -189,9 +189,10 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
     env.barrier()
     if not env.main:
         prepared = prepare(blueprint.data, progress=False)
-    if prepared.tokenizer.vocab_size > blueprint.model.vocab_size:
-        raise TrainingError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens but model.vocab_size is "
-                            f"{blueprint.model.vocab_size}")
+    ids_needed = prepared.manifest.get("vocab_size", prepared.tokenizer.vocab_size)  # + pre-tokenized ids (mqar)
+    if ids_needed > blueprint.model.vocab_size:
+        raise TrainingError(f"the data holds token ids up to {ids_needed - 1} (the tokenizer has "
+                            f"{prepared.tokenizer.vocab_size}) but model.vocab_size is {blueprint.model.vocab_size}")
     torch.manual_seed(trainer_cfg.seed)
     model = build_model(blueprint, device=env.device)
     try:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 
 class DataError(Exception):
     """A data source, tier step, tokenizer or prepared folder cannot be used as configured."""
@@ -21,6 +23,11 @@ def check_document(doc: Any, index: int) -> dict:
     """Catch a third-party source that yields something else early, with a message naming the document."""
     if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
         raise DataError(f"document #{index} from the data source is not {{'text': str, 'meta': dict}}: {doc!r:.200}")
+    if "ids" in doc:  # pre-tokenized: ids of the source's own vocabulary, written above the tokenizer's
+        ids = np.asarray(doc["ids"])
+        if ids.ndim != 1 or not ids.size or ids.dtype.kind not in "iu" or ids.min() < 0:
+            raise DataError(f"document #{index} from the data source has `ids` that are not a non-empty list of "
+                            f"non-negative integers: {doc['ids']!r:.200}")
     meta = doc.setdefault("meta", {})
     meta.setdefault("id", str(index))
     return doc

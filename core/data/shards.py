@@ -28,8 +28,8 @@ class ShardWriter:
         self.shards: list[dict] = []
         self._file = None
 
-    def add(self, ids: list[int]) -> None:
-        tokens = np.asarray(ids + [self.eos], dtype=self.dtype)
+    def add(self, ids) -> None:
+        tokens = np.append(np.asarray(ids, dtype=self.dtype), np.asarray(self.eos, dtype=self.dtype))
         while len(tokens):
             if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._open()

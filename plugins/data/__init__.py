@@ -1,8 +1,8 @@
-"""The built-in data components: sources (stdlib, jsonl, text, parquet), tier steps (length, symbols, digits,
+"""The built-in data components: sources (stdlib, jsonl, text, parquet, mix), tier steps (length, symbols, digits,
 repeated_lines, non_text, dedup_exact, dedup_near), tokenizers (bpe, file) and the `hyloom data` command."""
 
 from hyloom.hookspecs import hookimpl
-from hyloom.plugins.data import bpe, dedup, filters, sources
+from hyloom.plugins.data import bpe, dedup, filters, mix, sources
 from hyloom.plugins.data.cli import add_data
 
 
@@ -18,6 +18,11 @@ def hyloom_register_data_sources(register):
     register("parquet", sources.ParquetSource, config=sources.ParquetConfig,
              summary="Parquet files, one row a document (needs pyarrow)",
              example={"type": "parquet", "path": "data/", "text_field": "text"})
+    register("mix", mix.MixSource, config=mix.MixConfig,
+             summary="several sources, each a share of the training tokens (drawn at preparation, by seed)",
+             example={"type": "mix", "sources": [{"source": {"type": "stdlib"}, "weight": 0.8},
+                                                 {"source": {"type": "mqar", "documents": 4000}, "weight": 0.2,
+                                                  "tiers": []}]})
 
 
 @hookimpl

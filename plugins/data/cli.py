@@ -10,7 +10,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   hyloom data prepare builtin:tiny                       the default data: the Python stdlib, bpe tokenizer
   hyloom data prepare my.yaml data.source.max_bytes=2000000 --no-progress
-  hyloom data stats my.yaml                              counts per tier, drop reasons, tokens per split
+  hyloom data stats my.yaml                              counts per tier, drop reasons, tokens and mix shares
   hyloom data stats ~/.cache/hyloom/data-0123456789abcdef --json
 """
 
@@ -27,7 +27,9 @@ def describe(manifest: dict, folder: Path) -> str:
     spec, tok, tiers = manifest["spec"], manifest["tokenizer"], manifest["tiers"]
     lines = [f"data: {folder}  (prepared {manifest['created']})",
              f"source: {spec['source']['type']}   tokenizer: {tok['type']}, vocab {tok['vocab_size']:,} "
-             f"(eos {tok['eos_id']}, mask {tok['mask_id']})   dtype: {manifest['dtype']}",
+             f"(eos {tok['eos_id']}, mask {tok['mask_id']})   dtype: {manifest['dtype']}"
+             + (f"\npre-tokenized ids above the tokenizer's: the model needs vocab_size >= {manifest['vocab_size']:,}"
+                if manifest.get("vocab_size", tok["vocab_size"]) > tok["vocab_size"] else ""),
              f"L0 documents: {tiers['L0']:,}"]
     for step in manifest["steps"]:
         reasons = ", ".join(f"{r} ({n:,})" for r, n in list(step["reasons"].items())[:3])
@@ -39,6 +41,14 @@ def describe(manifest: dict, folder: Path) -> str:
     for name, split in manifest["splits"].items():
         lines.append(f"tokens {name}: {split['tokens']:,} ({split['documents']:,} documents, "
                      f"{len(split['shards'])} shard{'s' * (len(split['shards']) != 1)})")
+    if "mix" in manifest:  # realised shares of a mix: tokens of each part in each split
+        lines.append("mix (share of each split's tokens; weight = the asked share of train):")
+        for part in manifest["mix"]["parts"]:
+            train, held = part["splits"]["train"], part["splits"]["eval"]
+            lines.append(f"  {part['name']:16} weight {part['weight']:.3f}  train {train['share']:.3f} "
+                         f"({train['tokens']:,} of {train['available_tokens']:,} tokens)  eval {held['share']:.3f}"
+                         + ("" if part["held_out"] else " (not held out)"))
+        lines.append(f"  limited by: {manifest['mix']['limited_by']['train']} (taken whole in train)")
     lines.append(f"unigram baseline: {manifest['unigram_loss']:.3f} nats/token (eval under train frequencies)")
     return "\n".join(lines)
 
