@@ -139,3 +139,9 @@ def test_a_task_that_cannot_run_stops_training_with_exit_2(next_token, tmp_path,
     path = blueprint(tmp_path / "c", eval_tasks=[{"type": "next_token", "lengths": [10 ** 7]}])
     assert main(["train", str(path), "--no-progress", "--device", "cpu"]) == 2
     assert "task 'next_token' cannot run: length 10000000: the held-out split has" in capsys.readouterr().err
+
+
+def test_the_documented_example_is_this_module():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    block = next(b for b in text.split("```python\n")[1:] if "class NextToken" in b).split("```")[0]
+    assert block.strip() == SOURCE.strip()
