@@ -60,7 +60,10 @@ class MixItem(BaseModel):
 class MixConfig(BaseModel):
     """Several sources, each a share of the training tokens, drawn deterministically at preparation time."""
 
-    sources: list[MixItem] = Field(min_length=1, description="the sources with their weights, tiers and held_out")
+    sources: list[MixItem] = Field(min_length=1, description="each item: `source` (a data source config), `weight` "
+                                   "(> 0: its share of the training tokens, normalised), `tiers` (null: the data "
+                                   "section's; a list: this source's own, [] for none), `held_out` (null: yes unless "
+                                   "the source is synthetic); see docs/data.md")
 
 
 class MixSource:
