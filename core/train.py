@@ -135,6 +135,20 @@ class RunDir:
         return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's newest checkpoint (its `latest`): what `generate`, `eval`
+    and `export-hf` accept."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SetupError(f"{path}: {'not a folder' if folder.exists() else 'does not exist'}")
+    if (folder / BLUEPRINT).exists():
+        return folder
+    latest = RunDir(folder).latest()
+    if latest is None:
+        raise SetupError(f"{path}: neither a checkpoint (no {BLUEPRINT}) nor a run directory with checkpoints")
+    return latest
+
+
 def resume_point(run: RunDir, resume: str | None) -> Path | None:
     """`--resume auto`: the newest checkpoint of this run if there is one; a path: that checkpoint."""
     if resume in (None, "", "never"):

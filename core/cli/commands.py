@@ -85,6 +85,8 @@ def cmd_ls(args) -> int:
             continue
         for reg in registry().all(kind):
             print(f"  {reg.name:22} {reg.summary}  [{reg.dist}]")
+        if not registry().all(kind):
+            print("  (none registered)")
     return 0
 
 
@@ -236,22 +238,6 @@ def add_train(sub):
     p.set_defaults(func=cmd_train)
 
 
-def _checkpoint_dir(path: str):
-    """A checkpoint directory, or a run directory's newest checkpoint (its `latest`)."""
-    from hyloom.checkpoint import BLUEPRINT
-    from hyloom.train import RunDir, SetupError
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise SetupError(f"{path}: {'not a folder' if folder.exists() else 'does not exist'}")
-    if (folder / BLUEPRINT).exists():
-        return folder
-    latest = RunDir(folder).latest()
-    if latest is None:
-        raise SetupError(f"{path}: neither a checkpoint (no {BLUEPRINT}) nor a run directory with checkpoints")
-    return latest
-
-
 def cmd_generate(args) -> int:
     import sys
 
@@ -259,9 +245,9 @@ def cmd_generate(args) -> int:
 
     from hyloom.checkpoint import BLUEPRINT, load_checkpoint
     from hyloom.generate import BIDIRECTIONAL, cut_at_stop
-    from hyloom.train import pick_device
+    from hyloom.train import checkpoint_dir, pick_device
 
-    path = _checkpoint_dir(args.checkpoint)
+    path = checkpoint_dir(args.checkpoint)
     if path != Path(args.checkpoint):
         print(f"checkpoint: {path}", file=sys.stderr)
     device = pick_device(args.device, "--device")

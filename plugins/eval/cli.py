@@ -89,13 +89,12 @@ def _run(args, configs) -> int:
     from hyloom import __version__
     from hyloom.blueprint import BlueprintError, Problem
     from hyloom.checkpoint import BLUEPRINT, load_checkpoint
-    from hyloom.cli.commands import _checkpoint_dir
     from hyloom.data import data_spec, prepare
     from hyloom.eval import EvalContext, format_table, heldout_reader, run_tasks
     from hyloom.registry import registry
-    from hyloom.train import pick_device
+    from hyloom.train import checkpoint_dir, pick_device
 
-    path = _checkpoint_dir(args.checkpoint)
+    path = checkpoint_dir(args.checkpoint)
     if path != Path(args.checkpoint):
         print(f"checkpoint: {path}", file=sys.stderr)
     device = pick_device(args.device, "--device")

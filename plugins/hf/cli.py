@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hyloom.cli.parser import command_parser
 from hyloom.plugins.hf.formats import DTYPE_NAMES, formats  # torch-free: building the parser stays cheap
@@ -49,10 +50,14 @@ def add_import_hf(sub):
 
 def cmd_export_hf(args) -> int:
     from hyloom.plugins.hf.convert import export_hf, parse_size
+    from hyloom.train import checkpoint_dir
 
-    s = export_hf(args.checkpoint, args.out, format=args.format, dtype=args.dtype,
+    checkpoint = checkpoint_dir(args.checkpoint)
+    if checkpoint != Path(args.checkpoint):
+        print(f"checkpoint: {checkpoint}", file=sys.stderr)
+    s = export_hf(checkpoint, args.out, format=args.format, dtype=args.dtype,
                   max_shard_bytes=parse_size(args.max_shard_size))
-    print(f"exported {args.checkpoint} as {s.format}: {s.tensors} tensors, {s.total_bytes / 1e6:.1f} MB "
+    print(f"exported {checkpoint} as {s.format}: {s.tensors} tensors, {s.total_bytes / 1e6:.1f} MB "
           f"in {s.shards} shard(s); copied: {', '.join(s.tokenizer_files) or 'none'}")
     print(f"wrote {args.out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -60,9 +65,9 @@ def cmd_export_hf(args) -> int:
 
 def add_export_hf(sub):
     p = command_parser(sub, "export-hf", "write a plain-transformer hyloom checkpoint as a Hugging Face Llama/Qwen3 directory",
-                       "  hyloom export-hf runs/plain/checkpoint-000300 hf/plain      a run of a plain transformer\n"
+                       "  hyloom export-hf runs/plain hf/plain      a run of a plain transformer (its latest checkpoint)\n"
                        "  hyloom export-hf ckpt/qwen3-1.7b hf/qwen3 --format qwen3 --dtype bfloat16\n")
-    p.add_argument("checkpoint", help="hyloom checkpoint directory (blueprint.yaml + safetensors)")
+    p.add_argument("checkpoint", help="hyloom checkpoint directory (blueprint.yaml + safetensors), or a run directory (its latest)")
     p.add_argument("out", help="HF directory to write (replaced atomically if it exists)")
     _common(p, "5GB")
     p.set_defaults(func=cmd_export_hf)

@@ -12,7 +12,7 @@ def learning_rate(step: int, *, lr: float, steps: int, warmup: int, schedule: st
     if schedule == "constant":
         return lr
     if schedule == "cosine":
-        progress = (step - warmup) / max(steps - warmup, 1)
+        progress = (step - warmup) / max(steps - warmup - 1, 1)  # the last step (steps - 1) runs at the floor
         return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = steps - int(decay_fraction * steps)  # wsd: flat, then a linear decay over the last steps
     if step < decay_start:

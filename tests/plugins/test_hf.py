@@ -91,6 +91,14 @@ def test_import_matches_transformers_then_export_round_trips(hf_dir, tmp_path, c
     assert type(again) is type(hf_model)
     assert (hf_logits(again, PROMPT) - hf_logits(hf_model, PROMPT)).abs().max() <= 1e-5
 
+    # a run directory means its newest checkpoint, as for generate and eval
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ckpt", run / "checkpoint-000005")
+    (run / "latest").write_text("checkpoint-000005")
+    assert main(["export-hf", str(run), str(tmp_path / "from_run")]) == 0
+    assert "checkpoint-000005" in capsys.readouterr().err
+    assert (tmp_path / "from_run" / "config.json").read_text() == (tmp_path / "back" / "config.json").read_text()
+
 
 def test_key_map_both_ways():
     assert LLAMA.to_ours("model.layers.12.self_attn.q_proj.weight") == "layers.12.mixer.q_proj.weight"

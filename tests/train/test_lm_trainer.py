@@ -264,8 +264,11 @@ def test_learning_rate_schedules():
     kw = dict(lr=1.0, steps=100, warmup=10, min_lr_ratio=0.1, decay_fraction=0.2)
     assert learning_rate(0, schedule="cosine", **kw) == pytest.approx(0.1)
     assert learning_rate(9, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert learning_rate(99, schedule="cosine", **kw) == pytest.approx(0.1, abs=1e-3)
-    assert learning_rate(55, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert learning_rate(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(99, schedule="cosine", **kw) == pytest.approx(0.1)  # the last step reaches the floor
+    assert learning_rate(54, schedule="cosine", **kw) + learning_rate(55, schedule="cosine", **kw) == pytest.approx(1.1)
+    assert learning_rate(2, lr=1.0, steps=3, warmup=1, schedule="cosine", min_lr_ratio=0.1,
+                         decay_fraction=0.2) == pytest.approx(0.1)
     assert learning_rate(79, schedule="wsd", **kw) == 1.0
     assert learning_rate(99, schedule="wsd", **kw) == pytest.approx(0.1)
     assert learning_rate(89, schedule="wsd", **kw) == pytest.approx(0.55)
