@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.data",
     "hyloom.plugins.hf",
     "hyloom.plugins.eval",
+    "hyloom.plugins.convert",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 COMMAND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")  # CLI commands read better with hyphens (import-hf)

@@ -1,0 +1,33 @@
+"""Transformer → hybrid conversion: layer selectors (kind `selector`) and the conversion trainers.
+
+This module only registers: it holds configs and small build functions that import each implementation on
+first use, so `hyloom ls` never pays for torch (tests/core/test_startup.py)."""
+
+from hyloom.hookspecs import hookimpl
+from hyloom.plugins.convert import selection_config
+
+
+def _selector(name):
+    def build(cfg):
+        from hyloom.plugins.convert import selectors
+
+        return selectors.SELECTORS[name](cfg)
+
+    return build
+
+
+@hookimpl
+def hyloom_register_selectors(register):
+    register("even", _selector("even"), config=selection_config.EvenConfig,
+             summary="attention layers evenly spaced over the depth (the last one always kept)",
+             example={"type": "even", "pin": [0]})
+    register("fixed", _selector("fixed"), config=selection_config.FixedConfig,
+             summary="explicit attention layer indices",
+             example={"type": "fixed", "layers": [1, -1]})
+    register("halo", _selector("halo"), config=selection_config.HaloConfig,
+             summary="HALO: keep the layers whose swap to a linear twin costs most recall per unit of quality",
+             example={"type": "halo", "recall": {"type": "mqar", "seq_lens": [64], "num_kv_pairs": [4],
+                                                 "cases": 4, "vocab_size": 64}, "max_tokens": 512, "seq_len": 64})
+    register("kl", _selector("kl"), config=selection_config.KlConfig,
+             summary="KL-guided: keep the layers whose swap to a linear twin moves the output distribution most",
+             example={"type": "kl", "max_tokens": 512, "seq_len": 64, "pin": [0, -1]})

@@ -1,0 +1,67 @@
+"""Configs of the built-in layer selectors (torch-free: `hyloom ls` imports this module).
+
+The selectors themselves are in `hyloom.plugins.convert.selectors`; the contract they share
+(SelectionContext, Selection) in `hyloom.plugins.convert.selection`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, PositiveInt, field_validator
+
+
+class SelectorConfig(BaseModel):
+    """What every selector accepts."""
+
+    pin: list[int] = Field([], description="layers always kept, counted in the budget; negative indices count "
+                                           "from the end (MiniCPM-SALA: [0, -1])")
+
+    @field_validator("pin")
+    @classmethod
+    def _distinct_pins(cls, values):
+        if len(set(values)) != len(values):
+            raise ValueError(f"pin lists a layer twice: {values}")
+        return values
+
+
+class EvenConfig(SelectorConfig):
+    """Attention layers evenly spaced over the depth: the budget's k layers sit at the centres of k equal slices
+    of the stack, shifted to the slice's last layer (floor((j + 1) * L / k) - 1), so the last layer is always kept
+    and the rest are spread like HypeNet's every-n-th layout. Pinned layers take their slots first; the remaining
+    ones are spread over the unpinned layers the same way."""
+
+
+class FixedConfig(SelectorConfig):
+    """Explicit indices of the attention layers to keep (negative ones count from the end); with the pins they
+    must make exactly the budget."""
+
+    layers: list[int] = Field(description="layers kept as attention; negative indices count from the end")
+
+
+class MeasuringConfig(SelectorConfig):
+    """What the measuring selectors (halo, kl) share."""
+
+    max_tokens: PositiveInt = Field(4096, description="held-out tokens each measurement of quality runs over "
+                                                      "(cut into sequences of seq_len)")
+    seq_len: PositiveInt = Field(256, description="length of the held-out sequences quality is measured on")
+    batch_size: PositiveInt = Field(4, description="sequences per forward pass")
+
+
+class HaloConfig(MeasuringConfig):
+    """HALO (SPEC §5): swap one layer at a time for its linear twin; measure recall R_i with `recall` and quality
+    C_i as minus the held-out loss; score s_i = (max_j R_j - R_i) / (max_j C_j - C_i + eps), capped at `cap`;
+    keep the top-scored layers (ties: lower index first)."""
+
+    recall: dict[str, Any] = Field(
+        {"type": "passkey", "lengths": [128, 256], "depths": [0.0, 0.5, 1.0], "cases": 2},
+        description="the eval_task config that measures recall (its first metric is R_i): passkey or niah at "
+                    "lengths the teacher was trained at, or mqar for tiny synthetic models")
+    eps: float = Field(1e-3, gt=0, description="added to the quality drop so a swap that costs no quality does "
+                                               "not divide by zero")
+    cap: float = Field(50.0, gt=0, description="scores are capped here (a recall drop with ~no quality drop "
+                                               "would otherwise dwarf every other layer)")
+
+
+class KlConfig(MeasuringConfig):
+    """KL-guided: swap one layer at a time for its linear twin and measure KL(teacher ‖ swapped) over held-out
+    tokens; keep the layers whose swap changes the output distribution most."""
