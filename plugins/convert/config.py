@@ -1,0 +1,61 @@
+"""Configs of the conversion trainers `align` and `distill` (SPEC §6): all that registering them needs, without torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+TEACHER = Field(description="the Transformer being converted: a hyloom checkpoint (or a run directory: its latest "
+                            "checkpoint) or a Hugging Face Llama/Qwen3 directory (config.json + safetensors)")
+
+
+class _ConversionTrainerConfig(BaseModel):
+    """What both stages share with the `lm` trainer: the optimizer, schedule, run directory and cadences."""
+
+    teacher: str = TEACHER
+    steps: PositiveInt = Field(300, description="optimizer steps")
+    batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all micro-steps")
+    grad_accum: PositiveInt = Field(1, description="micro-steps per optimizer step")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak")
+    warmup: NonNegativeInt = Field(20, description="steps of linear warmup")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="after warmup")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW), on matrices only")
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; one process")
+    eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
+    eval_batches: PositiveInt = Field(8, description="batches per evaluation")
+    save_every: PositiveInt = Field(100, description="steps between checkpoints")
+    keep: PositiveInt = Field(2, description="checkpoints kept")
+    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines "
+                                                   "(and printed lines without a progress bar)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        return self
+
+
+class AlignConfig(_ConversionTrainerConfig):
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate (SPEC §6 stage 1: 1e-3 → 1e-5)")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="final LR as a share of the peak")
+    twin: str | None = Field(None, description="the model.mixers symbol every layer's linear twin is built from "
+                                               "(null: the one linear-family symbol there)")
+    out_dir: str = Field("runs/align", description="run directory: checkpoints, metrics.jsonl, loss.png")
+
+
+class DistillConfig(_ConversionTrainerConfig):
+    lr: PositiveFloat = Field(1e-4, description="peak learning rate (SPEC §6 stage 2: 1e-4 → 3e-5)")
+    min_lr_ratio: float = Field(0.3, ge=0, le=1, description="final LR as a share of the peak")
+    temperature: PositiveFloat = Field(1.0, description="both distributions are softened by it; the loss is "
+                                                        "scaled by its square so gradients keep their size")
+    transfer: bool | None = Field(None, description="start the student from the teacher's weights (SPEC §6 step 0); "
+                                                    "null: only when the stage does not start from an earlier "
+                                                    "stage's or an init checkpoint")
+    out_dir: str = Field("runs/distill", description="run directory: checkpoints, metrics.jsonl, loss.png")
