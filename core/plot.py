@@ -72,3 +72,29 @@ def heatmap(path: str | Path, values, *, xlabel: str, ylabel: str, title: str | 
         ax.set_title(title)
     fig.savefig(path)
     return fig
+
+
+def bar_plot(path: str | Path, heights: list[float], *, marked=(), marked_label: str = "", other_label: str = "",
+             xlabel: str, ylabel: str, title: str | None = None, size=(7.0, 4.2)):
+    """One bar per index (0, 1, ...); bars at the indices in `marked` are drawn in a second colour, and the legend
+    names both groups (e.g. a score per layer, the kept layers marked). Writes `path`; returns the Figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(size)
+    ax = fig.subplots()
+    marked = set(marked)
+    for group, label, color in ((False, other_label, "0.65"), (True, marked_label, "C3")):
+        xs = [i for i in range(len(heights)) if (i in marked) == group]
+        if xs:
+            ax.bar(xs, [heights[i] for i in xs], color=color, label=label or None)
+    if marked:  # a marked bar of height 0 still shows
+        ax.scatter(sorted(marked), [0] * len(marked), marker="^", color="C3", zorder=3, clip_on=False)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.savefig(path)
+    return fig

@@ -19,7 +19,7 @@ def _selector(name):
 @hookimpl
 def hyloom_register_selectors(register):
     register("even", _selector("even"), config=selection_config.EvenConfig,
-             summary="attention layers evenly spaced over the depth (the last one always kept)",
+             summary="attention layers evenly spaced over the depth (every n-th layer, ending at the last)",
              example={"type": "even", "pin": [0]})
     register("fixed", _selector("fixed"), config=selection_config.FixedConfig,
              summary="explicit attention layer indices",
@@ -27,7 +27,8 @@ def hyloom_register_selectors(register):
     register("halo", _selector("halo"), config=selection_config.HaloConfig,
              summary="HALO: keep the layers whose swap to a linear twin costs most recall per unit of quality",
              example={"type": "halo", "recall": {"type": "mqar", "seq_lens": [64], "num_kv_pairs": [4],
-                                                 "cases": 4, "vocab_size": 64}, "max_tokens": 512, "seq_len": 64})
+                                                 "cases": 4, "vocab_size": 64},
+                      "quality": {"type": "loss_by_position", "lengths": [64], "sequences": 4}})
     register("kl", _selector("kl"), config=selection_config.KlConfig,
              summary="KL-guided: keep the layers whose swap to a linear twin moves the output distribution most",
-             example={"type": "kl", "max_tokens": 512, "seq_len": 64, "pin": [0, -1]})
+             example={"type": "kl", "seq_len": 64, "sequences": 4, "pin": [0, -1]})

@@ -38,30 +38,34 @@ class FixedConfig(SelectorConfig):
     layers: list[int] = Field(description="layers kept as attention; negative indices count from the end")
 
 
-class MeasuringConfig(SelectorConfig):
-    """What the measuring selectors (halo, kl) share."""
-
-    max_tokens: PositiveInt = Field(4096, description="held-out tokens each measurement of quality runs over "
-                                                      "(cut into sequences of seq_len)")
-    seq_len: PositiveInt = Field(256, description="length of the held-out sequences quality is measured on")
-    batch_size: PositiveInt = Field(4, description="sequences per forward pass")
-
-
-class HaloConfig(MeasuringConfig):
-    """HALO (SPEC §5): swap one layer at a time for its linear twin; measure recall R_i with `recall` and quality
-    C_i as minus the held-out loss; score s_i = (max_j R_j - R_i) / (max_j C_j - C_i + eps), capped at `cap`;
-    keep the top-scored layers (ties: lower index first)."""
+class HaloConfig(SelectorConfig):
+    """HALO (SPEC §5): swap one layer at a time for its linear twin; measure recall R_i with the `recall` task and
+    quality C_i with the `quality` task; score s_i = (max_j R_j - R_i) / (max_j C_j - C_i + eps), capped at `cap`;
+    keep the top-scored layers (ties: the lower index)."""
 
     recall: dict[str, Any] = Field(
-        {"type": "passkey", "lengths": [128, 256], "depths": [0.0, 0.5, 1.0], "cases": 2},
-        description="the eval_task config that measures recall (its first metric is R_i): passkey or niah at "
-                    "lengths the teacher was trained at, or mqar for tiny synthetic models")
+        {"type": "passkey", "lengths": [256], "depths": [0.0, 0.5, 1.0], "cases": 2},
+        description="the eval_task that measures recall R_i: passkey or niah at lengths the teacher was trained "
+                    "at, or mqar for tiny synthetic models")
+    recall_metric: str | None = Field(None, description="which of the recall task's metrics is R_i (default: its "
+                                                        "first, the task's headline)")
+    quality: dict[str, Any] = Field(
+        {"type": "loss_by_position", "lengths": [256], "sequences": 8},
+        description="the eval_task that measures quality C_i (default: held-out next-token loss)")
+    quality_metric: str | None = Field(None, description="which of the quality task's metrics is C_i (default: its "
+                                                         "first); a metric named loss/... is a loss, so C_i is its "
+                                                         "negative")
     eps: float = Field(1e-3, gt=0, description="added to the quality drop so a swap that costs no quality does "
                                                "not divide by zero")
-    cap: float = Field(50.0, gt=0, description="scores are capped here (a recall drop with ~no quality drop "
+    cap: float = Field(50.0, gt=0, description="scores are capped here (a recall drop with almost no quality drop "
                                                "would otherwise dwarf every other layer)")
 
 
-class KlConfig(MeasuringConfig):
-    """KL-guided: swap one layer at a time for its linear twin and measure KL(teacher ‖ swapped) over held-out
-    tokens; keep the layers whose swap changes the output distribution most."""
+class KlConfig(SelectorConfig):
+    """KL-guided: swap one layer at a time for its linear twin and measure KL(teacher ‖ swapped), per token, on
+    held-out sequences; keep the layers whose swap moves the output distribution most (ties: the lower index)."""
+
+    seq_len: PositiveInt = Field(256, description="length of the held-out sequences (the held-out split, cut "
+                                                  "end to end)")
+    sequences: PositiveInt = Field(8, description="how many held-out sequences (refused when the split holds "
+                                                  "fewer)")
