@@ -85,7 +85,8 @@ def init_distributed(device: str = "auto", what: str = "train.device") -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=chosen)
 
 
-RUN_FILES = ("latest", "metrics.jsonl", "loss.png", "tensorboard")
+STAGES_FILE = "stages.json"  # in a staged run's out_dir: the finished stages and their final checkpoints
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png", "tensorboard", STAGES_FILE)
 
 
 class RunDir:
@@ -181,24 +182,49 @@ def restore(path: Path, model, resolved: dict) -> dict:
 
 
 def train(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True, overwrite: bool = False):
-    """Prepare the data, build the model and hand both to the blueprint's trainer. A run directory that
-    already holds a run is continued only with `resume`, or emptied first with `overwrite`; else refused."""
+    """Prepare the data, build the model and hand both to the blueprint's trainer; a blueprint with `stages`
+    runs them in order (`train_stages`). A run directory that already holds a run is continued only with
+    `resume`, or emptied first with `overwrite`; else refused."""
     from hyloom.blueprint import blueprint_model
-    from hyloom.data import prepare
     from hyloom.model import build_model
-    from hyloom.registry import registry
 
+    if blueprint.stages is not None:
+        return train_stages(blueprint, resolved, resume=resume, progress=progress, overwrite=overwrite)
     trainer_cfg = blueprint.train or _default(blueprint_model().model_fields["train"], {"type": "lm"})
-    trainer = registry().get("trainer", trainer_cfg.type).build(trainer_cfg)
-    if hasattr(trainer, "check"):  # what this trainer cannot train is refused before the data is prepared
-        trainer.check(blueprint)
+    trainer = _trainer(trainer_cfg, blueprint)
     out_dir = getattr(trainer_cfg, "out_dir", None)
     if out_dir is not None:
         _check_run_dir(RunDir(out_dir), resume, overwrite)
     env = init_distributed(getattr(trainer_cfg, "device", "auto"))
     if overwrite and out_dir is not None and env.main:
         RunDir(out_dir).clear()
-    if env.main:  # rank 0 builds the data cache (defaults when the blueprint has no `data`); the others find it
+    try:
+        prepared = _prepare(blueprint, env, progress)
+        torch.manual_seed(trainer_cfg.seed)
+        model = build_model(blueprint, device=env.device)
+        result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+    except BaseException:
+        env.close(wait=False)  # another rank may never reach a barrier
+        raise
+    env.close()
+    return result
+
+
+def _trainer(cfg, blueprint):
+    from hyloom.registry import registry
+
+    trainer = registry().get("trainer", cfg.type).build(cfg)
+    if hasattr(trainer, "check"):  # what this trainer cannot train is refused before the data is prepared
+        trainer.check(blueprint)
+    return trainer
+
+
+def _prepare(blueprint, env: Dist, progress: bool):
+    """The blueprint's data: rank 0 builds the cache (defaults when the blueprint has no `data`), the others
+    find it; refused when it holds token ids the model has no embedding for."""
+    from hyloom.data import prepare
+
+    if env.main:
         prepared = prepare(blueprint.data, progress=progress)
     env.barrier()
     if not env.main:
@@ -207,15 +233,157 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
     if ids_needed > blueprint.model.vocab_size:
         raise TrainingError(f"the data holds token ids up to {ids_needed - 1} (the tokenizer has "
                             f"{prepared.tokenizer.vocab_size}) but model.vocab_size is {blueprint.model.vocab_size}")
-    torch.manual_seed(trainer_cfg.seed)
-    model = build_model(blueprint, device=env.device)
+    return prepared
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+DEFAULT_STAGED_OUT = "runs/train"
+
+
+def stage_blueprint(resolved: dict, index: int, model: dict, out_dir: Path):
+    """(validated blueprint, its resolved dict) that stage `index` runs as and saves in its checkpoints: a
+    one-stage blueprint of the given model, the stage's trainer (writing to out_dir/<name>) and its data."""
+    from hyloom.blueprint import blueprint_model
+    from hyloom.registry import registry
+
+    stage = resolved["stages"][index]
+    train = dict(stage["train"])
+    if "out_dir" in registry().get("trainer", train["type"]).config.model_fields:
+        train["out_dir"] = str(out_dir / stage["name"])
+    data = stage["data"] if stage["data"] is not None else resolved["data"]
+    bp = blueprint_model().model_validate({"model": model, "data": data, "train": train,
+                                           "requires": resolved["requires"]})
+    return bp, bp.model_dump(mode="json")
+
+
+def _init_point(stage, index: int) -> Path | None:
+    if stage.init is None:
+        return None
+    from hyloom.blueprint import BlueprintError, Problem
+
     try:
-        result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+        return checkpoint_dir(stage.init)
+    except SetupError as exc:
+        raise BlueprintError([Problem(f"stages.{index}.init", f"{exc}; expected a checkpoint or a run directory "
+                                                            "with one")]) from None
+
+
+def _finished(out: Path, names: list[str]) -> list[dict]:
+    """The finished stages stages.json records; they must be the first stages of the blueprint, in order."""
+    file = out / STAGES_FILE
+    if not file.exists():
+        return []
+    try:
+        done = json.loads(file.read_text())["finished"]
+        recorded = [d["name"] for d in done]
+    except (ValueError, KeyError, TypeError):
+        raise SetupError(f"{file}: not a stages record of hyloom (expected {{\"finished\": [...]}}); "
+                         "start over with --overwrite or train into another folder with --out") from None
+    if recorded != names[:len(recorded)]:
+        raise SetupError(f"{file}: this run finished stages {', '.join(recorded)}, but the blueprint's stages are "
+                         f"{', '.join(names)}: it was made by another blueprint. Start over with --overwrite or "
+                         "train into another folder with --out")
+    for d in done:
+        if not (out / d["checkpoint"] / BLUEPRINT).exists():
+            raise SetupError(f"{file}: stage {d['name']!r} finished with {out / d['checkpoint']}, which is gone; "
+                             "start over with --overwrite")
+    return done
+
+
+def _check_staged_dir(out: Path, names: list[str], done: list[dict], resume: str | None, overwrite: bool) -> None:
+    if overwrite and resume not in (None, "", "never"):
+        raise SetupError("--overwrite starts the run over, --resume continues it: give one of them")
+    if resume not in (None, "", "never", "auto"):
+        raise SetupError(f"--resume {resume}: a blueprint with stages resumes with --resume auto (at its first "
+                         "unfinished stage, from that stage's last checkpoint); to start a stage from a given "
+                         "checkpoint, give that stage init: PATH")
+    used = RunDir(out).in_use() + [f"{n}/{f}" for n in names for f in RunDir(out / n).in_use()]
+    if used and not overwrite and resume != "auto":
+        listed = ", ".join(used[:4]) + (f" and {len(used) - 4} more" if len(used) > 4 else "")
+        raise SetupError(f"{out} already holds a run ({listed}). Continue it with --resume auto, start it over "
+                         f"with --overwrite (deletes those), or train into another folder with --out")
+    if resume == "auto":  # a stage after the one to resume has outputs only if they came from another run
+        later = [f"{n}/{f}" for n in names[len(done) + 1:] for f in RunDir(out / n).in_use()]
+        if later:
+            raise SetupError(f"{out}: stage {names[len(done)]!r} has not finished, yet a later stage's folder holds "
+                             f"{', '.join(later[:4])}: those came from another run. Start over with --overwrite")
+
+
+def train_stages(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True,
+                 overwrite: bool = False):
+    """Run a blueprint's stages in order, stage NAME in out_dir/NAME/. Stage 0 starts from a fresh model,
+    each later one from the previous stage's final checkpoint: the model its blueprint describes (so a stage
+    may change the model by saving another one), with its weights; `init` overrides. out_dir/stages.json
+    records each finished stage, and `resume="auto"` skips those and resumes the first unfinished one from
+    its own last checkpoint. Returns the last stage's result, with `stage` set to its name."""
+    import time
+
+    from hyloom.model import build_model
+
+    out = Path(blueprint.out_dir or DEFAULT_STAGED_OUT)
+    names = [s.name for s in blueprint.stages]
+    inits = [_init_point(s, i) for i, s in enumerate(blueprint.stages)]
+    trainers, checked = [], []
+    for i, stage in enumerate(blueprint.stages):  # every stage's trainer refuses what it cannot do, up front
+        model = saved_blueprint(inits[i])["model"] if inits[i] else resolved["model"]
+        bp, _ = stage_blueprint(resolved, i, model, out)
+        trainers.append(_trainer(bp.train, bp))
+        checked.append(model)
+    done = _finished(out, names) if resume == "auto" else []
+    _check_staged_dir(out, names, done, resume, overwrite)
+    if len(done) == len(names):
+        raise SetupError(f"{out}: every stage of this run has finished ({', '.join(names)}; final checkpoint "
+                         f"{out / done[-1]['checkpoint']}): nothing left to train. Add a stage to go on, or start "
+                         "over with --overwrite")
+    env = init_distributed(getattr(blueprint.stages[len(done)].train, "device", "auto"))
+    if overwrite and env.main:
+        for folder in [out] + [out / n for n in names]:
+            RunDir(folder).clear()
+    result = None
+    try:
+        for i in range(len(done), len(names)):
+            stage = blueprint.stages[i]
+            start = inits[i] or (out / done[-1]["checkpoint"] if done else None)
+            model_section = saved_blueprint(start)["model"] if start else resolved["model"]
+            bp, stage_resolved = stage_blueprint(resolved, i, model_section, out)
+            if env.main:
+                print(f"stage {i + 1}/{len(names)} {stage.name}: {bp.train.type} trainer in {out / stage.name}, "
+                      f"from {start or 'a fresh model'}", flush=True)
+            trainer = trainers[i] if model_section == checked[i] else _trainer(bp.train, bp)
+            prepared = _prepare(bp, env, progress)
+            torch.manual_seed(getattr(bp.train, "seed", 0))
+            model = build_model(bp, device=env.device)
+            if start is not None:
+                _load_weights(model, start, env.device)
+            began = time.perf_counter()
+            result = trainer.fit(model, prepared, TrainRun(bp, stage_resolved, env, resume if i == len(done) else None,
+                                                           progress, out_dir=out / stage.name, stage=stage.name,
+                                                           init=start))
+            final = RunDir(out / stage.name).latest()
+            if final is None:
+                raise TrainingError(f"stage {stage.name!r}: its {bp.train.type} trainer saved no checkpoint in "
+                                    f"{out / stage.name}, and the next stage starts from one")
+            done.append({"name": stage.name, "checkpoint": str(final.relative_to(out)), "train": stage_resolved["train"]})
+            if env.main:
+                write_file_atomic(out / STAGES_FILE, json.dumps({"finished": done}, indent=1) + "\n")
+                print(f"stage {i + 1}/{len(names)} {stage.name}: done in {time.perf_counter() - began:.1f} s, "
+                      f"checkpoint {final}", flush=True)
+            env.barrier()
     except BaseException:
         env.close(wait=False)  # another rank may never reach a barrier
         raise
     env.close()
-    return result
+    return {**result, "stage": names[-1], "stages": len(names)}
+
+
+def _load_weights(model, path: Path, device) -> None:
+    """A checkpoint's weights into a model built from its blueprint (so they fit, unless the files changed)."""
+    from hyloom.checkpoint import check_state_dict
+
+    state = load_safetensors(path, device=str(device))
+    check_state_dict(model.state_dict(), state, str(path), BLUEPRINT)
+    model.load_state_dict(state)
 
 
 def _check_run_dir(run: RunDir, resume: str | None, overwrite: bool) -> None:
@@ -245,3 +413,6 @@ class TrainRun:
     env: Dist
     resume: str | None
     progress: bool
+    out_dir: Path | None = None  # of a stage: out_dir/<name> (also set as the trainer config's out_dir, if it has one)
+    stage: str | None = None  # the stage's name; None for a blueprint with plain `train`
+    init: Path | None = None  # the checkpoint the model's weights were loaded from; None: a freshly built model

@@ -7,7 +7,8 @@ import difflib
 import functools
 import importlib.metadata as md
 import re
-from typing import Annotated, Any, Literal, Union
+import types
+from typing import Annotated, Any, Literal, Union, get_origin
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -19,6 +20,7 @@ from hyloom.blueprint.load import Loaded
 from hyloom.registry import registry
 
 Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
+STAGE_NAME = r"^[a-z][a-z0-9_-]*$"
 
 # Where component configs sit in a blueprint, and which registry they come from ("*": any key).
 SLOTS = {
@@ -31,6 +33,11 @@ SLOTS = {
     ("data", "tokenizer"): "tokenizer",
     ("train",): "trainer",
     ("train", "eval_tasks", "*"): "eval_task",
+    ("stages", "*", "train"): "trainer",
+    ("stages", "*", "train", "eval_tasks", "*"): "eval_task",
+    ("stages", "*", "data", "source"): "data_source",
+    ("stages", "*", "data", "tiers", "*"): "data_tier",
+    ("stages", "*", "data", "tokenizer"): "tokenizer",
 }
 
 
@@ -140,10 +147,34 @@ def _default(loc: tuple, description: str):
 
 
 def _fill_default_types(data: dict) -> None:
-    for loc, name in DEFAULT_TYPES.items():
-        parent = _node(data, loc[:-1])
-        if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), dict):
-            parent[loc[-1]].setdefault("type", name)
+    """Also inside each stage, which holds `train` and `data` sections of its own."""
+    for node in [data] + [s for s in data.get("stages") or [] if isinstance(s, dict)]:
+        for loc, name in DEFAULT_TYPES.items():
+            parent = _node(node, loc[:-1])
+            if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), dict):
+                parent[loc[-1]].setdefault("type", name)
+
+
+def _merge_section(base: dict, over: dict) -> dict:
+    """`over` laid on `base` key by key, as a child blueprint on its parent: mappings merge, a component whose
+    `type` changes is replaced whole, anything else (a value, a list) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        same_type = not isinstance(value, dict) or "type" not in value or \
+            not isinstance(old, dict) or old.get("type") in (None, value["type"])
+        out[key] = _merge_section(old, value) if isinstance(old, dict) and isinstance(value, dict) and same_type \
+            else value
+    return out
+
+
+def _merge_stage_data(data: dict) -> None:
+    """A stage's `data` changes the blueprint's `data` for that stage (seq_len: 1024 alone keeps the source
+    and tokenizer, so a stage cannot switch tokenizers by leaving them out)."""
+    base = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for stage in data.get("stages") if isinstance(data.get("stages"), list) else []:
+        if isinstance(stage, dict) and isinstance(stage.get("data"), dict):
+            stage["data"] = _merge_section(base, stage["data"])
 
 
 @functools.cache
@@ -183,6 +214,19 @@ def blueprint_model() -> type[BaseModel]:
         cache_dir=(str, Field("~/.cache/hyloom", description="where tokenizers and token shards are cached")),
         seed=(int, Field(0, description="seed of the train/eval split and the data order")),
     )
+    stage = create_model(
+        "Stage",
+        __config__=ConfigDict(extra="forbid"),
+        name=(Annotated[str, StringConstraints(pattern=STAGE_NAME)],
+              Field(description="unique; the stage's outputs go to out_dir/<name>/")),
+        train=(_union("trainer"), Field(description="this stage's trainer (any registered one, as `train`; "
+                                                    "its out_dir is set by the runner)")),
+        data=(data | None, Field(None, description="changes to the blueprint's `data` for this stage, merged key "
+                                                   "by key (e.g. {seq_len: 1024})")),
+        init=(str | None, Field(None, description="checkpoint (or run directory) whose model and weights the "
+                                                  "stage starts from (default: the previous stage's final "
+                                                  "checkpoint; for the first stage, a fresh model)")),
+    )
     return create_model(
         "Blueprint",
         __config__=ConfigDict(extra="forbid"),
@@ -190,7 +234,37 @@ def blueprint_model() -> type[BaseModel]:
         data=(data | None, Field(None, description="training data: source, tiers, tokenizer, sequence length")),
         train=(_union("trainer") | None, Field(None, description="trainer and its options (type: lm by default)")),
         requires=(list[str], Field([], description="distributions this blueprint needs, e.g. 'hyloom-myplugin>=0.3'")),
+        stages=(list[stage] | None, Field(None, description="training in stages, run in order, each starting from the "
+                                                            "previous one's weights (instead of `train`)")),
+        out_dir=(str | None, Field(None, description="run directory of a blueprint with stages (default runs/train): "
+                                                     "stage NAME writes to out_dir/NAME/")),
     )
+
+
+def _check_stages(bp: BaseModel, data: dict) -> list[tuple[tuple, str]]:
+    """What the field types cannot say about `stages`: (key path, message) for each problem."""
+    if bp.stages is None:
+        if bp.out_dir is not None:
+            return [(("out_dir",), "is the run directory of a blueprint with stages; a blueprint with train: sets "
+                                   "train.out_dir")]
+        return []
+    problems = []
+    if not bp.stages:
+        problems.append((("stages",), "is empty: give at least one stage, or leave stages out and use train:"))
+    if data.get("train") is not None:
+        problems.append((("train",), "a blueprint with stages has no top-level train: each stage has its own. "
+                                     "Move it into a stage (in a file that extends one with train:, write "
+                                     "train: null)"))
+    first: dict[str, int] = {}
+    for i, stage in enumerate(bp.stages):
+        if stage.name in first:
+            problems.append((("stages", i, "name"), f"{stage.name!r} is also the name of stages.{first[stage.name]}; "
+                                                    "each stage needs its own (it names its folder)"))
+        first.setdefault(stage.name, i)
+        if "out_dir" in stage.train.model_fields_set:
+            problems.append((("stages", i, "train", "out_dir"), "is set by the runner (out_dir/<name>); set the "
+                                                                "blueprint's top-level out_dir instead"))
+    return problems
 
 
 def clear_cache() -> None:
@@ -255,12 +329,21 @@ def _fields_at(loc: tuple, data: Any) -> list[str] | None:
         return None
     model = blueprint_model()
     for part in loc:
+        if get_origin(model) is list:  # stages.0: an item of the list
+            model = _section(model.__args__[0]) if str(part).isdigit() else None
+            continue
         field = model.model_fields.get(str(part)) if isinstance(model, type) else None
         if field is None:
             return None
-        options = getattr(field.annotation, "__args__", None) or (field.annotation,)
-        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return list(model.model_fields) if model else None
+        model = _section(field.annotation)
+    return list(model.model_fields) if isinstance(model, type) else None
+
+
+def _section(annotation):
+    """The mapping (a pydantic model) or list of them that an optional field holds, else None."""
+    options = annotation.__args__ if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return next((a for a in options if get_origin(a) is list
+                 or (isinstance(a, type) and issubclass(a, BaseModel))), None)
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -341,12 +424,17 @@ def _check_requires(requires: Any, loaded: Loaded) -> list[Problem]:
 def validate(loaded: Loaded) -> BaseModel:
     """Validate loaded blueprint data; raise BlueprintError naming file, key path and expectation."""
     data = copy.deepcopy(loaded.data)
+    _merge_stage_data(data)  # before the defaults: a stage's tokenizer without `type` keeps the blueprint's
     _fill_default_types(data)
     problems = _check_requires(data.get("requires", []), loaded)
     if problems:
         raise BlueprintError(problems)
     try:
-        return blueprint_model().model_validate(data)
+        bp = blueprint_model().model_validate(data)
+        problems = _check_stages(bp, data)
+        if problems:
+            raise BlueprintError([Problem(dotted(loc), msg, loaded.file_of(loc)) for loc, msg in problems])
+        return bp
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

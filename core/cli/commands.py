@@ -203,17 +203,30 @@ def cmd_train(args) -> int:
     from hyloom.train import train
 
     loaded = load(args.blueprint, args.overrides)
-    section = loaded.data.setdefault("train", {"type": "lm"})
-    if args.out:
-        section["out_dir"] = args.out
-    if args.device:
-        section["device"] = args.device
+    stages = loaded.data.get("stages")
+    if stages is None:
+        section = loaded.data.setdefault("train", {"type": "lm"})
+        if args.out:
+            section["out_dir"] = args.out
+        if args.device:
+            section["device"] = args.device
+    else:  # validation judges the stages; the options go where they fit
+        if args.out:
+            loaded.data["out_dir"] = args.out
+        for stage in stages if args.device and isinstance(stages, list) else []:
+            section = stage.get("train") if isinstance(stage, dict) else None
+            trainer = section.get("type", "lm") if isinstance(section, dict) else None
+            if trainer in registry().names("trainer") and "device" in registry().get("trainer", trainer).config.model_fields:
+                section["device"] = args.device
     bp = validate(loaded)
     result = train(bp, bp.model_dump(mode="json"), resume=args.resume, progress=not args.no_progress,
                    overwrite=args.overwrite)
     if result.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
-        print(f"train loss {result['train_loss']:.3f}   held-out loss {result['eval_loss']:.3f}   "
-              f"unigram baseline {result['unigram_loss']:.3f}   ({result['seconds']} s)")
+        if "stage" in result:
+            print(f"last stage: {result['stage']} ({result['stages']} of {result['stages']})")
+        if all(isinstance(result.get(k), (int, float)) for k in ("train_loss", "eval_loss", "unigram_loss")):
+            print(f"train loss {result['train_loss']:.3f}   held-out loss {result['eval_loss']:.3f}   "
+                  f"unigram baseline {result['unigram_loss']:.3f}   ({result['seconds']} s)")
         print(f"checkpoint: {result['checkpoint']}")
         if "sample" in result:
             print("sample:\n" + result["sample"])
