@@ -48,7 +48,10 @@ class HyloomSpec:
 
     @hookspec
     def hyloom_register_selectors(self, register):
-        """Layer selectors: `build(config)` → object with `select(teacher, data, budget)` → per-layer layout."""
+        """Layer selectors: `build(config)` → object with `check(n_layers, budget, *, heldout=True)` (refuses bad
+        input before any work) and `select(ctx: SelectionContext) -> Selection` (the kept attention layers, a
+        score row per layer, `write(out_dir)` → selection.json + selection.png); both types are in
+        `hyloom.plugins.convert.selection`. Configs take `pin: [...]`, layers always kept within the budget."""
 
     @hookspec
     def hyloom_register_data_sources(self, register):

@@ -80,7 +80,8 @@ class Selection:
         heights = [row["score"] if scored else float(row["kept"]) for row in self.layers]
         bar_plot(out / "selection.png", heights, marked=self.kept, marked_label="kept as attention",
                  other_label="becomes linear", xlabel="layer", ylabel="score" if scored else "kept",
-                 title=f"{self.selector}: {len(self.kept)} of {self.n_layers} layers kept")
+                 title=f"{self.selector}: {len(self.kept)} of {self.n_layers} layers kept"
+                       + (f" (pinned: {', '.join(map(str, self.pinned))})" if self.pinned else ""))
 
 
 # ---- the shared rules ---------------------------------------------------------------------------------------

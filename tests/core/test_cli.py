@@ -37,7 +37,7 @@ def test_ls_and_plugins(capsys):
     assert main(["ls", "blueprints"]) == 0
     assert "builtin:qwen3-1.7b" in capsys.readouterr().out
     assert main(["ls", "mixxer"]) == 2
-    assert main(["ls", "selector"]) == 0  # a kind nothing registers yet says so
+    assert main(["ls", "objective"]) == 0  # a kind nothing registers yet says so
     assert capsys.readouterr().out == "  (none registered)\n"
     assert main(["plugins", "--json"]) == 0
     plugins = json.loads(capsys.readouterr().out)
