@@ -1,0 +1,128 @@
+"""The loop the conversion trainers share: it keeps the `lm` trainer's conventions (run directory, AdamW on the
+lm schedule, checkpoints every save_every with optimizer, loader and RNG state, exact resume, metrics.jsonl,
+loss.png) and leaves the loss to the trainer: `train_step(batch)` and `evaluate(batch)` each return
+(loss, {metric: value}), the loss a tensor to step on or a float."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from hyloom.plugins.train.lm import _param_groups, _rng_state, _set_rng_state
+from hyloom.plugins.train.schedule import learning_rate
+from hyloom.train import RunDir, SetupError, TrainingError, restore, resume_point
+
+
+def autocast_for(cfg, device: torch.device):
+    """bf16 autocast on CUDA (precision auto or bf16), else none."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+
+def one_process(name: str, env) -> None:
+    if env.world > 1:
+        raise SetupError(f"the {name} trainer runs in one process ({env.world} were started); run it without "
+                         "torchrun")
+
+
+def fit_loop(cfg, *, name: str, model, data, run, resolved: dict, train_step, evaluate, summary: list[str]) -> dict:
+    """Train `model`'s parameters that require a gradient; save `model` with `resolved` as its blueprint."""
+    from hyloom.data import TokenLoader, data_spec
+    from hyloom.plot import line_plot
+
+    env = run.env
+    out = RunDir(cfg.out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    seq_len = data_spec(run.blueprint.data).seq_len
+    micro = cfg.batch_size // cfg.grad_accum
+    loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, seed=cfg.seed)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    start, point = 0, resume_point(out, run.resume)
+    if point is not None:
+        state = restore(point, model, resolved)
+        start = state["step"]
+        if start >= cfg.steps:
+            raise SetupError(f"{point} is at step {start}, and steps is {cfg.steps}: nothing left to train. "
+                             "Raise steps to continue the run")
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+    # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
+    kept = [r for r in out.metrics() if r["step"] <= start]
+    (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    autocast = autocast_for(cfg, env.device)
+    for line in summary + [
+            f"trains   {sum(p.numel() for p in trained):,} of {model.num_parameters():,} parameters on {env.device}",
+            f"steps    {cfg.steps} x {cfg.batch_size} sequences of {seq_len} tokens, lr {cfg.lr:g}, "
+            f"warmup {cfg.warmup}, {cfg.schedule} to {cfg.lr * cfg.min_lr_ratio:g}",
+            f"run      {cfg.out_dir}: " + (f"resuming from {point.name} at step {start}" if point else "from step 0")]:
+        print(line, flush=True)
+
+    def held_out() -> dict:
+        model.eval()
+        batches = TokenLoader(data.dir, "eval", seq_len=seq_len, batch_size=micro, seed=cfg.seed)
+        sums: dict[str, float] = {}
+        with torch.no_grad(), autocast():
+            for _ in range(cfg.eval_batches):
+                loss, metrics = evaluate(batches.next_batch().to(env.device))
+                for k, v in {"loss": float(loss), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.eval_batches
+        model.train()
+        return {"eval_" + k: v for k, v in sums.items()}
+
+    tokens_per_step = cfg.batch_size * seq_len
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not run.progress, dynamic_ncols=True)
+    began, loss, evaluated = time.perf_counter(), float("nan"), {}
+    model.train()
+    for step in range(start, cfg.steps):
+        lr = learning_rate(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
+                           min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, sums = 0.0, {}
+        for _ in range(cfg.grad_accum):
+            batch = loader.next_batch().to(env.device)
+            with autocast():
+                micro_loss, metrics = train_step(batch)
+            (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.item() / cfg.grad_accum
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        if not math.isfinite(loss):
+            raise TrainingError(f"{name} step {step + 1}: the loss is {loss}; stopping without saving. "
+                                f"The last good checkpoint is {out.latest() or 'none (no checkpoint yet)'}.")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, cfg.clip or float("inf")))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {"step": done, "loss": loss, **sums, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": done * tokens_per_step}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            evaluated = held_out()
+            record.update(evaluated)
+        if done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.steps:
+            out.log(record)
+            if not run.progress:
+                held = f"   held-out {record['eval_loss']:.4g}" if "eval_loss" in record else ""
+                print(f"{name} step {done}/{cfg.steps}   loss {loss:.4g}{held}   lr {lr:.2e}   "
+                      f"grad norm {grad_norm:.3g}", flush=True)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": _rng_state()}
+            out.save(done, model, resolved, state, cfg.keep,
+                     extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        bar.update(1)
+    bar.close()
+    metrics = out.metrics()
+    line_plot(out.path / "loss.png", {
+        "train": [(r["step"], r["loss"]) for r in metrics],
+        "held-out": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]},
+        markers=("held-out",), xlabel="optimizer step", ylabel=f"{name} loss", title=f"{out.path}: {name} loss")
+    return {"steps": cfg.steps, "train_loss": loss, "eval_loss": evaluated.get("eval_loss"),
+            "seconds": round(time.perf_counter() - began, 1), "checkpoint": str(out.latest()), **evaluated}
