@@ -144,7 +144,7 @@ def test_without_transfer_only_the_vocabulary_must_match(tmp_path, cache, teache
     assert main(["train", blueprint(tmp_path / "a", fresh, teacher_dir, model=student("LAL", vocab_size=600),
                                     transfer=False), "--no-progress"]) == 2
     assert "model.vocab_size: 600, but the teacher's is 512" in capsys.readouterr().err and not fresh.exists()
-    wider = student("LAL", d_model=48, mixers={"L": {"type": "lightning", "heads": 2}})  # a student of its own
+    wider = student("LLL", d_model=48, mixers={"L": {"type": "lightning", "heads": 2}})  # a student of its own
     assert main(["train", blueprint(tmp_path / "b", cache, teacher_dir, model=wider, transfer=False, steps=1),
                  "--no-progress"]) == 0
 
