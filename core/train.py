@@ -202,7 +202,8 @@ def train(blueprint, resolved: dict, *, resume: str | None = None, progress: boo
         prepared = _prepare(blueprint, env, progress)
         torch.manual_seed(trainer_cfg.seed)
         model = build_model(blueprint, device=env.device)
-        result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress))
+        result = trainer.fit(model, prepared, TrainRun(blueprint, resolved, env, resume, progress,
+                                                       out_dir=Path(out_dir) if out_dir is not None else None))
     except BaseException:
         env.close(wait=False)  # another rank may never reach a barrier
         raise
@@ -413,6 +414,7 @@ class TrainRun:
     env: Dist
     resume: str | None
     progress: bool
-    out_dir: Path | None = None  # of a stage: out_dir/<name> (also set as the trainer config's out_dir, if it has one)
+    out_dir: Path | None = None  # where the trainer writes: its config's out_dir; a stage's is out_dir/<name>, set
+    # there too when the config has the field
     stage: str | None = None  # the stage's name; None for a blueprint with plain `train`
     init: Path | None = None  # the checkpoint the model's weights were loaded from; None: a freshly built model

@@ -218,11 +218,11 @@ def blueprint_model() -> type[BaseModel]:
         "Stage",
         __config__=ConfigDict(extra="forbid"),
         name=(Annotated[str, StringConstraints(pattern=STAGE_NAME)],
-              Field(description="unique; the stage's outputs go to out_dir/<name>/")),
+              Field(description="unique, [a-z][a-z0-9_-]*; the stage's outputs go to out_dir/<name>/")),
         train=(_union("trainer"), Field(description="this stage's trainer (any registered one, as `train`; "
                                                     "its out_dir is set by the runner)")),
-        data=(data | None, Field(None, description="changes to the blueprint's `data` for this stage, merged key "
-                                                   "by key (e.g. {seq_len: 1024})")),
+        data=(data | None, Field(None, description="changes to the blueprint's `data` for this stage (keys as in "
+                                                   "`data` above), merged key by key, e.g. {seq_len: 1024}")),
         init=(str | None, Field(None, description="checkpoint (or run directory) whose model and weights the "
                                                   "stage starts from (default: the previous stage's final "
                                                   "checkpoint; for the first stage, a fresh model)")),
