@@ -234,3 +234,21 @@ def test_out_dir_belongs_to_stages_and_train_alone_is_unchanged(tmp_path, cache)
     path = blueprint(tmp_path, cache, [{**FIRST, "train": {**LM, "steps": 1}}])
     assert main(["train", path, "--out", str(tmp_path / "elsewhere")]) == 0
     assert RunDir(tmp_path / "elsewhere" / "pretrain").latest().name == "checkpoint-000001"
+
+
+def test_a_stage_data_section_is_merged_over_the_blueprints(tmp_path, cache):
+    text = {"type": "text", "path": str(tmp_path)}
+    path = blueprint(tmp_path, cache, [{**FIRST, "data": {"seq_len": 64, "tokenizer": {"vocab_size": 300}}},
+                                       {**SECOND, "data": {"source": text}}])
+    first, second = load_blueprint(path).stages
+    assert (first.data.seq_len, first.data.tokenizer.vocab_size, first.data.source.max_bytes) == (64, 300, 400_000)
+    # a component of another type is replaced whole: stdlib's max_bytes does not leak into the text source
+    assert second.data.source.type == "text" and second.data.seq_len == 32 and second.data.cache_dir == str(cache)
+
+
+def test_resume_of_a_run_made_by_another_blueprint_is_refused(tmp_path, cache):
+    run(blueprint(tmp_path, cache, [{**FIRST, "train": {**LM, "steps": 1}}]))
+    renamed = blueprint(tmp_path, cache, [{**FIRST, "name": "warmup", "train": {**LM, "steps": 1}}, FIRST])
+    with pytest.raises(SetupError, match="this run finished stages pretrain, but the blueprint's stages are "
+                                         "warmup, pretrain: it was made by another blueprint"):
+        run(renamed, resume="auto")
