@@ -325,14 +325,20 @@ def train_stages(blueprint, resolved: dict, *, resume: str | None = None, progre
     out = Path(blueprint.out_dir or DEFAULT_STAGED_OUT)
     names = [s.name for s in blueprint.stages]
     inits = [_init_point(s, i) for i, s in enumerate(blueprint.stages)]
-    trainers, checked = [], []
+    trainers, checked, settings = [], [], []
     for i, stage in enumerate(blueprint.stages):  # every stage's trainer refuses what it cannot do, up front
         model = saved_blueprint(inits[i])["model"] if inits[i] else resolved["model"]
-        bp, _ = stage_blueprint(resolved, i, model, out)
+        bp, stage_resolved = stage_blueprint(resolved, i, model, out)
         trainers.append(_trainer(bp.train, bp))
         checked.append(model)
+        settings.append(stage_resolved["train"])
     done = _finished(out, names) if resume == "auto" else []
     _check_staged_dir(out, names, done, resume, overwrite)
+    for d, now in zip(done, settings):
+        changed = [f"train.{k}" for k in sorted(set(d["train"]) | set(now)) if d["train"].get(k) != now.get(k)]
+        if changed and os.environ.get("RANK", "0") == "0":
+            print(f"stage {d['name']}: finished with other {', '.join(changed)}; it is not run again (a finished "
+                  "stage is kept as it is: --overwrite starts the whole run over)", flush=True)
     if len(done) == len(names):
         raise SetupError(f"{out}: every stage of this run has finished ({', '.join(names)}; final checkpoint "
                          f"{out / done[-1]['checkpoint']}): nothing left to train. Add a stage to go on, or start "
