@@ -371,7 +371,8 @@ def train_stages(blueprint, resolved: dict, *, resume: str | None = None, progre
             if final is None:
                 raise TrainingError(f"stage {stage.name!r}: its {bp.train.type} trainer saved no checkpoint in "
                                     f"{out / stage.name}, and the next stage starts from one")
-            done.append({"name": stage.name, "checkpoint": str(final.relative_to(out)), "train": stage_resolved["train"]})
+            done.append({"name": stage.name, "checkpoint": str(final.relative_to(out)),
+                         "train": stage_resolved["train"]})
             if env.main:
                 write_file_atomic(out / STAGES_FILE, json.dumps({"finished": done}, indent=1) + "\n")
                 print(f"stage {i + 1}/{len(names)} {stage.name}: done in {time.perf_counter() - began:.1f} s, "

@@ -216,7 +216,8 @@ def cmd_train(args) -> int:
         for stage in stages if args.device and isinstance(stages, list) else []:
             section = stage.get("train") if isinstance(stage, dict) else None
             trainer = section.get("type", "lm") if isinstance(section, dict) else None
-            if trainer in registry().names("trainer") and "device" in registry().get("trainer", trainer).config.model_fields:
+            config = registry().get("trainer", trainer).config if trainer in registry().names("trainer") else None
+            if config is not None and "device" in config.model_fields:
                 section["device"] = args.device
     bp = validate(loaded)
     result = train(bp, bp.model_dump(mode="json"), resume=args.resume, progress=not args.no_progress,

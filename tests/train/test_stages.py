@@ -115,7 +115,8 @@ def test_a_used_run_dir_is_refused_and_overwrite_starts_over(tmp_path, cache, ca
     with pytest.raises(SetupError, match="every stage of this run has finished"):
         run(path, resume="auto")
     capsys.readouterr()
-    longer = blueprint(tmp_path, cache, [{**FIRST, "train": {**LM, "steps": 3}}, {**SECOND, "train": {**LM, "steps": 1}}])
+    longer = blueprint(tmp_path, cache, [{**FIRST, "train": {**LM, "steps": 3}},
+                                         {**SECOND, "train": {**LM, "steps": 1}}])
     run(longer, resume="auto")
     assert "stage pretrain: finished with other train.steps; it is not run again" in capsys.readouterr().out
     assert RunDir(tmp_path / "run" / "pretrain").latest().name == "checkpoint-000002"
