@@ -258,3 +258,10 @@ def test_resume_of_a_run_made_by_another_blueprint_is_refused(tmp_path, cache):
     with pytest.raises(SetupError, match="this run finished stages pretrain, but the blueprint's stages are "
                                          "warmup, pretrain: it was made by another blueprint"):
         run(renamed, resume="auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks that --device reaches the stages by asking for CUDA")
+def test_device_option_reaches_every_stage(tmp_path, cache, capsys):
+    path = blueprint(tmp_path, cache, [FIRST, SECOND])
+    assert main(["train", path, "--device", "cuda"]) == 2
+    assert "train.device: 'cuda', but this torch" in capsys.readouterr().err
