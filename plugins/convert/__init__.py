@@ -4,6 +4,7 @@ This module only registers: it holds configs and small build functions that impo
 first use, so `hyloom ls` never pays for torch (tests/core/test_startup.py)."""
 
 from hyloom.hookspecs import hookimpl
+from hyloom.plugins.convert import config as trainer_config
 from hyloom.plugins.convert import selection_config
 
 
@@ -32,3 +33,22 @@ def hyloom_register_selectors(register):
     register("kl", _selector("kl"), config=selection_config.KlConfig,
              summary="KL-guided: keep the layers whose swap to a linear twin moves the output distribution most",
              example={"type": "kl", "seq_len": 64, "sequences": 4, "pin": [0, -1]})
+
+
+def _trainer(module, cls):
+    def build(cfg):
+        import importlib
+
+        return getattr(importlib.import_module(f"hyloom.plugins.convert.{module}"), cls)(cfg)
+
+    return build
+
+
+@hookimpl
+def hyloom_register_trainers(register):
+    register("align", _trainer("align", "AlignTrainer"), config=trainer_config.AlignConfig,
+             summary="conversion stage 1: each layer's linear twin learns its teacher layer's mixer output (MSE)",
+             example={"type": "align", "teacher": "runs/teacher", "steps": 100})
+    register("distill", _trainer("distill", "DistillTrainer"), config=trainer_config.DistillConfig,
+             summary="conversion stage 2: the whole student learns the teacher's logits (forward KL)",
+             example={"type": "distill", "teacher": "runs/teacher", "steps": 100})
