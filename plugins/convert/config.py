@@ -1,4 +1,5 @@
-"""Configs of the conversion trainers `align` and `distill` (SPEC §6): all that registering them needs, without torch."""
+"""Configs of the conversion trainers `align` and `distill` (SPEC §6): all that registering them needs, without
+torch."""
 
 from __future__ import annotations
 

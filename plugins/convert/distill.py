@@ -64,7 +64,8 @@ class DistillTrainer:
             with torch.no_grad():
                 teacher_logits = teacher(ids)
             logits = model(ids)
-            return forward_kl(logits, teacher_logits, cfg.temperature), {"lm_loss": next_token_loss(logits, batch_BT1).item()}
+            kl = forward_kl(logits, teacher_logits, cfg.temperature)
+            return kl, {"lm_loss": next_token_loss(logits, batch_BT1).item()}
 
         def evaluate(batch_BT1):
             ids = batch_BT1[:, :-1]

@@ -115,7 +115,8 @@ def check_fits(teacher, student, teacher_path: str | Path) -> None:
         s = _attention_shape(s_cfg, student.d_model)
         if family == "linear":
             if s_cfg.type != "lightning":
-                problems.append(Problem(key, f"{s_cfg.type!r}: only a lightning twin can be made from attention", where))
+                problems.append(Problem(key, f"{s_cfg.type!r}: only a lightning twin can be made from attention",
+                                        where))
                 continue
             s_dim = s_cfg.head_dim or student.d_model // s_cfg.heads
             for name, mine, theirs in (("heads", s_cfg.heads, t["heads"]), ("head_dim", s_dim, t["head_dim"])):

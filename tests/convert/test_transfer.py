@@ -70,7 +70,8 @@ def test_twins_start_from_the_teacher_projections_and_kept_layers_copy_it(teache
     ({"layout": "ALL", "mixers": {"A": {"type": "attention", "heads": 4, "kv_heads": 4, "head_dim": 8,
                                         "qk_norm": True}, "L": {"type": "lightning", "heads": 4, "head_dim": 8}}},
      "model.mixers.A (layer 0).kv_heads: 4, but the teacher's layer 0 has 2"),
-    ({"position": {"type": "hype", "rope_theta": 1e6}}, "rope_theta: 1000000.0, but the teacher's RoPE base is 10000.0"),
+    ({"position": {"type": "hype", "rope_theta": 1e6}},
+     "rope_theta: 1000000.0, but the teacher's RoPE base is 10000.0"),
 ])
 def test_students_that_do_not_fit_are_refused_naming_both_values(teacher_dir, changes, said):
     with pytest.raises(BlueprintError) as exc:
