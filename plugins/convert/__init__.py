@@ -49,6 +49,10 @@ def hyloom_register_trainers(register):
     register("align", _trainer("align", "AlignTrainer"), config=trainer_config.AlignConfig,
              summary="conversion stage 1: each layer's linear twin learns its teacher layer's mixer output (MSE)",
              example={"type": "align", "teacher": "runs/teacher", "steps": 100})
+    register("select", _trainer("select", "SelectTrainer"), config=trainer_config.SelectConfig,
+             summary="conversion step between align and distill: a selector picks the layers that stay attention; "
+                     "saves the hybrid",
+             example={"type": "select", "teacher": "runs/teacher", "selector": {"type": "halo"}, "budget": 0.25})
     register("distill", _trainer("distill", "DistillTrainer"), config=trainer_config.DistillConfig,
              summary="conversion stage 2: the whole student learns the teacher's logits (forward KL)",
              example={"type": "distill", "teacher": "runs/teacher", "steps": 100})

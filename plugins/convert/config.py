@@ -1,11 +1,12 @@
-"""Configs of the conversion trainers `align` and `distill` (SPEC §6): all that registering them needs, without
-torch."""
+"""Configs of the conversion trainers `align`, `select` and `distill` (SPEC §6): all that registering them needs,
+without torch."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 TEACHER = Field(description="the Transformer being converted: a hyloom checkpoint (or a run directory: its latest "
                             "checkpoint) or a Hugging Face Llama/Qwen3 directory (config.json + safetensors)")
@@ -60,3 +61,49 @@ class DistillConfig(_ConversionTrainerConfig):
                                                     "null: only when the stage does not start from an earlier "
                                                     "stage's or an init checkpoint")
     out_dir: str = Field("runs/distill", description="run directory: checkpoints, metrics.jsonl, loss.png")
+
+
+class SelectConfig(BaseModel):
+    """The `select` step (SPEC §5/§6): runs a layer selector on the aligned all-twin student and saves the hybrid."""
+
+    teacher: str = TEACHER
+    selector: Any = Field(description="the layer selector (hyloom ls selector), e.g. {type: halo} or "
+                                      "{type: even, pin: [0]}")
+    budget: NonNegativeInt | float = Field(description="layers kept as attention: a count, or a fraction of "
+                                                       "n_layers in [0, 1] (rounded to the nearest count, halves up: "
+                                                       "0.25 of 28 is 7)")
+    attention: str | None = Field(None, description="the model.mixers symbol of the kept attention layers (null: "
+                                                    "the one attention symbol there)")
+    batch_size: PositiveInt = Field(8, description="sequences the measuring selectors run at once")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; one process")
+    seed: int = Field(0, description="for the eval tasks' random cases")
+    out_dir: str = Field("runs/select", description="run directory: selection.json, selection.png, the hybrid's "
+                                                    "checkpoint")
+
+    @field_validator("selector", mode="plain")
+    @classmethod
+    def _selector(cls, value):
+        # Registered selector configs are known only once every plugin has registered, so the union is built
+        # here, at validation; pydantic keeps the inner key paths (train.selector.recall).
+        from typing import Annotated, Union
+
+        from pydantic import TypeAdapter
+
+        from hyloom.registry import registry
+
+        configs = tuple(r.config for r in registry().all("selector") if r.config is not None)
+        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
+        return TypeAdapter(union).validate_python(value)
+
+    @field_validator("budget")
+    @classmethod
+    def _fraction(cls, value):
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError(f"a fractional budget is a share of the layers, in [0, 1] (got {value}); a count of "
+                             "layers is an integer")
+        return value
+
+    def layers(self, n_layers: int) -> int:
+        """The budget as a count of layers."""
+        return self.budget if isinstance(self.budget, int) else math.floor(self.budget * n_layers + 0.5)
