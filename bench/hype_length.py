@@ -37,6 +37,7 @@ BLUEPRINTS = ROOT / "blueprints" / "experiments"
 VARIANTS = ("hype", "rope", "nope", "attn-rope")
 LABELS = {"hype": "hybrid, HyPE", "rope": "hybrid, RoPE everywhere", "nope": "hybrid, NoPE everywhere",
           "attn-rope": "attention only, RoPE", "hype+a": "hybrid, HyPE + query scaling"}
+COLORS = {"hype": "C0", "hype+a": "C0", "rope": "C1", "nope": "C2", "attn-rope": "C3"}  # hype+a: dashed
 
 # What each scale evaluates and (toy only) how it shrinks the blueprints. `overrides` are blueprint overrides as
 # on the command line; steps come from the budget at both scales.
@@ -132,6 +133,14 @@ def eval_estimate(cal: dict, scale: dict, with_a: bool) -> float:
     return seconds * (1.6 if with_a else 1.0)  # the query-scaled HyPE re-runs passkey and the loss
 
 
+def steps_that_fit(left: float, step_s: dict, eval_s: dict, budget: float) -> int:
+    """Training steps, the same for every variant, that fit in `left` seconds after the estimated evaluations,
+    a margin of 5% of the budget and a few seconds a variant (model builds, figures). x1.1 on the timed steps:
+    the trainer's own work (data, clipping, logging, held-out evaluations, the checkpoint)."""
+    reserve = sum(eval_s.values()) + 0.05 * budget + 3 * len(step_s)
+    return int((left - reserve) / (1.1 * sum(step_s.values())))
+
+
 def task_configs(scale: dict) -> list[dict]:
     grid = {"lengths": scale["lengths"], "depths": scale["depths"], "cases": scale["cases"]}
     return [{"type": "passkey", **grid},
@@ -221,7 +230,7 @@ def figures(results: dict, out: Path) -> None:
             if task not in v["eval"]:
                 continue
             metrics = v["eval"][task]["metrics"]
-            ax.plot(lengths, [metrics.get(f"{prefix}/acc@{n}") for n in lengths], marker="o",
+            ax.plot(lengths, [metrics.get(f"{prefix}/acc@{n}") for n in lengths], marker="o", color=COLORS.get(name),
                     linestyle="--" if name == "hype+a" else "-", label=LABELS.get(name, name))
         ax.axvline(train_len, color="0.4", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
@@ -238,7 +247,7 @@ def figures(results: dict, out: Path) -> None:
     for ax, n in zip(axes[0], lengths):
         for name, v in done.items():
             rows = [x for x in v["eval"]["loss_by_position"]["rows"] if x["length"] == n]
-            ax.plot([x["end"] for x in rows], [x["nll"] for x in rows], marker=".",
+            ax.plot([x["end"] for x in rows], [x["nll"] for x in rows], marker=".", color=COLORS.get(name),
                     linestyle="--" if name == "hype+a" else "-", label=LABELS.get(name, name))
         ax.axvline(train_len, color="0.4", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
@@ -256,11 +265,11 @@ def figures(results: dict, out: Path) -> None:
         curve = v.get("train", {}).get("curve") or []
         if not curve:
             continue
-        line, = ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], linewidth=1,
-                        label=f"{LABELS.get(name, name)} (train)")
+        ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], linewidth=1, alpha=0.6,
+                color=COLORS.get(name), label=f"{LABELS.get(name, name)}: train")
         held = [r for r in curve if r.get("eval_loss") is not None]
         ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], marker="o", linestyle="--",
-                color=line.get_color(), label="held-out")
+                color=COLORS.get(name), label="held-out")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("next-token loss (nats/token)")
     ax.set_title("training curves (same data, seed and tokens)", fontsize=9)
@@ -311,7 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="train.steps for every variant (default: from the budget)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a blueprint override for every variant, after the scale's (e.g. data.seq_len=1024); may repeat")
+                   help="a blueprint override for every variant, after the scale's (e.g. data.seq_len=1024); "
+                        "may repeat")
     p.add_argument("--query-scaling", type=float, default=500.0,
                    help="also evaluate the HyPE model with position.a = this (HypeNet-2B: 500); 0: skip")
     args = p.parse_args(argv)
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
     prepared = prepare(bps[variants[0]].data, progress=False)  # the same data section for all (tested)
     log(f"data ready ({time.perf_counter() - began:.0f} s): {prepared.dir}")
     results = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python3 bench/hype_length.py", *(argv if argv is not None else sys.argv[1:])]),
         "scale": args.scale, "overrides": scale["overrides"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "versions": {"hyloom": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -358,8 +368,7 @@ def main(argv=None) -> int:
             f"forward {scale['eval_batch']} x {max(scale['lengths'])} tokens {cal[v]['forward_longest_s']:.2f} s")
     evals = {v: eval_estimate(cal[v], scale, with_a and v == "hype") for v in variants}
     left = args.budget_seconds - (time.perf_counter() - began)
-    reserve = sum(evals.values()) + 0.05 * args.budget_seconds + 3 * len(variants)  # + figures, model builds
-    fit = int((left - reserve) / sum(cal[v]["step_s"] for v in variants))
+    fit = steps_that_fit(left, {v: cal[v]["step_s"] for v in variants}, evals, args.budget_seconds)
     steps = args.steps or max(scale["min_steps"], min(scale["max_steps"], fit))
     results["plan"] = {"budget_seconds": args.budget_seconds,
                        "seconds_before_training": round(args.budget_seconds - left, 1), "calibration": cal,

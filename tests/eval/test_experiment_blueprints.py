@@ -29,7 +29,8 @@ def leaves(tree, prefix=()):
 
 @functools.cache
 def _resolved(variant, overrides):
-    return json.dumps(load_blueprint(str(FOLDER / f"hype-length-{variant}.yaml"), list(overrides)).model_dump(mode="json"))
+    bp = load_blueprint(str(FOLDER / f"hype-length-{variant}.yaml"), list(overrides))
+    return json.dumps(bp.model_dump(mode="json"))
 
 
 def resolved(variant, overrides=()):
@@ -126,3 +127,37 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
     text = bench.summary(results)
     assert "hybrid, HyPE + query scaling" in text and "0.750" in text and "0.250" in text and "4.500" in text
     assert "512*" in text and " 256 " in text  # lengths past training are starred
+
+
+def test_the_budget_sets_equal_steps_after_the_evaluations():
+    bench = script()
+    step_s = {"hype": 0.1, "attn-rope": 0.3}
+    evals = {"hype": 20.0, "attn-rope": 10.0}
+    # 400 s left: 400 - 30 (evals) - 21 (5% of 420) - 6 (3 s a variant) = 343 s for 1.1 x 0.4 s a step
+    assert bench.steps_that_fit(400, step_s, evals, 420) == int(343 / 0.44)
+    assert bench.steps_that_fit(200, step_s, evals, 420) < bench.steps_that_fit(400, step_s, evals, 420)
+    assert bench.steps_that_fit(40, step_s, evals, 420) < 0  # nothing fits: the caller's min_steps applies
+    full, toy = bench.SCALES["full"], bench.SCALES["toy"]
+    cal = {"forward_longest_s": 1.0}
+    with_a, plain = bench.eval_estimate(cal, full, True), bench.eval_estimate(cal, full, False)
+    assert with_a > plain > bench.eval_estimate(cal, toy, False)
+
+
+@pytest.mark.slow
+def test_toy_run_end_to_end(tmp_path, monkeypatch):
+    """The script as documented, at toy scale on two variants with a few steps: every file, every variant."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh data cache
+    bench = script()
+    out = tmp_path / "out"
+    assert bench.main(["--scale", "toy", "--device", "cpu", "--steps", "3", "--variants", "hype,attn-rope",
+                       "--out", str(out), "--work", str(tmp_path / "runs")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_by_length.png", "loss_by_position.png",
+                                                     "results.json", "retrieval.png", "summary.txt", "training.png"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["hype", "hype+a", "attn-rope"]
+    for name in ("hype", "attn-rope"):
+        v = results["variants"][name]
+        assert v["train"]["steps"] == 3 and v["train"]["tokens"] == 3 * 8 * 256
+        assert set(v["eval"]) == {"passkey", "niah", "loss_by_position"}
+        assert {r["length"] for r in v["eval"]["passkey"]["rows"]} == {256, 512, 1024}
+    assert results["variants"]["hype+a"]["query_scaling_a"] == 500.0
