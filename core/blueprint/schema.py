@@ -35,6 +35,8 @@ SLOTS = {
     ("train", "eval_tasks", "*"): "eval_task",
     ("stages", "*", "train"): "trainer",
     ("stages", "*", "train", "eval_tasks", "*"): "eval_task",
+    ("train", "selector"): "selector",  # the select trainer's selector (validated by its config)
+    ("stages", "*", "train", "selector"): "selector",
     ("stages", "*", "data", "source"): "data_source",
     ("stages", "*", "data", "tiers", "*"): "data_tier",
     ("stages", "*", "data", "tokenizer"): "tokenizer",

@@ -100,8 +100,8 @@ class SelectConfig(BaseModel):
     @classmethod
     def _fraction(cls, value):
         if isinstance(value, float) and not 0 <= value <= 1:
-            raise ValueError(f"a fractional budget is a share of the layers, in [0, 1] (got {value}); a count of "
-                             "layers is an integer")
+            raise ValueError("a fractional budget is a share of the layers, in [0, 1]; a count of layers is an "
+                             "integer")
         return value
 
     def layers(self, n_layers: int) -> int:
