@@ -1,5 +1,5 @@
-"""The whole conversion (align → select → distill → lm) from one blueprint on a tiny teacher: each stage's outputs,
-the hybrid the select step saves (kept layers the teacher's attention, the rest the aligned twins), the chosen
+"""The whole conversion (align → select → distill → lm) from one blueprint on a tiny teacher: each stage's
+outputs, the hybrid the select step saves (kept layers the teacher's attention, the rest the aligned twins), the chosen
 layout reaching the final checkpoint, --resume auto after a crash between stages; the select step's refusals
 before any work; and the full-size recipe validating without its teacher and refused clearly by train."""
 
