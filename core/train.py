@@ -150,6 +150,30 @@ def checkpoint_dir(path: str | Path) -> Path:
     return latest
 
 
+def open_checkpoint(path: str | Path, device: str | None = "auto", *, refuse=None):
+    """What `generate` and `eval` start from: (checkpoint, model on the device, blueprint, tokenizer, device).
+    A run directory means its newest checkpoint, named on stderr. `refuse(blueprint, path)` may raise before
+    the tokenizer is read."""
+    import sys
+
+    from hyloom.blueprint import BlueprintError, Problem
+    from hyloom.checkpoint import load_checkpoint
+    from hyloom.registry import registry
+
+    found = checkpoint_dir(path)
+    if found != Path(path):
+        print(f"checkpoint: {found}", file=sys.stderr)
+    device = pick_device(device or "auto", "--device")
+    tokenizer_file = found / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(found))])
+    model, bp = load_checkpoint(found, device=str(device))
+    if refuse is not None:
+        refuse(bp, found)
+    file_tokenizer = registry().get("tokenizer", "file")
+    return found, model, bp, file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file))), device
+
+
 def resume_point(run: RunDir, resume: str | None) -> Path | None:
     """`--resume auto`: the newest checkpoint of this run if there is one; a path: that checkpoint."""
     if resume in (None, "", "never"):

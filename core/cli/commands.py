@@ -253,26 +253,17 @@ def add_train(sub):
 
 
 def cmd_generate(args) -> int:
-    import sys
-
     import torch
 
-    from hyloom.checkpoint import BLUEPRINT, load_checkpoint
+    from hyloom.checkpoint import BLUEPRINT
     from hyloom.generate import BIDIRECTIONAL, cut_at_stop
-    from hyloom.train import checkpoint_dir, pick_device
+    from hyloom.train import open_checkpoint
 
-    path = checkpoint_dir(args.checkpoint)
-    if path != Path(args.checkpoint):
-        print(f"checkpoint: {path}", file=sys.stderr)
-    device = pick_device(args.device, "--device")
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(path))])
-    model, bp = load_checkpoint(path, device=str(device))
-    if not bp.model.causal:
-        raise BlueprintError([Problem("model.causal", f"cannot generate: {BIDIRECTIONAL}", str(path / BLUEPRINT))])
-    file_tokenizer = registry().get("tokenizer", "file")
-    tokenizer = file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file)))
+    def bidirectional(bp, path):
+        if not bp.model.causal:
+            raise BlueprintError([Problem("model.causal", f"cannot generate: {BIDIRECTIONAL}", str(path / BLUEPRINT))])
+
+    _, model, bp, tokenizer, _ = open_checkpoint(args.checkpoint, args.device, refuse=bidirectional)
     torch.manual_seed(args.seed)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     outs = model.eval().generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from hyloom.cli.parser import command_parser
@@ -87,23 +86,12 @@ def _run(args, configs) -> int:
     import torch
 
     from hyloom import __version__
-    from hyloom.blueprint import BlueprintError, Problem
-    from hyloom.checkpoint import BLUEPRINT, load_checkpoint
+    from hyloom.checkpoint import BLUEPRINT
     from hyloom.data import data_spec, prepare
     from hyloom.eval import EvalContext, format_table, heldout_reader, run_tasks
-    from hyloom.registry import registry
-    from hyloom.train import checkpoint_dir, pick_device
+    from hyloom.train import open_checkpoint
 
-    path = checkpoint_dir(args.checkpoint)
-    if path != Path(args.checkpoint):
-        print(f"checkpoint: {path}", file=sys.stderr)
-    device = pick_device(args.device, "--device")
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise BlueprintError([Problem("", "no tokenizer.json in this checkpoint", str(path))])
-    model, bp = load_checkpoint(path, device=str(device))
-    file_tokenizer = registry().get("tokenizer", "file")
-    tokenizer = file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file)))
+    path, model, bp, tokenizer, device = open_checkpoint(args.checkpoint, args.device)
     progress = not args.no_progress
     held_out = {}
 
