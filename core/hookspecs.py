@@ -24,6 +24,7 @@ KINDS = {
     "trainer": "hyloom_register_trainers",
     "objective": "hyloom_register_objectives",
     "eval_task": "hyloom_register_eval_tasks",
+    "verifier": "hyloom_register_verifiers",
     "checkpoint_format": "hyloom_register_checkpoint_formats",
     "command": "hyloom_register_commands",
 }
@@ -76,6 +77,11 @@ class HyloomSpec:
     @hookspec
     def hyloom_register_eval_tasks(self, register):
         """Evaluation tasks: `build(config)` → object with `run(ctx: hyloom.eval.EvalContext) -> EvalResult`."""
+
+    @hookspec
+    def hyloom_register_verifiers(self, register):
+        """Reward verifiers for RL: `build(config)` → callable `(record: dict, completion: str) -> Reward` (`reward:
+        float`, `info: dict`; hyloom.plugins.rl.config.Reward). The record is the whole prompt row."""
 
     @hookspec
     def hyloom_register_checkpoint_formats(self, register):
