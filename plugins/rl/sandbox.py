@@ -3,8 +3,8 @@
 What is contained, and how (docs/rl.md, "The sandbox", says the same for users):
 - a fresh interpreter (`python -I -S`: no site-packages, no PYTHON* variables, no user site), in a new process
   group, killed as a whole (SIGKILL) when the wall-clock limit passes;
-- resource limits set before exec: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size
-  (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), processes (RLIMIT_NPROC), no core dumps;
+- resource limits, set by a launcher before it execs the interpreter: CPU seconds (RLIMIT_CPU), address space
+  (RLIMIT_AS), file size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), processes (RLIMIT_NPROC), no core dumps;
 - an empty temporary working directory, deleted afterwards; an environment holding only a minimal PATH;
 - where `unshare` works here: a network namespace with no interfaces up (no network), a PID namespace whose
   init dies with the sandbox (so every process it forked dies too, even one that left the process group), and,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -89,17 +88,20 @@ def containment() -> dict:
     }
 
 
-def _limit(limits: Limits):
-    def apply():  # runs in the child between fork and exec: the limits hold for everything it starts
-        mb = 1 << 20
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb,) * 2)
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+# The first program inside the sandbox: it lowers its own limits, then becomes the interpreter that runs the code.
+# (Setting them here rather than in a preexec_fn keeps the fork in the caller free of Python code, which is unsafe
+# when the caller has threads.) Limits already set hold for everything it execs and forks.
+LAUNCHER = ("import os, resource, sys\n"
+            "for arg in sys.argv[1:]:\n"
+            "    name, value = arg.split('=')\n"
+            "    resource.setrlimit(getattr(resource, name), (int(value), int(value)))\n"
+            "os.execv(sys.executable, [sys.executable, '-I', '-S', '-'])\n")
 
-    return apply
+
+def _rlimits(limits: Limits) -> list[str]:
+    mb = 1 << 20
+    return [f"RLIMIT_CPU={limits.cpu_s}", f"RLIMIT_AS={limits.memory_mb * mb}", f"RLIMIT_FSIZE={limits.file_mb * mb}",
+            f"RLIMIT_NPROC={limits.max_processes}", "RLIMIT_NOFILE=64", "RLIMIT_CORE=0"]
 
 
 def _tail(path: str, kb: int) -> str:
@@ -119,20 +121,14 @@ def run_python(source: str, limits: Limits = Limits()) -> SandboxResult:
         if info["user"] == "nobody":
             os.chown(work, NOBODY, NOBODY)
         out_path, err_path = os.path.join(private, "out"), os.path.join(private, "err")
-        argv = [*info["prefix"], info["python"], "-I", "-S", "-"]
+        argv = [*info["prefix"], info["python"], "-I", "-S", "-c", LAUNCHER, *_rlimits(limits)]
         start = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work,
-                                    env={"PATH": MINIMAL_PATH}, start_new_session=True,
-                                    preexec_fn=_limit(limits), close_fds=True)
+                                    env={"PATH": MINIMAL_PATH}, start_new_session=True, close_fds=True)
             timed_out = False
             try:
-                try:
-                    proc.stdin.write(source.encode())
-                    proc.stdin.close()
-                except BrokenPipeError:  # it died before reading everything: its status says why
-                    pass
-                proc.wait(timeout=limits.wall_s)
+                proc.communicate(source.encode(), timeout=limits.wall_s)  # the timeout covers feeding stdin too
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:

@@ -36,6 +36,13 @@ def test_infinite_loop_is_killed_at_the_wall_clock_limit():
     assert r.reward == -1.0 and r.info["timed_out"] and time.monotonic() - start < 5
 
 
+def test_the_limits_hold_inside():
+    code = ("import resource\nfor n in ('CPU', 'AS', 'FSIZE', 'NPROC'):\n"
+            "    print(resource.getrlimit(getattr(resource, 'RLIMIT_' + n))[0])")
+    r = run_python(code, Limits(wall_s=2, cpu_s=3, memory_mb=300, max_processes=7, file_mb=2))
+    assert r.stdout.split() == ["3", str(300 << 20), str(2 << 20), "7"]
+
+
 def test_cpu_limit_stops_a_busy_loop_before_the_wall_clock_one():
     r = run_python("while True: pass", Limits(wall_s=10, cpu_s=1))
     assert not r.timed_out and r.returncode != 0 and r.seconds < 5
