@@ -68,7 +68,8 @@ def _clean(text: str) -> str:
     text = re.sub(r"\\text\{([^{}]*)\}|\\mathrm\{([^{}]*)\}", lambda m: m.group(1) or m.group(2) or "", text)
     for junk in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", "\\%", "%"):
         text = text.replace(junk, "")
-    return text.strip().rstrip(".").strip()
+    text = text.strip().rstrip(".").strip()
+    return re.sub(r"^[A-Za-z]\s*=\s*", "", text)  # `x = 5` answers 5
 
 
 def parse_number(text: str) -> Fraction | None:

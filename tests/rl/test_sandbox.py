@@ -53,6 +53,11 @@ def test_memory_bomb_fails():
     assert r.reward == -1.0 and "MemoryError" in r.info["stderr"]
 
 
+def test_a_flood_of_output_is_cut_off():
+    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", Limits(wall_s=5, file_mb=1))
+    assert not r.timed_out and r.returncode != 0 and len(r.stdout) <= 64 * 1024  # RLIMIT_FSIZE stopped it
+
+
 def _uid_processes(uid):
     pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):

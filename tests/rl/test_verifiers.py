@@ -13,7 +13,7 @@ from hyloom.registry import UnknownComponentError
     ("so \\boxed{\\frac{3}{4}}", "3/4"), ("\\boxed{\\dfrac34}", "0.75"), ("#### 1,234", "1234"),
     ("\\boxed{-\\frac{1}{2}}", "-0.5"), ("\\boxed{$1{,}000$}", "1000"), ("\\boxed{+7.}", "7"),
     ("first \\boxed{1} then \\boxed{\\frac{2}{3}}", "2/3"), ("\\boxed{\\text{x}+1}", "x + 1"),
-    ("\\boxed{−3}", "-3"), ("\\boxed{.5}", "1/2"), ("#### 12 \n", "12.0"),
+    ("\\boxed{−3}", "-3"), ("\\boxed{x = \\frac{1}{4}}", "0.25"), ("\\boxed{.5}", "1/2"), ("#### 12 \n", "12.0"),
 ])
 def test_math_accepts_equivalent_answers(text, answer):
     assert build_verifier({"type": "math"})({"answer": answer}, text).reward == 1.0
