@@ -1,8 +1,10 @@
-"""Batched generation over one model cache: greedy, temperature, top-k, top-p, stop tokens and stop strings."""
+"""Batched generation over one model cache: greedy, temperature, top-k, top-p, stop tokens and stop strings;
+and `run_sampler`, which runs any registered sampler (`ar`, `mdm`, ...) by name."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -90,3 +92,41 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, tempe
             break
         logits = model.decode_step(token, cache)
     return out
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns: each prompt's new tokens, the forward passes it took (NFE), its seconds, and the
+    tokens it produced (mdm: every position it denoised, before the cut at end-of-text)."""
+    tokens: list[list[int]]
+    nfe: int
+    seconds: float
+    produced: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.produced / max(self.seconds, 1e-9)
+
+
+def default_sampler(model) -> str:
+    """`ar` for a causal model, `mdm` for a bidirectional one."""
+    spec = getattr(model, "spec", None)
+    return "mdm" if spec is not None and not spec.causal else "ar"
+
+
+def run_sampler(model, prompts: list[list[int]], *, sampler: str | None = None, tokenizer=None, seed: int = 0,
+                stop_strings=(), **options) -> SampleResult:
+    """Continue `prompts` (token ids) with the registered sampler `sampler` (default: `default_sampler`),
+    configured by `options` (its config's keys, e.g. max_new_tokens, steps). Bad options raise ValueError."""
+    from pydantic import ValidationError
+
+    from hyloom.registry import registry
+
+    reg = registry().get("sampler", sampler or default_sampler(model))
+    try:
+        cfg = reg.config(**options)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{reg.name} sampler: " + "".join(f"{k}: " for k in e["loc"][:1])
+                                   + e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    return reg.build(cfg).sample(model, prompts, tokenizer=tokenizer, generator=generator, stop_strings=stop_strings)

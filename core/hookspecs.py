@@ -25,6 +25,7 @@ KINDS = {
     "objective": "hyloom_register_objectives",
     "eval_task": "hyloom_register_eval_tasks",
     "verifier": "hyloom_register_verifiers",
+    "sampler": "hyloom_register_samplers",
     "checkpoint_format": "hyloom_register_checkpoint_formats",
     "command": "hyloom_register_commands",
 }
@@ -77,6 +78,11 @@ class HyloomSpec:
     @hookspec
     def hyloom_register_eval_tasks(self, register):
         """Evaluation tasks: `build(config)` → object with `run(ctx: hyloom.eval.EvalContext) -> EvalResult`."""
+
+    @hookspec
+    def hyloom_register_samplers(self, register):
+        """Samplers chosen by `hyloom generate --sampler NAME`: `build(config)` → object with
+        `sample(model, prompts, *, tokenizer, generator, stop_strings) -> hyloom.generate.SampleResult`."""
 
     @hookspec
     def hyloom_register_verifiers(self, register):

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "hyloom.plugins.eval",
     "hyloom.plugins.convert",
     "hyloom.plugins.rl",
+    "hyloom.plugins.mdm",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 COMMAND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")  # CLI commands read better with hyphens (import-hf)

@@ -34,11 +34,28 @@ class LMTrainerConfig(BaseModel):
     tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
     sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
     sample_tokens: NonNegativeInt = Field(48, description="tokens of that sample (0: none)")
+    objective: Any = Field({"type": "next_token"}, validate_default=True,
+                           description="what the model learns: {type: next_token} (causal models) or {type: mdm, "
+                                       "eps: 1e-3} (masked diffusion, bidirectional models); hyloom ls objective")
     eval_tasks: list[Any] = Field([], description="evaluation tasks run during training, e.g. "
                                                   "[{type: passkey, lengths: [512]}] (hyloom ls eval_task); "
                                                   "logged to metrics.jsonl as eval/<metric>")
     eval_tasks_every: PositiveInt | None = Field(None, description="steps between runs of eval_tasks "
                                                                   "(null: at each evaluation); always at the end")
+
+    @field_validator("objective", mode="plain")
+    @classmethod
+    def _objective(cls, value):
+        # like eval_tasks below: the registered objectives are known only once every plugin has registered
+        from typing import Annotated, Union
+
+        from pydantic import TypeAdapter
+
+        from hyloom.registry import registry
+
+        configs = tuple(r.config for r in registry().all("objective") if r.config is not None)
+        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
+        return TypeAdapter(union).validate_python(value)
 
     @field_validator("eval_tasks", mode="plain")
     @classmethod
@@ -71,3 +88,7 @@ class LMTrainerConfig(BaseModel):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         return self
+
+
+class NextTokenConfig(BaseModel):
+    """The `next_token` objective has no settings."""

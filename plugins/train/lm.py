@@ -1,4 +1,5 @@
-"""The `lm` trainer: next-token prediction with AdamW, resumable to the step."""
+"""The `lm` trainer: a language-modelling objective (next-token by default, or masked diffusion) with AdamW,
+resumable to the step."""
 
 from __future__ import annotations
 
@@ -25,6 +26,31 @@ def lm_loss(model, batch_BT1) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch_BT1[:, 1:].reshape(-1))
 
 
+class NextTokenObjective:
+    """The default `train.objective`: next-token cross-entropy, for causal models."""
+
+    name = "next-token"
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def check(self, blueprint) -> None:
+        if not blueprint.model.causal:
+            raise BlueprintError([Problem("model.causal", (
+                "false, but the lm trainer predicts each next token (train.objective next_token), and a "
+                "bidirectional model sees that token in its input: the loss falls without the model learning to "
+                "predict anything. Set model.causal: true, or train.objective.type: mdm (masked diffusion)"))])
+
+    def bind(self, tokenizer, vocab_size: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "next_token"
+
+    def __call__(self, model, batch_BT1, generator=None) -> torch.Tensor:
+        return lm_loss(model, batch_BT1)
+
+
 def _param_groups(model, weight_decay):
     matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -47,17 +73,16 @@ def _short(value) -> str:
 
 class LMTrainer:
     def __init__(self, cfg: LMTrainerConfig):
+        from hyloom.registry import registry
+
         self.cfg = cfg
+        self.objective = registry().get("objective", cfg.objective.type).build(cfg.objective)
         self._eval_ctx = None
         self._headlines: set[str] = set()  # metrics.jsonl keys of each eval task's headline metric
 
     def check(self, blueprint) -> None:
         """Refuse, before any data is prepared, a model this objective cannot train."""
-        if not blueprint.model.causal:
-            raise BlueprintError([Problem("model.causal", (
-                "false, but the lm trainer predicts each next token, and a bidirectional model sees that token in "
-                "its input: the loss falls without the model learning to predict anything. There is no trainer for "
-                "bidirectional models yet; set model.causal: true"))])
+        self.objective.check(blueprint)
 
     def fit(self, model, data, run: TrainRun) -> dict:
         from hyloom.data import TokenLoader, data_spec
@@ -70,6 +95,7 @@ class LMTrainer:
         micro = cfg.batch_size // cfg.grad_accum
         if micro % env.world:
             raise TrainingError(f"batch_size / grad_accum = {micro} must be divisible by the {env.world} processes")
+        self.objective.bind(data.tokenizer, run.blueprint.model.vocab_size)
         loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, rank=env.rank,
                              world_size=env.world, seed=cfg.seed)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -97,8 +123,11 @@ class LMTrainer:
             model.eval()
             held_out = TokenLoader(data.dir, "eval", seq_len=seq_len, batch_size=micro, rank=env.rank,
                                    world_size=env.world, seed=cfg.seed)
+            # a fixed generator: a random objective (mdm) draws the same masks at every evaluation
+            masks = torch.Generator(env.device).manual_seed(cfg.seed + env.rank)
             with torch.no_grad(), autocast():
-                losses = [lm_loss(model, held_out.next_batch().to(env.device)).item() for _ in range(cfg.eval_batches)]
+                losses = [self.objective(model, held_out.next_batch().to(env.device), masks).item()
+                          for _ in range(cfg.eval_batches)]
             model.train()
             return env.mean(sum(losses) / len(losses))
 
@@ -118,7 +147,7 @@ class LMTrainer:
                 batch = loader.next_batch().to(env.device)
                 last = i == cfg.grad_accum - 1
                 with (net.no_sync() if env.world > 1 and not last else contextlib.nullcontext()), autocast():
-                    micro_loss = lm_loss(net, batch) / cfg.grad_accum
+                    micro_loss = self.objective(net, batch) / cfg.grad_accum
                 micro_loss.backward()
                 total += micro_loss.item()
             loss = env.mean(total)
@@ -195,6 +224,7 @@ class LMTrainer:
               f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}")
         print(f"data     {splits['train']['tokens']:,} training tokens, {splits['eval']['tokens']:,} held out, "
               f"vocab {data.tokenizer.vocab_size:,}, seq_len {seq_len} ({data.dir})")
+        print(f"loss     {self.objective.describe()}")
         print(f"steps    {cfg.steps} x {cfg.batch_size} sequences ({cfg.steps * cfg.batch_size * seq_len:,} tokens), "
               f"lr {cfg.lr:g}, warmup {cfg.warmup}, {cfg.schedule}")
         print(f"run      {cfg.out_dir}: " + (f"resuming from {point.name} at step {start}" if point else "from step 0"),
@@ -239,14 +269,16 @@ class LMTrainer:
             "train": [(r["step"], r["loss"]) for r in metrics],
             "held-out": [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]},
             hlines=baseline, markers=("held-out",),
-            xlabel="optimizer step", ylabel="loss (nats/token)", title=f"{out.path}: next-token loss")
+            xlabel="optimizer step", ylabel="loss (nats/token)", title=f"{out.path}: {self.objective.name} loss")
         if self.cfg.sample_tokens:
+            from hyloom.generate import run_sampler
+
             model.eval()
             ids = data.tokenizer.encode(self.cfg.sample_prompt)
-            torch.manual_seed(self.cfg.seed)
-            new = model.generate([ids], max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=40,
-                                 stop_tokens=[data.tokenizer.eos_id])[0]
-            result["sample"] = self.cfg.sample_prompt + data.tokenizer.decode(new)
+            options = {"temperature": 0.8, "top_k": 40} if model.spec.causal else {}
+            got = run_sampler(model, [ids], tokenizer=data.tokenizer, seed=self.cfg.seed,
+                              max_new_tokens=self.cfg.sample_tokens, **options)
+            result["sample"] = self.cfg.sample_prompt + data.tokenizer.decode(got.tokens[0])
 
     def _tensorboard(self, out: RunDir):
         if self.cfg.tensorboard is False:

@@ -81,7 +81,8 @@ def test_training_learns_and_writes_its_outputs(tmp_path, cache, capsys):
     assert text.startswith("def ")
     # a run directory means its newest checkpoint, on the device asked for
     assert main(["generate", str(run_dir), "--device", "cpu"] + greedy) == 0
-    assert capsys.readouterr() == (text, f"checkpoint: {latest}\n")
+    out, err = capsys.readouterr()
+    assert out == text and err.startswith(f"checkpoint: {latest}\nsampler ar: 12 forward passes (NFE)")
     # --stop ends each continuation before the first stop string (here a character from its middle)
     new = text[len("def "):-1]
     assert len(new) >= 3
@@ -177,8 +178,8 @@ def test_bidirectional_models_are_refused_by_train_and_generate(tmp_path, cache,
     bp = load_blueprint(path, ["model.causal=false"])
     ckpt = hyloom.checkpoint.save_checkpoint(tmp_path / "bidir", hyloom.build_model(bp), bp.model_dump(mode="json"),
                                              extra_files={"tokenizer.json": "{}"})
-    assert main(["generate", str(ckpt), "--prompt", "def "]) == 2
-    assert "model.causal: cannot generate: model.causal is false" in capsys.readouterr().err
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--sampler", "ar"]) == 2
+    assert "model.causal: cannot generate with the ar sampler: model.causal is false" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model.causal is false"):
         hyloom.build_model(bp).generate([[1, 2]])
 
