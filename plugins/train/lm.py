@@ -96,6 +96,9 @@ class LMTrainer:
         if micro % env.world:
             raise TrainingError(f"batch_size / grad_accum = {micro} must be divisible by the {env.world} processes")
         self.objective.bind(data.tokenizer, run.blueprint.model.vocab_size)
+        objective = (run.resolved.get("train") or {}).get("objective")
+        if isinstance(objective, dict) and "mask_id" in objective:  # the checkpoints say which id was the mask
+            objective["mask_id"] = self.objective.mask_id
         loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, rank=env.rank,
                              world_size=env.world, seed=cfg.seed)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hyloom
+import hyloom.checkpoint
 from hyloom.cli import main
 from hyloom.generate import run_sampler
 from hyloom.plugins.mdm.config import MdmSamplerConfig
@@ -36,6 +37,30 @@ def test_each_step_commits_exactly_k_and_fills_every_mask(model, remasking):
     assert torch.equal(x[:, :3], prompt) and not bool((x == MASK).any())
 
 
+class _Sure(torch.nn.Module):
+    """A stand-in MDM over 4 tokens (3 is the mask): predicts token 0 with a confidence that grows with the
+    position, and never looks at its input."""
+
+    spec = type("Spec", (), {"vocab_size": 4})
+
+    def forward(self, ids):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, 4)
+        logits[..., 0] = torch.arange(T, dtype=torch.float)
+        return logits
+
+
+def test_low_confidence_commits_the_most_confident_first():
+    seen = []
+    model = _Sure()
+    spy = lambda ids: (seen.append((ids[0] == 3).tolist()), model(ids))[1]  # noqa: E731
+    x, _, _ = denoise(spy, torch.tensor([[1]]), mask_id=3, cfg=MdmSamplerConfig(max_new_tokens=4))
+    # most confident = rightmost: the masks are filled right to left
+    assert seen == [[False, True, True, True, True], [False, True, True, True, False],
+                    [False, True, True, False, False], [False, True, False, False, False]]
+    assert x.tolist() == [[1, 0, 0, 0, 0]]
+
+
 def test_blocks_are_decoded_left_to_right(model):
     seen = []
 
@@ -56,6 +81,9 @@ def test_a_seed_makes_sampling_repeatable(model):
     a, b = (run_sampler(model, [[1, 2, 3]], seed=3, **options).tokens for _ in range(2))
     c = run_sampler(model, [[1, 2, 3]], seed=4, **options).tokens
     assert a == b and a != c
+    greedy = {**options, "temperature": 0.0}  # no noise: the seed does not matter
+    assert run_sampler(model, [[1, 2, 3]], seed=3, **greedy).tokens == run_sampler(model, [[1, 2, 3]], seed=4,
+                                                                                  **greedy).tokens
 
 
 def test_threshold_commits_at_least_one_a_step(model):
@@ -89,6 +117,8 @@ def test_a_hybrid_mdm_trains_and_samples_from_the_cli(tmp_path, mdm_blueprint, c
     assert main(["train", path, "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "loss     mdm, mask id 1, eps 0.001" in out
+    # the checkpoint's blueprint names the mask id it was trained with (here the tokenizer's <|mask|>)
+    assert hyloom.checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint-000004")[1].train.objective.mask_id == 1
     run = str(tmp_path / "run")
     argv = ["generate", run, "--prompt", "def ", "--max-new-tokens", "8", "--block-length", "4", "--steps", "2"]
     assert main(argv) == 0  # a bidirectional checkpoint: the mdm sampler by default
