@@ -74,15 +74,14 @@ def denoise(model, prompt_BP, *, mask_id: int, cfg: MdmSamplerConfig, generator=
     x = torch.cat([prompt_BP, torch.full((B, N), mask_id, dtype=torch.long, device=prompt_BP.device)], 1)
     nfe, commits = 0, []
     for lo in range(P, P + N, block):
-        in_block = torch.zeros_like(x, dtype=torch.bool)
-        in_block[:, lo:lo + block] = True
         plan = transfer_counts(block, steps) if cfg.threshold is None else None
         step = 0
         while True:
-            open_ = (x == mask_id) & in_block  # the prompt is outside every block: it never changes
+            open_ = x[:, lo:lo + block] == mask_id  # the prompt is outside every block: it never changes
             if not open_.any():
                 break
-            logits = model(x).double()
+            # only the block's positions can be committed: float64 logits for those alone
+            logits = model(x)[:, lo:lo + block].double()
             nfe += 1
             logits[..., mask_id] = float("-inf")  # a committed token is never the mask itself
             scores = logits
@@ -91,7 +90,7 @@ def denoise(model, prompt_BP, *, mask_id: int, cfg: MdmSamplerConfig, generator=
                 scores = logits / cfg.temperature - torch.log(-torch.log(u.clamp_min(1e-300)))
             guess = scores.argmax(-1)
             if cfg.remasking == "random":
-                conf = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+                conf = torch.rand(open_.shape, dtype=torch.float64, device=x.device, generator=generator)
             else:
                 conf = logits.softmax(-1).gather(-1, guess[..., None])[..., 0]
             conf = conf.masked_fill(~open_, float("-inf"))
@@ -101,7 +100,7 @@ def denoise(model, prompt_BP, *, mask_id: int, cfg: MdmSamplerConfig, generator=
             else:
                 best = torch.zeros_like(open_).scatter(1, conf.argmax(-1, keepdim=True), True)
                 commit = open_ & ((conf > cfg.threshold) | best)
-            x = torch.where(commit, guess, x)
+            x[:, lo:lo + block] = torch.where(commit, guess, x[:, lo:lo + block])
             commits.append(commit.sum(1).tolist())
             step += 1
     return x, nfe, commits
