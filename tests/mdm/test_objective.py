@@ -2,12 +2,14 @@
 untouched, and the lm trainer's refusals (objective vs model.causal, mask id outside the vocabulary)."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from hyloom.blueprint import BlueprintError, load_blueprint
 from hyloom.cli import main
+from hyloom.errors import SetupError
 from hyloom.plugins.mdm.config import MdmObjectiveConfig
 from hyloom.plugins.mdm.objective import MdmObjective, mask_tokens, masked_loss, prompt_lengths
 
@@ -81,6 +83,14 @@ def test_a_mask_id_outside_the_vocabulary_is_refused():
         objective.bind(_Tok, vocab_size=10)
     with pytest.raises(Exception, match="sft: true needs prompt_end"):
         MdmObjectiveConfig(sft=True)
+    with pytest.raises(SetupError, match=re.escape("'<|nope|>' is not a token of the tokenizer")):
+        MdmObjective(MdmObjectiveConfig(sft=True, prompt_end="<|nope|>")).bind(_Tok, vocab_size=10)
+
+
+def test_objectives_and_samplers_are_listed(capsys):
+    assert main(["ls", "sampler"]) == 0 and main(["ls", "objective"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("ar ", "mdm ", "next_token "))
 
 
 @pytest.mark.parametrize("kwargs, overrides, message", [
