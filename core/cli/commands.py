@@ -85,8 +85,6 @@ def cmd_ls(args) -> int:
             continue
         for reg in registry().all(kind):
             print(f"  {reg.name:22} {reg.summary}  [{reg.dist}]")
-        if not registry().all(kind):
-            print("  (none registered)")
     return 0
 
 
