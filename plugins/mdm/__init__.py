@@ -1,4 +1,4 @@
-"""Masked diffusion (MDM): the `mdm` objective, and the samplers `ar` (autoregressive) and `mdm`.
+"""Masked diffusion (MDM): the `mdm` objective, the samplers `ar` (autoregressive) and `mdm`, and `hyloom probe`.
 
 This module only registers (configs and small builders), so `hyloom ls` imports no torch."""
 
@@ -40,3 +40,29 @@ def hyloom_register_samplers(register):
              summary="masked diffusion: prompt + N masks, semi-autoregressive blocks, low-confidence or random "
                      "remasking or a confidence threshold (the default for bidirectional models)",
              example={"type": "mdm", "max_new_tokens": 32, "block_length": 8, "steps": 8})
+
+
+def _cmd_probe(args):
+    from hyloom.plugins.mdm.probe import cmd_probe
+
+    return cmd_probe(args)
+
+
+def add_probe(sub) -> None:
+    text = ("attention-floating probe: per step (greedy decoding, or mdm denoising) and layer, the head-averaged "
+            "attention, its anchors (incoming attention > mean + 3 std) and their share; writes probe.json and PNGs")
+    p = sub.add_parser("probe", help=text, description=text)
+    p.add_argument("what", choices=["attention"], help="what to probe")
+    p.add_argument("checkpoint", help="a checkpoint or run directory")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--out", default="probe", help="output folder (default: ./probe)")
+    p.add_argument("--steps", type=int, default=8, help="decoding steps (causal) or denoising steps (mdm)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="mdm: masks appended to the prompt, one block (default: --steps)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.set_defaults(func=_cmd_probe)
+
+
+@hookimpl
+def hyloom_register_commands(register):
+    register("probe", add_probe, summary="attention-floating probe: anchors of attention per step and layer")
