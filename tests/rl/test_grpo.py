@@ -83,7 +83,8 @@ def test_clip_fraction_stats():
 def test_stats_ignore_padding_and_are_zero_on_policy():
     new = torch.tensor([[-1.0, -2.0, 5.0]])
     mask = torch.tensor([[1, 1, 0]])
-    _, s = grpo.clipped_surrogate(new, new.clone().index_fill_(1, torch.tensor([2]), -9.0), torch.ones(1, 3), mask)
+    loss, s = grpo.clipped_surrogate(new, new.clone().index_fill_(1, torch.tensor([2]), -9.0), torch.ones(1, 3), mask)
+    assert loss[0, 2].item() == 0  # the padded token's ratio e^14 would give a loss; the mask zeroes it
     assert s["tokens"].item() == 2 and s["ratio_mean"].item() == 1.0
     assert s["approx_kl"].item() == 0 and s["clip_high"].item() == 0
 
