@@ -48,10 +48,19 @@ def _cmd_probe(args):
     return cmd_probe(args)
 
 
+PROBE_EXAMPLES = """examples:
+  hyloom probe attention runs/tiny-mdm --prompt 'def add(a, b):' --steps 4 --new-tokens 8
+  hyloom probe attention runs/tiny --prompt 'import ' --steps 16 --out probe-ar   a causal model: greedy steps
+"""
+
+
 def add_probe(sub) -> None:
+    import argparse
+
     text = ("attention-floating probe: per step (greedy decoding, or mdm denoising) and layer, the head-averaged "
             "attention, its anchors (incoming attention > mean + 3 std) and their share; writes probe.json and PNGs")
-    p = sub.add_parser("probe", help=text, description=text)
+    p = sub.add_parser("probe", help=text, description=text, epilog=PROBE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["attention"], help="what to probe")
     p.add_argument("checkpoint", help="a checkpoint or run directory")
     p.add_argument("--prompt", required=True, help="the prompt text")

@@ -8,7 +8,7 @@ import torch
 
 from hyloom.cli import main
 from hyloom.mixer import MixerContext
-from hyloom.plugins.mdm.probe import anchors, lightning_weights, probe_attention, softmax_weights
+from hyloom.plugins.mdm.probe import anchors, layer_map, lightning_weights, probe_attention, softmax_weights
 from hyloom.testing import tiny_model
 
 ATTN = {"type": "attention", "heads": 4, "kv_heads": 2, "head_dim": 8}
@@ -38,6 +38,16 @@ def test_softmax_reconstruction_times_v_is_the_layer_output(causal, window):
     torch.testing.assert_close(mixer.output(o, x), out, rtol=1e-4, atol=1e-5)
 
 
+def test_infllm_v2_short_context_map_is_its_dense_output():
+    model = tiny_model({"type": "infllm_v2", "heads": 2, "kv_heads": 1, "head_dim": 16}, n_layers=1)
+    x, ctx, out = captured(model, torch.randint(0, 61, (1, 9)))[0]
+    mixer = model.layers[0].mixer
+    assert x.shape[1] < mixer.sparse.dense_len  # below dense_len the layer is dense: the map is exact
+    probs, v = softmax_weights(mixer, x, ctx)
+    torch.testing.assert_close(mixer.output((probs @ v).transpose(1, 2), x), out, rtol=1e-4, atol=1e-5)
+    assert layer_map(mixer, x, ctx)[1].endswith("(exact: below dense_len)")
+
+
 @pytest.mark.parametrize("causal,decay", [(True, "symmetric"), (False, "symmetric"), (False, "none")])
 def test_lightning_implicit_attention_times_v_is_the_recurrence(causal, decay):
     model = tiny_model(LIGHT | {"bidirectional_decay": decay, "output_norm": False, "gate": False},
@@ -47,6 +57,8 @@ def test_lightning_implicit_attention_times_v_is_the_recurrence(causal, decay):
     weights, v = lightning_weights(mixer, x, ctx)
     o = (weights @ v).transpose(1, 2).reshape(*x.shape[:2], -1)
     torch.testing.assert_close(mixer.o_proj(o), out, rtol=1e-4, atol=1e-5)
+    map_BTT = layer_map(mixer, x, ctx)[0]  # the probe's view: |weights|, each query row summing to 1
+    torch.testing.assert_close(map_BTT.sum(-1), torch.ones(map_BTT.shape[:2]))
 
 
 def test_anchors_are_mean_plus_three_std_outliers():
