@@ -138,6 +138,8 @@ def probe_attention(model, prompt: list[int], *, steps: int = 8, new_tokens: int
         raise ValueError("the prompt has no tokens")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if new_tokens is not None and new_tokens < steps:
+        raise ValueError(f"new_tokens ({new_tokens}) is fewer than steps ({steps}): a step would commit nothing")
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -236,7 +238,7 @@ def cmd_probe(args) -> int:
     try:
         report = probe_attention(model, ids, steps=args.steps, new_tokens=args.new_tokens, mask_id=mask_id)
     except ValueError as exc:
-        raise SetupError(str(exc)) from None
+        raise SetupError(str(exc).replace("new_tokens", "--new-tokens").replace("steps (", "--steps (")) from None
     for path in write_report(report, args.out):
         print(path)
     for step in report["steps"]:

@@ -2,9 +2,11 @@
 AR and MDM paths run, the CLI writes its files and refuses bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hyloom.cli import main
 from hyloom.mixer import MixerContext
@@ -110,6 +112,20 @@ def test_hybrid_mdm_probe_runs_every_layer_kind():
     assert sum(s["ids"].count(1) for s in report["steps"]) == 4 + 2  # masks seen: 4, then 2
 
 
+def test_probe_cli_on_a_causal_checkpoint_decodes_greedily(tmp_path, mdm_blueprint, capsys):
+    bp = Path(mdm_blueprint(tmp_path, causal=True))
+    data = yaml.safe_load(bp.read_text())
+    data["train"]["objective"] = {"type": "next_token"}
+    bp.write_text(yaml.safe_dump(data))
+    assert main(["train", str(bp), "--no-progress", "--device", "cpu"]) == 0
+    out = tmp_path / "probe"
+    assert main(["probe", "attention", str(tmp_path / "run"), "--prompt", "def f(x):", "--steps", "3",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "probe.json").read_text())
+    lengths = [len(s["ids"]) for s in report["steps"]]
+    assert report["mode"] == "ar" and lengths == [lengths[0], lengths[0] + 1, lengths[0] + 2]
+
+
 def test_probe_cli_on_a_trained_checkpoint(tmp_path, mdm_blueprint, capsys):
     assert main(["train", mdm_blueprint(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     capsys.readouterr()
@@ -122,5 +138,6 @@ def test_probe_cli_on_a_trained_checkpoint(tmp_path, mdm_blueprint, capsys):
     for bad in (["--prompt", ""], ["--prompt", "x", "--steps", "0"], ["--prompt", "x", "--steps", "4",
                                                                       "--new-tokens", "2"]):
         assert main(["probe", "attention", str(tmp_path / "run"), *bad, "--device", "cpu"]) == 2
+    assert "--new-tokens (2) is fewer than --steps (4)" in capsys.readouterr().err
     assert main(["probe", "attention", str(tmp_path), "--prompt", "x"]) == 2  # no checkpoint there
     assert "neither a checkpoint" in capsys.readouterr().err
