@@ -2,7 +2,7 @@
 
 from hyloom.blueprint.errors import BlueprintError, Problem
 from hyloom.blueprint.load import Loaded, builtin_names, load, to_yaml
-from hyloom.blueprint.schema import blueprint_model, json_schema, validate
+from hyloom.blueprint.schema import blueprint_model, component_union, json_schema, validate
 
 
 def load_blueprint(ref: str, overrides=()):
@@ -11,4 +11,4 @@ def load_blueprint(ref: str, overrides=()):
 
 
 __all__ = ["BlueprintError", "Problem", "Loaded", "load", "validate", "load_blueprint", "blueprint_model",
-           "json_schema", "builtin_names", "to_yaml"]
+           "component_union", "json_schema", "builtin_names", "to_yaml"]

@@ -127,7 +127,10 @@ class _NoneRegistered(BaseModel):
     type: Literal["(none registered)"]
 
 
-def _union(kind: str):
+def component_union(kind: str):
+    """The discriminated union (on `type`) of every registered config of `kind`: what a blueprint field holding
+    such a component validates against. Plugin configs that hold components of other kinds call it from a
+    validator, since the registry is complete only once every plugin has registered."""
     configs = tuple(r.config for r in registry().all(kind) if r.config is not None) or (_NoneRegistered,)
     return Annotated[Union[configs], Field(discriminator="type")]
 
@@ -189,12 +192,12 @@ def blueprint_model() -> type[BaseModel]:
         n_layers=(PositiveInt, Field(description="number of blocks; layout must expand to this many")),
         vocab_size=(PositiveInt, Field(description="rows of the embedding and the output head")),
         max_seq_len=(PositiveInt, Field(4096, description="longest sequence the model is meant for")),
-        position=(_union("position"), _default(("model", "position"), "position policy (default: rope)")),
-        mixers=(dict[Symbol, _union("mixer")], Field(description="mixer configs by symbol, used by layout")),
+        position=(component_union("position"), _default(("model", "position"), "position policy (default: rope)")),
+        mixers=(dict[Symbol, component_union("mixer")], Field(description="mixer configs by symbol, used by layout")),
         layout=(Layout, Field(description="one symbol per layer: 'SLLL', [S, L, ...] or {repeat: SLLL, times: 8}")),
         overrides=(dict[NonNegativeInt, dict[str, Any]], Field({}, description="per-layer changes: {31: {topk: 32}}")),
-        ffn=(_union("ffn"), Field(description="feed-forward block")),
-        norm=(_union("norm"), _default(("model", "norm"), "normalisation layer (default: rmsnorm)")),
+        ffn=(component_union("ffn"), Field(description="feed-forward block")),
+        norm=(component_union("norm"), _default(("model", "norm"), "normalisation layer (default: rmsnorm)")),
         causal=(bool, Field(True, description="false: bidirectional, every position sees the whole sequence "
                                               "(every mixer must support it; no trainer takes such a model yet)")),
         tie_embeddings=(bool, Field(False, description="output head shares the embedding matrix")),
@@ -208,9 +211,9 @@ def blueprint_model() -> type[BaseModel]:
     data = create_model(
         "DataSpec",
         __config__=ConfigDict(extra="forbid"),
-        source=(_union("data_source"), _default(("data", "source"), "where documents come from (default: stdlib)")),
-        tiers=(list[_union("data_tier")], Field([], description="tier steps (filters, dedup) applied in order")),
-        tokenizer=(_union("tokenizer"), _default(("data", "tokenizer"), "tokenizer (default: bpe trained on the data)")),
+        source=(component_union("data_source"), _default(("data", "source"), "where documents come from (default: stdlib)")),
+        tiers=(list[component_union("data_tier")], Field([], description="tier steps (filters, dedup) applied in order")),
+        tokenizer=(component_union("tokenizer"), _default(("data", "tokenizer"), "tokenizer (default: bpe trained on the data)")),
         seq_len=(PositiveInt, Field(256, description="tokens per training sequence")),
         eval_fraction=(float, Field(0.02, gt=0, le=0.5, description="share of the text (whole documents) held out for eval")),
         cache_dir=(str, Field("~/.cache/hyloom", description="where tokenizers and token shards are cached")),
@@ -221,7 +224,7 @@ def blueprint_model() -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         name=(Annotated[str, StringConstraints(pattern=STAGE_NAME)],
               Field(description="unique, [a-z][a-z0-9_-]*; the stage's outputs go to out_dir/<name>/")),
-        train=(_union("trainer"), Field(description="this stage's trainer (any registered one, as `train`; "
+        train=(component_union("trainer"), Field(description="this stage's trainer (any registered one, as `train`; "
                                                     "its out_dir is set by the runner)")),
         data=(data | None, Field(None, description="changes to the blueprint's `data` for this stage (keys as in "
                                                    "`data` above), merged key by key, e.g. {seq_len: 1024}")),
@@ -234,7 +237,7 @@ def blueprint_model() -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         model=(spec, Field(description="the architecture")),
         data=(data | None, Field(None, description="training data: source, tiers, tokenizer, sequence length")),
-        train=(_union("trainer") | None, Field(None, description="trainer and its options (type: lm by default)")),
+        train=(component_union("trainer") | None, Field(None, description="trainer and its options (type: lm by default)")),
         requires=(list[str], Field([], description="distributions this blueprint needs, e.g. 'hyloom-myplugin>=0.3'")),
         stages=(list[stage] | None, Field(None, description="training in stages, run in order, each starting from the "
                                                             "previous one's weights (instead of `train`)")),

@@ -4,44 +4,25 @@ without torch."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+
+from hyloom.plugins.train.config import TrainingSettings
 
 TEACHER = Field(description="the Transformer being converted: a hyloom checkpoint (or a run directory: its latest "
                             "checkpoint) or a Hugging Face Llama/Qwen3 directory (config.json + safetensors)")
 
 
-class _ConversionTrainerConfig(BaseModel):
-    """What both stages share with the `lm` trainer: the optimizer, schedule, run directory and cadences."""
+class _ConversionTrainerConfig(TrainingSettings):
+    """What both stages share with the `lm` trainer (the optimizer, schedule, run directory and cadences), less
+    weight decay; they run in one process."""
 
     teacher: str = TEACHER
-    steps: PositiveInt = Field(300, description="optimizer steps")
     batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all micro-steps")
-    grad_accum: PositiveInt = Field(1, description="micro-steps per optimizer step")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak")
-    warmup: NonNegativeInt = Field(20, description="steps of linear warmup")
-    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="after warmup")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
     weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW), on matrices only")
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: PositiveFloat | None = Field(1.0, description="max global gradient norm (null: no clipping)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="auto (CUDA when there is one), cpu, cuda or cuda:N; one process")
-    eval_every: PositiveInt = Field(100, description="steps between held-out evaluations")
-    eval_batches: PositiveInt = Field(8, description="batches per evaluation")
-    save_every: PositiveInt = Field(100, description="steps between checkpoints")
-    keep: PositiveInt = Field(2, description="checkpoints kept")
-    log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines "
-                                                   "(and printed lines without a progress bar)")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _micro(self):
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        return self
 
 
 class AlignConfig(_ConversionTrainerConfig):
@@ -86,15 +67,11 @@ class SelectConfig(BaseModel):
     def _selector(cls, value):
         # Registered selector configs are known only once every plugin has registered, so the union is built
         # here, at validation; pydantic keeps the inner key paths (train.selector.recall).
-        from typing import Annotated, Union
-
         from pydantic import TypeAdapter
 
-        from hyloom.registry import registry
+        from hyloom.blueprint import component_union
 
-        configs = tuple(r.config for r in registry().all("selector") if r.config is not None)
-        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
-        return TypeAdapter(union).validate_python(value)
+        return TypeAdapter(component_union("selector")).validate_python(value)
 
     @field_validator("budget")
     @classmethod

@@ -7,7 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 
-class LMTrainerConfig(BaseModel):
+class TrainingSettings(BaseModel):
+    """What every optimizing trainer shares (`lm`, and the conversion trainers `align` and `distill`): the
+    optimizer, the LR schedule, the device and the cadences of evaluation, checkpoints and logs."""
+
     steps: PositiveInt = Field(300, description="optimizer steps")
     batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all ranks and micro-steps")
     grad_accum: PositiveInt = Field(1, description="micro-steps per optimizer step")
@@ -29,8 +32,17 @@ class LMTrainerConfig(BaseModel):
     keep: PositiveInt = Field(2, description="checkpoints kept")
     log_every: PositiveInt = Field(10, description="steps between metrics.jsonl lines "
                                                    "(and printed lines without a progress bar)")
-    out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        return self
+
+
+class LMTrainerConfig(TrainingSettings):
+    out_dir: str = Field("runs/train", description="run directory: checkpoints, metrics.jsonl, loss.png")
     tensorboard: bool | None = Field(None, description="write TensorBoard logs (null: when it is installed)")
     sample_prompt: str = Field("def ", description="prompt of the sample printed at the end")
     sample_tokens: NonNegativeInt = Field(48, description="tokens of that sample (0: none)")
@@ -43,51 +55,32 @@ class LMTrainerConfig(BaseModel):
     eval_tasks_every: PositiveInt | None = Field(None, description="steps between runs of eval_tasks "
                                                                   "(null: at each evaluation); always at the end")
 
+    # The registered objective and eval_task configs are known only once every plugin has registered (after
+    # this class exists), so their unions are built when a blueprint is validated; pydantic keeps the inner
+    # errors' key paths (train.eval_tasks.0.lengths).
     @field_validator("objective", mode="plain")
     @classmethod
     def _objective(cls, value):
-        # like eval_tasks below: the registered objectives are known only once every plugin has registered
-        from typing import Annotated, Union
-
         from pydantic import TypeAdapter
 
-        from hyloom.registry import registry
+        from hyloom.blueprint import component_union
 
-        configs = tuple(r.config for r in registry().all("objective") if r.config is not None)
-        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
-        return TypeAdapter(union).validate_python(value)
+        return TypeAdapter(component_union("objective")).validate_python(value)
 
     @field_validator("eval_tasks", mode="plain")
     @classmethod
     def _eval_tasks(cls, value):
-        # The registered eval_task configs are known only once every plugin has registered (after this class
-        # exists), so the discriminated union is built when a blueprint is validated; pydantic keeps the
-        # inner errors' key paths (train.eval_tasks.0.lengths).
-        from typing import Annotated, Union
-
         from pydantic import TypeAdapter
 
-        from hyloom.registry import registry
+        from hyloom.blueprint import component_union
 
-        configs = tuple(r.config for r in registry().all("eval_task") if r.config is not None)
-        if not configs:
-            if value:
-                raise ValueError("no eval_task is registered (hyloom ls eval_task)")
-            return []
-        union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="type")]
-        tasks = TypeAdapter(list[union]).validate_python(value)
+        tasks = TypeAdapter(list[component_union("eval_task")]).validate_python(value)
         seen = [t.type for t in tasks]
         twice = sorted({t for i, t in enumerate(seen) if t in seen[:i]})
         if twice:
             raise ValueError(f"task {', '.join(map(repr, twice))} listed twice; give each task once "
                              "(its metrics are named after it)")
         return tasks
-
-    @model_validator(mode="after")
-    def _micro(self):
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        return self
 
 
 class NextTokenConfig(BaseModel):
