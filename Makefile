@@ -17,8 +17,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build (a plain `torch` requirement would pull several GB of CUDA wheels)
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	# the CPU build (a plain `torch` requirement would pull several GB of CUDA wheels): a local +cpu wheel where the
+	# machine has one (PyPI never serves +cpu builds, so this fails fast elsewhere), else PyTorch's CPU index
+	$(PY) -m pip install -q "torch==2.13.0+cpu" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
