@@ -322,6 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a blueprint override for every variant, after the scale's (e.g. data.seq_len=1024); "
                         "may repeat")
+    p.add_argument("--cases", type=int, default=None,
+                   help="keys per length x depth cell of passkey and niah (default: the scale's, 4 at full scale)")
     p.add_argument("--query-scaling", type=float, default=500.0,
                    help="also evaluate the HyPE model with position.a = this (HypeNet-2B: 500); 0: skip")
     args = p.parse_args(argv)
@@ -330,6 +332,8 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         p.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if args.cases is not None and args.cases < 1:
+        p.error("--cases: must be at least 1")
     if args.query_scaling and args.query_scaling <= 1:
         p.error("--query-scaling: position.a must be above 1 (or 0 to skip)")
 
@@ -340,6 +344,8 @@ def main(argv=None) -> int:
     from hyloom.train import pick_device
 
     scale = {**SCALES[args.scale], "overrides": SCALES[args.scale]["overrides"] + args.set}
+    if args.cases is not None:
+        scale["cases"] = args.cases
     device = pick_device(args.device, "--device")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
