@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,11 @@ def _trainer(cfg, blueprint):
     from hyloom.registry import registry
 
     trainer = registry().get("trainer", cfg.type).build(cfg)
+    data = getattr(blueprint, "data", None)
+    if data is not None and data.seq_len > blueprint.model.max_seq_len and os.environ.get("RANK", "0") == "0":
+        print(f"hyloom: warning: data.seq_len ({data.seq_len}) is longer than model.max_seq_len "
+              f"({blueprint.model.max_seq_len}): the model is trained on sequences longer than it is meant for "
+              "(raise model.max_seq_len, or lower data.seq_len)", file=sys.stderr, flush=True)
     if hasattr(trainer, "check"):  # what this trainer cannot train is refused before the data is prepared
         trainer.check(blueprint)
     return trainer

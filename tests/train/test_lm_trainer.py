@@ -204,6 +204,14 @@ def test_warmup_longer_than_the_run_warns(tmp_path, cache, capsys):
     assert f"only climbs (to {peak:.2e} of lr 0.003) and never decays" in err
 
 
+def test_sequences_longer_than_max_seq_len_warn(tmp_path, cache, capsys):
+    path = blueprint(tmp_path, cache, steps=1, warmup=0, eval_every=1)
+    assert main(["train", path, "--no-progress", "model.max_seq_len=16"]) == 0
+    assert "warning: data.seq_len (32) is longer than model.max_seq_len (16)" in capsys.readouterr().err
+    assert main(["train", path, "--no-progress", "--overwrite"]) == 0
+    assert "model.max_seq_len" not in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch):
     path = blueprint(tmp_path, cache)
     calls = {"n": 0}
