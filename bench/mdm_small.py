@@ -2,7 +2,7 @@
 
     python bench/mdm_small.py --out DIR [--budget-seconds 480] [--device auto] [--scale full|toy]
 
-Trains the two blueprints of blueprints/experiments/mdm-{ar,mdm}.yaml (one hybrid body, 3 attention + 3
+Trains the two blueprints of blueprints/experiments/mdm-{ar,mdm}.yaml (one hybrid body, 4 attention + 4
 Lightning layers; only model.causal and train.objective differ) on the same data, seed and number of tokens,
 then compares them on held-out text:
 
