@@ -4,6 +4,7 @@ and `run_sampler`, which runs any registered sampler (`ar`, `mdm`, ...) by name.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,16 @@ def cut_at_stop(text: str, stop_strings) -> str | None:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(), stop_strings=(), decode=None,
-             pad_id: int = 0, generator: torch.Generator | None = None) -> list[list[int]]:
+             pad_id: int = 0, generator: torch.Generator | None = None, chunk_size: int | None = None,
+             cuda_graph: bool | None = None, on_token=None, timings: dict | None = None) -> list[list[int]]:
     """Continue each prompt (token ids). Prompts of different lengths are left-padded into one batch.
     Returns the new tokens of each row, ending before the first stop token. A row also stops once
     `decode(its new tokens)` contains one of `stop_strings` (its tokens then include the stop string: cut the
-    text with `cut_at_stop`)."""
+    text with `cut_at_stop`).
+
+    The cache is allocated once for prompt + max_new_tokens. chunk_size: prefill that many tokens at a time.
+    cuda_graph: see HybridLM.decode_step. on_token(row, token): called for each token kept, as it comes
+    (streaming). timings: if given, filled with prefill_s, decode_s and decode_steps (device-synchronised)."""
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     spec = getattr(model, "spec", None)
     if spec is not None and not spec.causal:
@@ -76,8 +82,11 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, tempe
     for row, prompt in enumerate(prompts):
         ids[row, T - len(prompt):] = torch.tensor(prompt, device=device)
         valid[row, T - len(prompt):] = True
-    logits, cache = model.prefill(ids, valid)
+    clock = _Clock(device)
+    logits, cache = model.prefill(ids, valid, chunk_size=chunk_size, capacity=T + max_new_tokens)
     logits = logits[:, -1]
+    prefill_s = clock.lap()
+    steps = 0
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -86,12 +95,32 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, tempe
         done |= torch.isin(token, stops)
         for row in (~done).nonzero()[:, 0].tolist():
             out[row].append(int(token[row]))
+            if on_token is not None:
+                on_token(row, out[row][-1])
             if stop_strings and cut_at_stop(decode(out[row]), stop_strings) is not None:
                 done[row] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model.decode_step(token, cache)
+        logits = model.decode_step(token, cache, cuda_graph=cuda_graph)
+        steps += 1
+    if timings is not None:
+        timings.update(prefill_s=prefill_s, decode_s=clock.lap(), decode_steps=steps)
     return out
+
+
+class _Clock:
+    """Wall-clock laps that wait for the device's queued work first."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync()
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        self.sync()
+        now = time.perf_counter()
+        lap, self.last = now - self.last, now
+        return lap
 
 
 @dataclass

@@ -43,6 +43,10 @@ class MixerContext:
                Prefill passes a fresh (empty) state with T >= 1 tokens, decode passes it again with T == 1.
     cu_seqlens: int32 [N + 1] offsets (0 ... T) of packed sequences in a batch of one row, or None. Only given
                to mixers that declare `varlen`; never together with a cache.
+    slot_1:    a static decode step (only for a mixer whose `static_decode` is True, T == 1): int64 [1], the
+               new token's index in the cache buffers. valid_BS is then the model's whole padding buffer
+               [B, capacity] (True up to and including the new token, False after it), so that every shape is
+               the same at each step and the step can be captured in a CUDA graph.
     """
 
     pos_BT: torch.Tensor
@@ -51,18 +55,26 @@ class MixerContext:
     valid_BS: torch.Tensor | None = None
     cache: Any = None
     cu_seqlens: torch.Tensor | None = None
+    slot_1: torch.Tensor | None = None
 
 
 class Mixer(nn.Module):
     """A token mixer: [B, T, d] → [B, T, d]. Subclasses set `capabilities` and implement `forward`."""
 
     capabilities: MixerCapabilities
+    # True: decode steps run with `ctx.slot_1` (see MixerContext) using static shapes only, reading nothing back
+    # to the host and updating the cache in place, so the model may capture them in a CUDA graph. The cache then
+    # has `advance(n)`, which the model calls after each such step for any host-side bookkeeping (Python does
+    # not run when a graph replays). False (the default): decode steps run eagerly between captured parts.
+    static_decode: bool = False
 
     def forward(self, x_BTD: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         raise NotImplementedError
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
-        """An empty decode state for `batch` sequences (any object: forward receives it as ctx.cache)."""
+        """An empty decode state for `batch` sequences (any object: forward receives it as ctx.cache). If it
+        has `reserve(capacity)`, the model calls it before a prefill or decode would pass `capacity` tokens, so
+        buffers can be allocated once (sized up front when the caller knows the final length)."""
         raise NotImplementedError(f"{type(self).__name__} does not support decoding")
 
     def cache_bytes(self, dtype_bytes: int) -> tuple[int, int]:

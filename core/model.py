@@ -72,13 +72,52 @@ class Block(nn.Module):
         return x_BTD + residual_scale * self.ffn(self.ffn_norm(x_BTD))
 
 
+def round_capacity(tokens: int) -> int:
+    """Cache capacity for `tokens`: a multiple of 16, of 1024 past 4096 (decode attention over a long cache
+    runs in pieces of up to 1024 slots)."""
+    step = 16 if tokens <= 4096 else 1024
+    return max(step, -(-tokens // step) * step)
+
+
 @dataclass
 class ModelCache:
-    """Decode state of a whole model: one entry per layer, the padding mask and each row's next position."""
+    """Decode state of a whole model: one entry per layer, and preallocated buffers for the padding mask and
+    positions, so that a decode step changes no shape (and can be captured in a CUDA graph)."""
 
     layers: list
-    valid_BS: torch.Tensor  # bool, over every token seen so far
-    next_pos_B: torch.Tensor
+    valid_buf_BS: torch.Tensor  # bool [B, capacity]: which slots hold real tokens (False past `length`)
+    next_pos_B: torch.Tensor  # each row's next position (real tokens only)
+    slot_1: torch.Tensor  # int64 [1] on the device: `length`, for static decode steps
+    length: int = 0  # tokens held per row, padding included
+    padded: bool = False  # some row has padding (else the mixers get valid_BS = None)
+    runner: object = None  # the decode step (hyloom.decode.DecodeRunner) bound to these buffers
+
+    @property
+    def batch(self) -> int:
+        return self.valid_buf_BS.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid_buf_BS.shape[1]
+
+    @property
+    def valid_BS(self) -> torch.Tensor:
+        """The padding mask over every token held so far."""
+        return self.valid_buf_BS[:, :self.length]
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` per row in every buffer (allocated once when `tokens` is the final length; past
+        the capacity, buffers are reallocated and the decode step's graphs recaptured)."""
+        if tokens <= self.capacity:
+            return
+        capacity = round_capacity(tokens)
+        grown = self.valid_buf_BS.new_zeros(self.batch, capacity)
+        grown[:, :self.length] = self.valid_buf_BS[:, :self.length]
+        self.valid_buf_BS = grown
+        for layer in self.layers:
+            if hasattr(layer, "reserve"):
+                layer.reserve(capacity)
+        self.runner = None
 
 
 class HybridLM(nn.Module):
@@ -110,32 +149,57 @@ class HybridLM(nn.Module):
     def forward(self, ids_BT, *, pos_BT=None, valid_BT=None, cu_seqlens=None, cache: ModelCache | None = None):
         """Logits [B, T, V]. Without a cache: a training/eval pass (positions restart inside each packed
         sequence when `cu_seqlens` is given). With a cache: the new tokens continue the cached ones."""
+        return self.logits(self.hidden(ids_BT, pos_BT=pos_BT, valid_BT=valid_BT, cu_seqlens=cu_seqlens, cache=cache))
+
+    def hidden(self, ids_BT, *, pos_BT=None, valid_BT=None, cu_seqlens=None, cache: ModelCache | None = None):
+        """The final hidden states [B, T, d] (before the last norm): `forward` without the head."""
         B, T = ids_BT.shape
         if cu_seqlens is not None:
             self._check_packed(cu_seqlens, B, T, cache)
         if cache is not None:
-            valid_new = valid_BT if valid_BT is not None else torch.ones_like(ids_BT, dtype=torch.bool)
-            pos_BT = cache.next_pos_B[:, None] + valid_new.long().cumsum(1) - 1
-            pos_BT = pos_BT.clamp_min(0)
-            cache.valid_BS = torch.cat([cache.valid_BS, valid_new], dim=1)
-            cache.next_pos_B = cache.next_pos_B + valid_new.long().sum(1)
-            valid_BS = None if bool(cache.valid_BS.all()) else cache.valid_BS
+            pos_BT, valid_BS = self._advance(cache, ids_BT, valid_BT)
         else:
             valid_BS = valid_BT
             if pos_BT is None:
                 pos_BT = _positions(B, T, ids_BT.device, valid_BT, cu_seqlens)
         ctx = MixerContext(pos_BT=pos_BT, position=None, causal=self.spec.causal, valid_BS=valid_BS,
                            cu_seqlens=cu_seqlens)
-        x = self.embed_tokens(ids_BT)
-        if self.spec.scale_emb != 1.0:
-            x = x * self.spec.scale_emb
+        x = self.embed(ids_BT)
         for i, block in enumerate(self.layers):
             layer_ctx = replace(ctx, cache=cache.layers[i]) if cache is not None else ctx
             x = block(x, layer_ctx, self.residual_scale)
-        x = self.norm(x)
+        return x
+
+    def embed(self, ids_BT):
+        x = self.embed_tokens(ids_BT)
+        return x * self.spec.scale_emb if self.spec.scale_emb != 1.0 else x
+
+    def logits(self, x_BTD):
+        """The head over hidden states [B, T, d]: final norm, logit scale, projection to the vocabulary."""
+        x = self.norm(x_BTD)
         if self.logit_scale != 1.0:
             x = x * self.logit_scale
         return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
+
+    @staticmethod
+    def _advance(cache: ModelCache, ids_BT, valid_BT):
+        """Append T tokens to the cache's mask and positions; returns (positions [B, T], valid_BS or None)."""
+        B, T = ids_BT.shape
+        start = cache.length
+        if start + T > cache.capacity:
+            cache.reserve(max(start + T, 2 * cache.capacity))
+        if valid_BT is None:
+            pos_BT = cache.next_pos_B[:, None] + torch.arange(T, device=ids_BT.device)
+            cache.valid_buf_BS[:, start:start + T] = True
+            cache.next_pos_B += T
+        else:
+            cache.padded = cache.padded or not bool(valid_BT.all())  # once per prefill, not per decode step
+            pos_BT = (cache.next_pos_B[:, None] + valid_BT.long().cumsum(1) - 1).clamp_min(0)
+            cache.valid_buf_BS[:, start:start + T] = valid_BT
+            cache.next_pos_B += valid_BT.long().sum(1)
+        cache.length = start + T
+        cache.slot_1.fill_(cache.length)
+        return pos_BT, cache.valid_BS if cache.padded else None
 
     def _require(self, capability: str, what: str) -> None:
         """Refuse, naming the layers, when a mixer does not declare `capability`: the one place each
@@ -160,26 +224,66 @@ class HybridLM(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, device=None, dtype=None) -> ModelCache:
+    def new_cache(self, batch: int, device=None, dtype=None, *, capacity: int = 0) -> ModelCache:
+        """An empty cache for `batch` rows; `capacity`: tokens per row to allocate up front (prompt + new
+        tokens, when known), else the buffers grow by doubling."""
         self._require("decode", "decoding (prefill, decode_step, generate)")
         device = device or self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
-        return ModelCache(
+        cache = ModelCache(
             layers=[block.mixer.new_cache(batch, device, dtype) for block in self.layers],
-            valid_BS=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            valid_buf_BS=torch.zeros(batch, 0, dtype=torch.bool, device=device),
             next_pos_B=torch.zeros(batch, dtype=torch.long, device=device),
+            slot_1=torch.zeros(1, dtype=torch.long, device=device),
         )
+        cache.reserve(capacity)
+        return cache
 
     @torch.no_grad()
-    def prefill(self, ids_BT, valid_BT=None, cache: ModelCache | None = None):
-        """Run a (left-padded) prompt; returns (logits [B, T, V], cache)."""
-        cache = cache if cache is not None else self.new_cache(ids_BT.shape[0])
-        return self(ids_BT, valid_BT=valid_BT, cache=cache), cache
+    def prefill(self, ids_BT, valid_BT=None, cache: ModelCache | None = None, *, logits_at: str = "last",
+                chunk_size: int | None = None, capacity: int = 0):
+        """Run a left-padded prompt (or continue a cache with more tokens); returns (logits, cache).
+
+        logits_at="last": [B, 1, V] at the last position (each row's last token, prompts being left-padded);
+        "all": [B, T, V]. chunk_size: run at most that many tokens at a time (bounds activation memory; the
+        result equals one pass). capacity: tokens per row to allocate when a new cache is made."""
+        if logits_at not in ("last", "all"):
+            raise ValueError(f"logits_at must be 'last' or 'all', not {logits_at!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer (or None: one pass), not {chunk_size!r}")
+        B, T = ids_BT.shape
+        if T == 0:
+            raise ValueError("prefill needs at least one token per row")
+        if cache is None:
+            cache = self.new_cache(B, capacity=capacity)
+        cache.reserve(cache.length + T)
+        step = chunk_size or T
+        logits = []
+        for start in range(0, T, step):
+            end = min(start + step, T)
+            x = self.hidden(ids_BT[:, start:end], valid_BT=None if valid_BT is None else valid_BT[:, start:end],
+                            cache=cache)
+            if logits_at == "all":
+                logits.append(self.logits(x))
+        if logits_at == "last":
+            return self.logits(x[:, -1:]), cache
+        return torch.cat(logits, 1) if len(logits) > 1 else logits[0], cache
 
     @torch.no_grad()
-    def decode_step(self, ids_B, cache: ModelCache):
-        """One new token per row; returns logits [B, V]."""
-        return self(ids_BT=ids_B[:, None], cache=cache)[:, -1]
+    def decode_step(self, ids_B, cache: ModelCache, *, cuda_graph: bool | None = None):
+        """One new token per row; returns logits [B, V]. On CUDA the step runs as captured CUDA graphs
+        (cuda_graph=None: on CUDA, True: require CUDA, False: eager); see hyloom.decode."""
+        from hyloom.decode import DecodeRunner
+
+        if cuda_graph and not ids_B.is_cuda:
+            raise ValueError("cuda_graph=True needs the model and ids on a CUDA device")
+        graphs = ids_B.is_cuda if cuda_graph is None else cuda_graph
+        if cache.length + 1 > cache.capacity:
+            cache.reserve(max(cache.length + 1, 2 * cache.capacity))
+        if cache.runner is None or cache.runner.requested != graphs:
+            cache.runner = DecodeRunner(self, cache, graphs)
+        return cache.runner.step(ids_B)
 
     def generate(self, prompts, **kwargs):
         from hyloom.generate import generate

@@ -63,7 +63,7 @@ def check_decode(model, *, batch: int = 2, prompt: int = 6, steps: int = 5, **to
             _assert_refuses(lambda: model.prefill(ids), "decode", "prefill")
             return
         full = model(ids)
-        logits, cache = model.prefill(ids[:, :prompt])
+        logits, cache = model.prefill(ids[:, :prompt], logits_at="all")
         stepped = [model.decode_step(ids[:, t], cache) for t in range(prompt, prompt + steps)]
     _close(torch.cat([logits, torch.stack(stepped, 1)], 1), full, "prefill + decode_step vs one full pass", tol)
 
@@ -86,7 +86,7 @@ def check_left_padding(model, *, lengths=(6, 2, 4), steps: int = 3, **tol) -> No
         if not (model.spec.causal and _declares(model, "decode")):
             return
         alone = [model(row[None])[0] for row in rows]
-        logits, cache = model.prefill(ids[:, :T], valid)
+        logits, cache = model.prefill(ids[:, :T], valid, logits_at="all")
         stepped = torch.stack([model.decode_step(ids[:, t], cache) for t in range(T, T + steps)], 1)
     for r, n in enumerate(lengths):
         got = torch.cat([logits[r, T - n:], stepped[r]])

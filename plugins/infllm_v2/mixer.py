@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, compress_keys, infllm_v2_attn,
+from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, infllm_v2_attn,
                                       infllm_v2_decode, select_blocks, update_compressed_keys)
 from hyloom.mixer import MixerContext
 from hyloom.plugins.infllm_v2 import CAPABILITIES, InfLLMv2Config
@@ -13,8 +12,10 @@ from hyloom.plugins.transformer.attention import GroupedQKV
 
 
 class SparseKVCache:
-    """Per-row keys, values and compressed keys, [B, S, Hkv, D]; rows may hold different numbers of real
-    tokens (left-padded prompts), since block boundaries count real tokens only."""
+    """Per-row keys, values and compressed keys in preallocated buffers [B, capacity, Hkv, D] (compressed:
+    [B, n_kernels(capacity), Hkv, D]); rows may hold different numbers of real tokens (left-padded prompts),
+    since block boundaries count real tokens only. `reserve` sizes the buffers up front; `append` grows them by
+    doubling when it must."""
 
     def __init__(self, batch, kv_heads, head_dim, cfg: SparseConfig, device, dtype):
         self.cfg = cfg
@@ -23,21 +24,31 @@ class SparseKVCache:
         self.kc = torch.zeros_like(self.k)
         self.lengths = [0] * batch
 
-    def _grow(self, need: int):
-        if need > self.k.shape[1]:
-            cap = max(need, 2 * self.k.shape[1], 64)
-            pad = (0, 0, 0, 0, 0, cap - self.k.shape[1])
-            self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
-            self.kc = F.pad(self.kc, (0, 0, 0, 0, 0, self.cfg.n_kernels(cap) - self.kc.shape[1]))
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
 
-    def append(self, row: int, k_TKD, v_TKD) -> int:
-        """Store a row's new keys/values; returns how many the row held before."""
-        start = self.lengths[row]
-        end = start + k_TKD.shape[0]
-        self._grow(end)
-        self.k[row, start:end], self.v[row, start:end] = k_TKD, v_TKD
-        update_compressed_keys(self.k[row:row + 1], self.kc[row:row + 1], start, end, self.cfg)
-        self.lengths[row] = end
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        old, held = (self.k, self.v, self.kc), max(self.lengths)
+        self.k = old[0].new_zeros(old[0].shape[0], capacity, *old[0].shape[2:])
+        self.v = torch.zeros_like(self.k)
+        self.kc = old[2].new_zeros(old[2].shape[0], self.cfg.n_kernels(capacity), *old[2].shape[2:])
+        self.k[:, :held], self.v[:, :held] = old[0][:, :held], old[1][:, :held]
+        kernels = self.cfg.n_kernels(held)
+        self.kc[:, :kernels] = old[2][:, :kernels]
+
+    def append(self, rows: slice, k_RTKD, v_RTKD) -> int:
+        """Store new keys/values for `rows` (which hold the same number of tokens); returns that number."""
+        start = self.lengths[rows.start]
+        end = start + k_RTKD.shape[1]
+        if end > self.capacity:
+            self.reserve(max(end, 2 * self.capacity, 64))
+        self.k[rows, start:end], self.v[rows, start:end] = k_RTKD, v_RTKD
+        update_compressed_keys(self.k[rows], self.kc[rows], start, end, self.cfg)
+        for row in range(*rows.indices(len(self.lengths))):
+            self.lengths[row] = end
         return start
 
 
@@ -52,37 +63,59 @@ class InfLLMv2(GroupedQKV):
         q, k, v = self.project(x_BTD, ctx)
         if ctx.cache is None and ctx.valid_BS is None:
             o = infllm_v2_attn(q, k, v, self.sparse, cu_seqlens=ctx.cu_seqlens)
+        elif ctx.valid_BS is None or q.shape[1] == 1:
+            o = self._runs(q, k, v, ctx.cache or self.new_cache(q.shape[0], q.device, k.dtype))
         else:
             o = self._rows(q, k, v, ctx)
         return self.output(o, x_BTD)
 
+    def _runs(self, q, k, v, cache: SparseKVCache):
+        """Every new token real (no padding in this call, or a decode step): runs of neighbouring rows that hold
+        the same number of tokens attend in one call (the whole batch, unless prompts were left-padded)."""
+        B = q.shape[0]
+        runs, first = [], 0
+        for row in range(1, B + 1):
+            if row == B or cache.lengths[row] != cache.lengths[first]:
+                runs.append(slice(first, row))
+                first = row
+        if len(runs) == 1:
+            return self._attend(q, cache, runs[0], cache.append(runs[0], k, v))
+        o = torch.empty_like(q)
+        for rows in runs:
+            o[rows] = self._attend(q[rows], cache, rows, cache.append(rows, k[rows], v[rows]))
+        return o
+
     def _rows(self, q, k, v, ctx):
-        """Row by row over the real tokens only; padding rows of the output stay zero."""
+        """A prefill with padding: row by row over the real tokens only; padding rows of the output stay zero."""
         B, T = q.shape[:2]
         cache = ctx.cache or self.new_cache(B, q.device, k.dtype)
-        valid = ctx.valid_BS[:, -T:] if ctx.valid_BS is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        valid = ctx.valid_BS[:, -T:]
         o = torch.zeros_like(q)
         for row in range(B):
             keep = valid[row]
-            start = cache.append(row, k[row, keep], v[row, keep])
-            o[row, keep] = self._attend(q[row:row + 1, keep], cache, row, start)[0]
+            if not bool(keep.any()):  # a chunk of nothing but this row's padding
+                continue
+            rows = slice(row, row + 1)
+            start = cache.append(rows, k[rows, keep], v[rows, keep])
+            o[row, keep] = self._attend(q[rows, keep], cache, rows, start)[0]
         return o
 
-    def _attend(self, q_1THD, cache: SparseKVCache, row: int, q_offset: int):
-        n = cache.lengths[row]
-        k_all, v_all = cache.k[row:row + 1, :n], cache.v[row:row + 1, :n]
-        if q_1THD.shape[1] == 1:
-            kc = cache.kc[row:row + 1]
-            return infllm_v2_decode(q_1THD[:, 0], k_all, v_all, kc, n, self.sparse)[:, None]
+    def _attend(self, q_RTHD, cache: SparseKVCache, rows: slice, q_offset: int):
+        n = q_offset + q_RTHD.shape[1]
+        k_all, v_all = cache.k[rows, :n], cache.v[rows, :n]
+        if q_RTHD.shape[1] == 1:
+            return infllm_v2_decode(q_RTHD[:, 0], cache.k[rows], cache.v[rows], cache.kc[rows], n,
+                                    self.sparse)[:, None]
         if q_offset == 0:
-            return infllm_v2_attn(q_1THD, k_all, v_all, self.sparse)
+            return infllm_v2_attn(q_RTHD, k_all, v_all, self.sparse)
         if n < self.sparse.dense_len:  # a later prefill chunk, dense: causal with the queries at the end
-            every = torch.arange(self.sparse.n_blocks(n), device=q_1THD.device, dtype=torch.int32)
-            idx = every.expand(1, self.kv_heads, q_1THD.shape[1], every.numel())
-            return block_sparse_attn(q_1THD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset)
-        idx = select_blocks(q_1THD, compress_keys(k_all, self.sparse), self.sparse, q_offset=q_offset)
+            every = torch.arange(self.sparse.n_blocks(n), device=q_RTHD.device, dtype=torch.int32)
+            idx = every.expand(q_RTHD.shape[0], self.kv_heads, q_RTHD.shape[1], every.numel())
+            return block_sparse_attn(q_RTHD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset)
+        # the cache's compressed keys are the kernels of k_all (kept by update_compressed_keys)
+        idx = select_blocks(q_RTHD, cache.kc[rows, :self.sparse.n_kernels(n)], self.sparse, q_offset=q_offset)
         forced = (self.sparse.init_blocks, self.sparse.window // self.sparse.block_size)  # selection guarantees them
-        return block_sparse_attn(q_1THD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset, forced=forced)
+        return block_sparse_attn(q_RTHD, k_all, v_all, idx, self.sparse.block_size, q_offset=q_offset, forced=forced)
 
     def new_cache(self, batch, device, dtype):
         return SparseKVCache(batch, self.kv_heads, self.head_dim, self.sparse, device, dtype)

@@ -17,11 +17,17 @@ from hyloom.plugins.transformer.norm import RMSNorm
 
 @dataclass
 class RecurrentState:
-    state_BHDD: torch.Tensor  # fp32
+    """The fp32 state [B, H, D, D], a fixed size whatever the context: updated in place, so a captured decode
+    step keeps writing the same buffer."""
+    state_BHDD: torch.Tensor
+
+    def advance(self, n: int) -> None:  # nothing is kept on the host
+        pass
 
 
 class Lightning(Mixer):
     capabilities = CAPABILITIES
+    static_decode = True
 
     def __init__(self, cfg: LightningConfig, layer: int, n_layers: int, d_model: int):
         super().__init__()
@@ -53,7 +59,7 @@ class Lightning(Mixer):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.position.apply(q, k, ctx.pos_BT)
-        if ctx.valid_BS is not None:  # padding tokens add nothing to the state
+        if ctx.valid_BS is not None and ctx.slot_1 is None:  # padding tokens add nothing to the state
             keep = ctx.valid_BS[:, -T:, None, None].to(k.dtype)
             k, v = k * keep, v * keep
         g = self._g_on.get(x_BTD.device)
@@ -75,9 +81,11 @@ class Lightning(Mixer):
 
     def _with_state(self, q, k, v, g, cache: RecurrentState):
         if q.shape[1] == 1:
-            o, cache.state_BHDD = lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], g, cache.state_BHDD)
-            return o[:, None]
-        o, cache.state_BHDD = lightning_attn(q, k, v, g, initial_state=cache.state_BHDD, output_final_state=True)
+            o, state = lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], g, cache.state_BHDD)
+            o = o[:, None]
+        else:
+            o, state = lightning_attn(q, k, v, g, initial_state=cache.state_BHDD, output_final_state=True)
+        cache.state_BHDD.copy_(state)
         return o
 
     def new_cache(self, batch, device, dtype):

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from hyloom.mixer import Mixer, MixerContext
 from hyloom.plugins.transformer.config import ATTENTION, AttentionConfig
 from hyloom.plugins.transformer.kv_cache import KVCache
 from hyloom.plugins.transformer.norm import RMSNorm
+
+
+def _weighted_values(p_BKGS, v_BKSD):
+    """p @ v with the long S axis cut into pieces that run as one batched product each (a single product over
+    S would leave most of the GPU idle at decode, where G is a handful of rows); fp32 sum of the pieces."""
+    B, K, G, S = p_BKGS.shape
+    piece = math.gcd(S, 1024)
+    if S == piece:
+        return p_BKGS @ v_BKSD
+    n = S // piece
+    parts = p_BKGS.reshape(B, K, G, n, piece).transpose(2, 3) @ v_BKSD.reshape(B, K, n, piece, -1)
+    return parts.float().sum(2).to(v_BKSD.dtype)
 
 
 def default_head_dim(d_model: int, heads: int) -> int:
@@ -60,6 +75,7 @@ class GroupedQKV(Mixer):
 
 class Attention(GroupedQKV):
     capabilities = ATTENTION
+    static_decode = True
 
     def __init__(self, cfg: AttentionConfig, d_model: int):
         super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)
@@ -68,13 +84,36 @@ class Attention(GroupedQKV):
     def forward(self, x_BTD, ctx: MixerContext):
         T = x_BTD.shape[1]
         q, k, v = (t.transpose(1, 2) for t in self.project(x_BTD, ctx))  # [B, H, T, D]
+        if ctx.slot_1 is not None:
+            return self.output(self._static_step(q, k, v, ctx).transpose(1, 2), x_BTD)
         if ctx.cache is not None:
             k, v = ctx.cache.append(k, v)
-        mask = self._mask(ctx, T, k.shape[2], x_BTD.device)
-        is_causal = mask is None and ctx.causal and T > 1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.kv_heads != self.heads)
+        S = k.shape[2]
+        gqa = self.kv_heads != self.heads
+        plain = ctx.valid_BS is None and self.window is None and ctx.cu_seqlens is None
+        if plain and ctx.causal and 1 < T < S:  # a later prefill chunk: its queries are the last T of S keys
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+        else:
+            mask = self._mask(ctx, T, S, x_BTD.device)
+            is_causal = mask is None and ctx.causal and T > 1
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.output(o.transpose(1, 2), x_BTD)
+
+    def _static_step(self, q_BH1D, k_BK1D, v_BK1D, ctx: MixerContext):
+        """One decode token over the whole preallocated cache, unwritten slots masked out: the same shapes at
+        every step, nothing read back to the host (see MixerContext.slot_1)."""
+        cache = ctx.cache
+        cache.write_at(ctx.slot_1, k_BK1D, v_BK1D)
+        B, H, _, D = q_BH1D.shape
+        Hkv, S = self.kv_heads, cache.capacity
+        allowed_BS = ctx.valid_BS
+        if self.window is not None:
+            allowed_BS = allowed_BS & (ctx.slot_1 - torch.arange(S, device=q_BH1D.device) < self.window)
+        q_BKGD = q_BH1D.reshape(B, Hkv, H // Hkv, D)  # query head h reads KV head h // G, as SDPA's GQA does
+        scores = (q_BKGD @ cache.k.transpose(2, 3)).float() * D ** -0.5
+        scores = scores.masked_fill(~allowed_BS[:, None, None, :], float("-inf"))
+        o = _weighted_values(scores.softmax(-1).to(cache.v.dtype), cache.v)
+        return o.reshape(B, H, 1, D)
 
     def _mask(self, ctx: MixerContext, T: int, S: int, device) -> torch.Tensor | None:
         """Boolean [B|1, 1, T, S] mask, or None when plain causal (or full) attention is exact."""

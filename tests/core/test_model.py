@@ -41,9 +41,9 @@ def test_sliding_window_attention_decodes_like_a_full_pass():
 def test_prefill_in_chunks_equals_one_prefill():
     model = hyloom.build_model(tiny_spec(registry().get("mixer", "attention").example)).eval()
     ids = torch.randint(0, 61, (3, 12))
-    whole, _ = model.prefill(ids)
-    first, cache = model.prefill(ids[:, :5])
-    second, _ = model.prefill(ids[:, 5:], cache=cache)
+    whole, _ = model.prefill(ids, logits_at="all")
+    first, cache = model.prefill(ids[:, :5], logits_at="all")
+    second, _ = model.prefill(ids[:, 5:], cache=cache, logits_at="all")
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-5)
 
 

@@ -55,7 +55,7 @@ def test_example_plugin_mixer_used_from_a_blueprint(example_plugin_dir, on_path,
     model = hyloom.build_model(hyloom.load_blueprint(str(path)))
     ids = torch.randint(0, 50, (2, 9))
     full = model(ids)
-    logits, cache = model.prefill(ids[:, :5])
+    logits, cache = model.prefill(ids[:, :5], logits_at="all")
     steps = [model.decode_step(ids[:, t], cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat([logits, torch.stack(steps, 1)], 1), full, rtol=1e-5, atol=1e-5)
 

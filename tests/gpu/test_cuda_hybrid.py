@@ -22,7 +22,7 @@ def test_prefill_and_decode_match_a_full_pass_with_triton_kernels():
     ids = torch.randint(0, 4096, (2, 300), device="cuda")  # past dense_len (128): the sparse path runs
     with torch.no_grad():
         full = model(ids)
-        logits, cache = model.prefill(ids[:, :200])
+        logits, cache = model.prefill(ids[:, :200], logits_at="all")
         steps = [model.decode_step(ids[:, t], cache) for t in range(200, 300)]
     got = torch.cat([logits, torch.stack(steps, 1)], 1)
     rel = (got - full).norm() / full.norm()

@@ -31,7 +31,7 @@ def test_prefill_then_decode_equals_a_full_pass_past_dense_len():
     model = model_with(SPARSE)
     ids = torch.randint(0, 53, (2, 44))
     full = model(ids)
-    logits, cache = model.prefill(ids[:, :20])
+    logits, cache = model.prefill(ids[:, :20], logits_at="all")
     steps = [model.decode_step(ids[:, t], cache) for t in range(20, 44)]
     torch.testing.assert_close(torch.cat([logits, torch.stack(steps, 1)], 1), full, rtol=1e-4, atol=1e-5)
 
@@ -42,7 +42,7 @@ def test_coarse_normaliser_option_reaches_the_layer_and_decodes_like_a_full_pass
     assert model.layers[0].mixer.sparse.approx_lse
     ids = torch.randint(0, 53, (2, 44))
     full = model(ids)
-    logits, cache = model.prefill(ids[:, :20])
+    logits, cache = model.prefill(ids[:, :20], logits_at="all")
     steps = [model.decode_step(ids[:, t], cache) for t in range(20, 44)]
     torch.testing.assert_close(torch.cat([logits, torch.stack(steps, 1)], 1), full, rtol=1e-4, atol=1e-5)
 
@@ -50,9 +50,9 @@ def test_coarse_normaliser_option_reaches_the_layer_and_decodes_like_a_full_pass
 def test_chunked_prefill_equals_one_prefill():
     model = model_with(SPARSE)
     ids = torch.randint(0, 53, (1, 40))
-    whole, _ = model.prefill(ids)
-    first, cache = model.prefill(ids[:, :24])
-    second, _ = model.prefill(ids[:, 24:], cache=cache)
+    whole, _ = model.prefill(ids, logits_at="all")
+    first, cache = model.prefill(ids[:, :24], logits_at="all")
+    second, _ = model.prefill(ids[:, 24:], cache=cache, logits_at="all")
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,153 @@
+"""The decode step of a HybridLM without per-step host overhead: on CUDA, captured in CUDA graphs.
+
+A step is a list of pieces over a carry (x, h): the embedding, each layer, the head. A layer whose mixer sets
+`static_decode` (see hyloom.mixer.Mixer) is one piece run with static shapes (`ctx.slot_1`); a layer whose
+mixer does not is cut in three: its norm, the mixer itself, which runs eagerly (an "island": its shapes or
+host-side state change from step to step, as InfLLM-V2's block selection does), and the rest of the block.
+Neighbouring static pieces form one CUDA graph; islands run between the graphs. Without graphs (CPU, graphs
+turned off, or a capture that failed) the same pieces run one after another, so both ways compute the same.
+
+The graphs hold the addresses of the cache's buffers, so a runner lives on its ModelCache and is rebuilt when
+the cache's buffers are reallocated (`ModelCache.reserve` past the capacity); each batch size has its own cache,
+hence its own graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from hyloom.mixer import MixerContext
+
+
+class DecodeRunner:
+    def __init__(self, model, cache, graphs: bool):
+        self.model, self.cache = model, cache
+        self.requested = self.graphs = graphs  # graphs turns False if a capture fails
+        B, device = cache.batch, cache.next_pos_B.device
+        self.ids_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.static_ctx = [MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
+                                        valid_BS=cache.valid_buf_BS, cache=cache.layers[i], slot_1=cache.slot_1)
+                           for i, block in enumerate(model.layers)]
+        self.pieces = self._pieces()
+        self.plan = None  # after capture: [("graph", CUDAGraph) | ("island", fns, carry_in, placeholder)]
+        self.warmed = False
+
+    def _pieces(self) -> list[tuple[bool, callable]]:
+        """(static, fn) in order; fn maps the carry (x, h) to the next one."""
+        pieces = [(True, self._begin)]
+        for i, block in enumerate(self.model.layers):
+            if block.mixer.static_decode:
+                pieces.append((True, functools.partial(self._layer, i)))
+            else:
+                pieces += [(True, functools.partial(self._norm, i)), (False, functools.partial(self._island, i)),
+                           (True, functools.partial(self._rest, i))]
+        pieces.append((True, self._end))
+        return pieces
+
+    # ---- the pieces: device work only (a replayed graph runs no Python) ------------------------------------
+
+    def _begin(self, carry):
+        cache = self.cache
+        cache.valid_buf_BS.index_fill_(1, cache.slot_1, True)  # the new token is real
+        self.pos_B1.copy_(cache.next_pos_B[:, None])
+        return self.model.embed(self.ids_B[:, None]), None
+
+    def _layer(self, i, carry):
+        return self.model.layers[i](carry[0], self.static_ctx[i], self.model.residual_scale), None
+
+    def _norm(self, i, carry):
+        return carry[0], self.model.layers[i].mixer_norm(carry[0])
+
+    def _island(self, i, carry):
+        cache, block = self.cache, self.model.layers[i]
+        seen = cache.length + 1  # the host-side length moves after the step
+        ctx = MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
+                           valid_BS=cache.valid_buf_BS[:, :seen] if cache.padded else None, cache=cache.layers[i])
+        return carry[0], block.mixer(carry[1], ctx)
+
+    def _rest(self, i, carry):
+        block, scale = self.model.layers[i], self.model.residual_scale
+        x = carry[0] + scale * carry[1]
+        return x + scale * block.ffn(block.ffn_norm(x)), None
+
+    def _end(self, carry):
+        self.cache.next_pos_B.add_(1)
+        self.cache.slot_1.add_(1)
+        return self.model.logits(carry[0])[:, 0], None
+
+    # ---- running them ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, ids_B: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one new token per row; the cache moves on by one."""
+        self.ids_B.copy_(ids_B)
+        if not self.graphs:
+            logits = self._run_eager()
+        elif not self.warmed:  # the first step compiles kernels and sets up libraries: outside any capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._run_eager()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed = True
+        else:
+            if self.plan is None:
+                self._capture()
+            logits = self._replay() if self.plan is not None else self._run_eager()
+        self.cache.length += 1
+        for layer_cache, block in zip(self.cache.layers, self.model.layers):
+            if block.mixer.static_decode:
+                layer_cache.advance(1)
+        return logits
+
+    def _run_eager(self):
+        carry = (None, None)
+        for _, fn in self.pieces:
+            carry = fn(carry)
+        return carry[0]
+
+    def _segments(self):
+        """Neighbouring static pieces merged: [(static, [fn, ...])]."""
+        segments = []
+        for static, fn in self.pieces:
+            if segments and segments[-1][0] == static:
+                segments[-1][1].append(fn)
+            else:
+                segments.append((static, [fn]))
+        return segments
+
+    def _capture(self):
+        try:
+            plan, carry, pool = [], (None, None), None
+            for static, fns in self._segments():
+                if static:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        for fn in fns:
+                            carry = fn(carry)
+                    pool = graph.pool()
+                    plan.append(("graph", graph))
+                else:  # the island reads the previous graph's outputs and leaves its result where the next reads
+                    placeholder = (carry[0], torch.empty_like(carry[1]))
+                    plan.append(("island", fns, carry, placeholder))
+                    carry = placeholder
+            self.plan, self.logits_BV = plan, carry[0]
+        except Exception as exc:  # noqa: BLE001 (any op that cannot be captured: decode eagerly instead)
+            warnings.warn(f"decode: CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
+            self.graphs, self.plan = False, None
+
+    def _replay(self):
+        for entry in self.plan:
+            if entry[0] == "graph":
+                entry[1].replay()
+            else:
+                _, fns, carry, placeholder = entry
+                for fn in fns:
+                    carry = fn(carry)
+                placeholder[1].copy_(carry[1])
+        return self.logits_BV.clone()  # the next replay overwrites the static output
+
