@@ -1,8 +1,8 @@
-"""The built-in data components: sources (stdlib, jsonl, text, parquet, mix), tier steps (length, symbols, digits,
-repeated_lines, non_text, dedup_exact, dedup_near), tokenizers (bpe, file) and the `hyloom data` command."""
+"""The built-in data components: sources (stdlib, pysource, jsonl, text, parquet, mix), tier steps (length, symbols,
+digits, repeated_lines, non_text, dedup_exact, dedup_near), tokenizers (bpe, file) and the `hyloom data` command."""
 
 from hyloom.hookspecs import hookimpl
-from hyloom.plugins.data import bpe, dedup, filters, mix, sources
+from hyloom.plugins.data import bpe, dedup, filters, mix, pysource, sources
 from hyloom.plugins.data.cli import add_data
 
 
@@ -11,6 +11,9 @@ def hyloom_register_data_sources(register):
     register("stdlib", sources.StdlibSource, config=sources.StdlibConfig,
              summary="the running Python's standard library source, one document per .py file (offline)",
              example={"type": "stdlib", "max_bytes": 200_000})
+    register("pysource", pysource.PysourceSource, config=pysource.PysourceConfig,
+             summary="the Python source of the installed packages and the standard library, each distinct file once "
+                     "(offline)", example={"type": "pysource", "max_bytes": 2_000_000})
     register("jsonl", sources.JsonlSource, config=sources.JsonlConfig,
              summary="JSON Lines files, the text in one field", example={"type": "jsonl", "path": "data/train.jsonl"})
     register("text", sources.TextSource, config=sources.TextConfig,

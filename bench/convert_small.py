@@ -1,0 +1,589 @@
+"""Transformer → hybrid conversion reproduced small (issue 12 §4; docs/conversion.md, "Reproduced small").
+
+    python bench/convert_small.py --out DIR [--budget-seconds 520] [--device auto] [--scale full|toy] [--work DIR]
+
+One run does all of it: trains the Qwen3-style teacher of blueprints/experiments/convert-teacher.yaml (~95M
+parameters, context 512, the `pysource` corpus mixed with synthetic passkey/NIAH examples), converts it twice
+with blueprints/experiments/convert-100m.yaml at a 25% attention budget — HALO, and even spacing
+(stages.1.train.selector={type: even}), the same align/select/distill stages and tokens — then evaluates the
+teacher and both hybrids on the same held-out split: next-token loss, passkey and single-needle NIAH at 1x, 4x
+and 16x the teacher's training length. Conversion tokens are reported as a share of the teacher's.
+
+The time budget sets the steps: the data is prepared first, then a few steps of the teacher and of the student
+and one forward at the longest evaluation length are timed; the teacher gets the steps that fit once both
+conversions (their tokens a fixed share of the teacher's: --align-share, --distill-share), the selections and
+the evaluations are reserved. Everything is offline.
+
+Writes into --out after every phase (a timeout keeps what is done): results.json, curves.png (teacher, align
+and distill curves), selection.png (HALO's per-layer scores, the layers each selector kept), recall.png (the
+table of loss and retrieval accuracy by length) and summary.txt (tables and whether the goals are met).
+Checkpoints go to --work (default: a temporary folder, deleted at the end), never to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLUEPRINTS = ROOT / "blueprints" / "experiments"
+TEACHER_BP = BLUEPRINTS / "convert-teacher.yaml"
+STUDENT_BP = BLUEPRINTS / "convert-100m.yaml"
+STUDENTS = {"halo": [], "even": ["stages.1.train.selector={type: even}"]}  # the one difference between them
+COLORS = {"teacher": "0.3", "halo": "C0", "even": "C1"}
+LOSS_GOAL, SHARE_GOAL, EQUAL_LOSS = 0.05, 0.10, 0.02  # student loss within 5% of the teacher's with <= 10% tokens
+
+# The toy scale shrinks the trunk and the data the same way for teacher and student (the student's blueprint
+# extends the teacher's: their data sections must stay identical, so the prepared folder and tokenizer are one).
+_TOY_TRUNK = ["model.d_model=64", "model.n_layers=4", "model.vocab_size=1024", "model.max_seq_len=128",
+              "model.mixers.A.heads=4", "model.mixers.A.kv_heads=2", "model.mixers.A.head_dim=16",
+              "model.ffn.hidden=192", "data.seq_len=128", "data.eval_fraction=0.05",
+              "data.source.sources.0.source.max_bytes=1500000",
+              "data.source.sources.1.source.documents=600", "data.source.sources.1.source.max_chars=500",
+              "data.source.sources.2.source.documents=400", "data.source.sources.2.source.max_chars=550"]
+SCALES = {
+    "full": {
+        "teacher": [], "student": [],
+        "lengths": [512, 2048, 8192], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "cases": 4,
+        "loss_sequences": 16, "eval_batch": 8, "min_steps": 200, "max_steps": 20000,
+    },
+    "toy": {  # a CPU smoke run of the same pipeline
+        "teacher": _TOY_TRUNK + ["model.layout={repeat: A, times: 4}", "train.batch_size=8", "train.eval_batches=2"],
+        "student": _TOY_TRUNK + [
+            "model.layout={repeat: L, times: 4}", "model.mixers.L.heads=4", "model.mixers.L.head_dim=16",
+            "stages.0.train.batch_size=8", "stages.0.train.eval_batches=2",
+            "stages.1.train.batch_size=4", "stages.1.train.selector.recall.lengths=[128]",
+            "stages.1.train.selector.recall.depths=[0.0, 0.5, 1.0]", "stages.1.train.selector.recall.cases=2",
+            "stages.1.train.selector.quality.lengths=[128]", "stages.1.train.selector.quality.sequences=4",
+            "stages.2.train.batch_size=8", "stages.2.train.eval_batches=2"],
+        "lengths": [128, 512, 2048], "depths": [0.0, 0.5, 1.0], "cases": 2,
+        "loss_sequences": 2, "eval_batch": 4, "min_steps": 20, "max_steps": 400,
+    },
+}
+
+
+def log(message: str) -> None:
+    print(f"[convert-small {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load(path: Path, overrides: list[str]):
+    from hyloom.blueprint import load_blueprint
+
+    return load_blueprint(str(path), list(overrides))
+
+
+def autocast(device):
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)  # a timeout never leaves half a file
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, steps: int = 4) -> dict:
+    """Seconds per teacher optimizer step (its batch), per student step and per teacher forward (no gradient) at
+    the conversion batch, and per forward of `eval_batch` sequences of the longest evaluation length (the slower
+    of teacher and student): random tokens, bf16 autocast on CUDA, after two warm-up steps that also compile the
+    Triton kernels."""
+    import torch
+
+    from hyloom.model import build_model
+    from hyloom.plugins.train.lm import lm_loss
+
+    seq_len, vocab = teacher_bp.data.seq_len, teacher_bp.model.vocab_size
+    conv_batch = student_bp.stages[2].train.batch_size
+
+    def step_time(model, batch_size):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch = torch.randint(2, vocab, (batch_size, seq_len + 1), device=device)
+        times = []
+        for _ in range(2 + steps):
+            began = time.perf_counter()
+            with autocast(device):
+                loss = lm_loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(time.perf_counter() - began)
+        return _median(times[2:])
+
+    def forward_time(model, batch_size, length, repeats):
+        ids = torch.randint(2, vocab, (batch_size, length), device=device)
+        times = []
+        with torch.no_grad(), autocast(device):
+            model(ids[:1, :64])  # compile the inference paths first
+            for _ in range(repeats):
+                sync(device)
+                began = time.perf_counter()
+                model(ids)
+                sync(device)
+                times.append(time.perf_counter() - began)
+        return _median(times)
+
+    torch.manual_seed(0)
+    out = {}
+    teacher = build_model(teacher_bp, device=device)
+    out["teacher_step_s"] = step_time(teacher, teacher_bp.train.batch_size)
+    teacher.eval()
+    out["teacher_forward_s"] = forward_time(teacher, conv_batch, seq_len, steps)
+    out["teacher_forward_longest_s"] = forward_time(teacher, eval_batch, longest, 1)
+    del teacher
+    student = build_model(student_bp, device=device)  # all twins: the align stage's model
+    out["student_step_s"] = step_time(student, conv_batch)
+    student.eval()
+    out["student_forward_longest_s"] = forward_time(student, eval_batch, longest, 1)
+    del student
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out["forward_longest_s"] = max(out["teacher_forward_longest_s"], out["student_forward_longest_s"])
+    return out
+
+
+def eval_estimate(cal: dict, scale: dict) -> float:
+    """Seconds to evaluate one model: forwards scale linearly from the timed longest one (an upper bound for the
+    shorter lengths), x1.5 for decoding and Python; passkey, NIAH and the loss."""
+    lengths, longest = scale["lengths"], max(scale["lengths"])
+    prompts = scale["cases"] * len(scale["depths"])
+    batches = 2 * math.ceil(prompts / scale["eval_batch"]) + math.ceil(scale["loss_sequences"] / scale["eval_batch"])
+    return 1.5 * cal["forward_longest_s"] * batches * sum(n / longest for n in lengths) + 5
+
+
+def select_estimate(cal: dict, student_bp, scale: dict) -> float:
+    """Seconds of HALO's selection: the teacher once and with each layer swapped, each time the recall task's
+    prompts (x1.5: decoding) and the quality task's sequences, at the training length."""
+    sel = student_bp.stages[1].train
+    recall, quality = sel.selector.recall, sel.selector.quality
+    prompts = recall.get("cases", 2) * len(recall.get("depths", [0.0, 0.5, 1.0])) * len(recall.get("lengths", [1]))
+    sequences = quality.get("sequences", 8) * len(quality.get("lengths", [1]))
+    per_sequence = cal["forward_longest_s"] * student_bp.data.seq_len / (scale["eval_batch"] * max(scale["lengths"]))
+    runs = student_bp.model.n_layers + 1
+    return runs * (1.5 * prompts + sequences) * per_sequence + 10
+
+
+def plan_steps(left: float, cal: dict, shares: tuple[float, float], batches: tuple[int, int], reserve: float) -> int:
+    """Teacher steps that fit in `left` seconds after `reserve`, with both conversions: each trains
+    sum(shares) of the teacher's tokens at the conversion batch, a step costing a teacher forward and a student
+    step (x1.15: the distillation loss, held-out evaluations). x1.1 on the teacher's timed steps: the trainer's
+    own work (data, clipping, logging, held-out evaluations, the checkpoint)."""
+    teacher_batch, conv_batch = batches
+    conv_step = 1.15 * (cal["teacher_forward_s"] + cal["student_step_s"])
+    per_teacher_step = 1.1 * cal["teacher_step_s"] + 2 * sum(shares) * teacher_batch / conv_batch * conv_step
+    return int((left - reserve) / per_teacher_step)
+
+
+def conversion_steps(teacher_steps: int, share: float, batches: tuple[int, int]) -> int:
+    """Conversion steps that train `share` of the teacher's tokens (never more: rounded down, at least 1)."""
+    teacher_batch, conv_batch = batches
+    return max(1, math.floor(share * teacher_steps * teacher_batch / conv_batch))
+
+
+def task_configs(scale: dict) -> list[dict]:
+    grid = {"lengths": scale["lengths"], "depths": scale["depths"], "cases": scale["cases"]}
+    return [{"type": "passkey", **grid},
+            {"type": "niah", **grid, "variants": ["single"]},
+            {"type": "loss_by_position", "lengths": scale["lengths"], "sequences": scale["loss_sequences"]}]
+
+
+def evaluate(checkpoint, prepared, device, scale: dict) -> dict:
+    from hyloom.checkpoint import load_checkpoint
+    from hyloom.data import data_spec
+    from hyloom.eval import EvalContext, heldout_reader, run_tasks, validate_tasks
+
+    model, bp = load_checkpoint(checkpoint, device=str(device))
+    ctx = EvalContext(model=model, tokenizer=prepared.tokenizer, device=device,
+                      heldout_ids=heldout_reader(prepared.dir), train_len=data_spec(bp.data).seq_len,
+                      batch_size=scale["eval_batch"], seed=0)
+    with autocast(device):
+        report = run_tasks(validate_tasks(task_configs(scale)), ctx)
+    return {name: {"metrics": t["metrics"], "rows": t["rows"]} for name, t in report["tasks"].items()}
+
+
+def metrics_of(folder: Path) -> list[dict]:
+    from hyloom.train import RunDir
+
+    return RunDir(folder).metrics() if (folder / "metrics.jsonl").exists() else []
+
+
+def curve(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    return [{k: r[k] for k in ("step", "tokens", *keys) if k in r} for r in records]
+
+
+def parameters(bp) -> int:
+    from hyloom.model import build_model
+
+    return sum(p.numel() for p in build_model(bp, device="meta").parameters())  # no memory: the count only
+
+
+# ---- the results: goals, figures, summary ------------------------------------------------------------------------
+
+def headline(model: dict, train_len: int) -> dict:
+    """Held-out loss at the training length, and mean passkey / NIAH accuracy over the evaluated lengths."""
+    ev = model.get("eval")
+    if not ev:
+        return {}
+    loss = ev["loss_by_position"]["metrics"].get(f"loss/nll@{train_len}")
+    recall = [v for task, prefix in (("passkey", "passkey"), ("niah", "niah_single"))
+              for k, v in ev[task]["metrics"].items() if k.startswith(f"{prefix}/acc@") and v is not None]
+    return {"loss": loss, "recall": sum(recall) / len(recall) if recall else None}
+
+
+def goals(results: dict) -> dict:
+    """Whether each goal of issue 12 §4 is met, with the numbers it was judged on (null: not measured yet)."""
+    models, train_len = results["models"], results["train_len"]
+    teacher = headline(models.get("teacher", {}), train_len)
+    out = {}
+    for name in STUDENTS:
+        student = models.get(name, {})
+        mine = headline(student, train_len)
+        if teacher.get("loss") is None or mine.get("loss") is None:
+            continue
+        ratio = mine["loss"] / teacher["loss"] - 1
+        share = student["conversion"]["token_share"]
+        out[f"{name}_loss_within_5pct"] = {
+            "met": ratio <= LOSS_GOAL and share <= SHARE_GOAL, "loss": mine["loss"], "teacher_loss": teacher["loss"],
+            "relative_gap": ratio, "token_share": share}
+    h, e = headline(models.get("halo", {}), train_len), headline(models.get("even", {}), train_len)
+    if h.get("loss") is not None and e.get("loss") is not None:
+        gap = abs(h["loss"] - e["loss"]) / e["loss"]
+        out["halo_recall_at_least_even"] = {
+            "met": h["recall"] >= e["recall"] and gap <= EQUAL_LOSS, "halo_recall": h["recall"],
+            "even_recall": e["recall"], "loss_gap": gap, "equal_loss": gap <= EQUAL_LOSS,
+            "note": f"recall: mean passkey and NIAH accuracy over {results['eval']['lengths']}; equal loss: held-out "
+                    f"losses within {EQUAL_LOSS:.0%} of each other"}
+    return out
+
+
+def figures(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = results["models"]
+    # curves.png: teacher training, then each conversion's align and distill stages
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    t = models.get("teacher", {}).get("train", {}).get("curve") or []
+    if t:
+        axes[0].plot([r["tokens"] / 1e6 for r in t], [r["loss"] for r in t], color=COLORS["teacher"], lw=1,
+                     label="train")
+        held = [r for r in t if r.get("eval_loss") is not None]
+        axes[0].plot([r["tokens"] / 1e6 for r in held], [r["eval_loss"] for r in held], "o--",
+                     color=COLORS["teacher"], label="held-out")
+    axes[0].set(xlabel="tokens (M)", ylabel="next-token loss (nats)", title="teacher")
+    for name in STUDENTS:
+        stages = models.get(name, {}).get("stages", {})
+        a = stages.get("align", {}).get("curve") or []
+        axes[1].plot([r["step"] for r in a], [r["loss"] for r in a], color=COLORS[name], lw=1, label=f"{name}: train")
+        held = [r for r in a if r.get("eval_loss") is not None]
+        axes[1].plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o--", color=COLORS[name],
+                     label=f"{name}: held-out")
+        d = [r for r in stages.get("distill", {}).get("curve") or [] if r.get("eval_lm_loss") is not None]
+        axes[2].plot([r["step"] for r in d], [r["eval_lm_loss"] for r in d], "o-", color=COLORS[name],
+                     label=f"{name}: student")
+        if d:
+            axes[2].plot([r["step"] for r in d], [r["eval_teacher_lm_loss"] for r in d], ":", color=COLORS["teacher"],
+                         label="teacher" if name == "halo" else None)
+    axes[1].set(xlabel="align step", ylabel="mean MSE to the teacher's layers", title="align (stage 1)")
+    axes[1].set_yscale("log")
+    axes[2].set(xlabel="distill step", ylabel="held-out next-token loss (nats)", title="distill (stage 2)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    # selection.png: HALO's per-layer score, R_i and C_i; the layers each selector kept
+    selections = {n: models[n]["selection"] for n in STUDENTS if models.get(n, {}).get("selection")}
+    if selections:
+        halo = selections.get("halo")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+        n_layers = next(iter(selections.values()))["n_layers"]
+        x = np.arange(n_layers)
+        if halo:
+            scores = [r.get("score") or 0.0 for r in halo["layers"]]
+            axes[0].bar(x, scores, color=["C0" if i in halo["kept"] else "0.75" for i in x])
+            for key, style in (("R", "o-"), ("C", "s--")):
+                values = [r.get(key) for r in halo["layers"]]
+                if any(v is not None for v in values):
+                    axes[1].plot(x, [np.nan if v is None else v for v in values], style, label=f"{key}_i")
+        top = max([r.get("score") or 0.0 for r in halo["layers"]] if halo else [1.0]) or 1.0
+        for k, (name, sel) in enumerate(selections.items()):
+            axes[0].scatter(sel["kept"], [top * (1.08 + 0.08 * k)] * len(sel["kept"]), marker="v",
+                            color=COLORS[name], label=f"{name} keeps {sel['kept']}")
+        axes[0].set(xlabel="layer", ylabel="HALO score", title="HALO score per layer (blue: kept)", xticks=x)
+        axes[0].legend(fontsize=7)
+        axes[1].set(xlabel="layer swapped for its twin", title="HALO: recall R_i and quality C_i", xticks=x)
+        if axes[1].get_legend_handles_labels()[0]:
+            axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "selection.png", dpi=110)
+        plt.close(fig)
+
+    # recall.png: the table of held-out loss and retrieval accuracy per length
+    done = {n: m for n, m in models.items() if m.get("eval")}
+    if done:
+        lengths, train_len = results["eval"]["lengths"], results["train_len"]
+        columns = [(task, prefix, n) for task, prefix in (("loss_by_position", "loss/nll"), ("passkey", "passkey/acc"),
+                                                          ("niah", "niah_single/acc")) for n in lengths]
+        grid = np.array([[_number(m["eval"][task]["metrics"].get(f"{prefix}@{n}")) for task, prefix, n in columns]
+                         for m in done.values()], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2, 0.6 * len(done) + 1.6))
+        shade = np.where(np.arange(len(columns)) < len(lengths), np.nan, grid)  # colour the accuracies only
+        ax.imshow(shade, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i in range(len(done)):
+            for j in range(len(columns)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if j < len(lengths) or grid[i, j] > 0.5 else "white")
+        ax.set_xticks(range(len(columns)), [f"{'loss' if t == 'loss_by_position' else t}\n{n}{'*' if n > train_len else ''}"
+                                            for t, _, n in columns], fontsize=7)
+        ax.set_yticks(range(len(done)), list(done))
+        ax.set_title(f"held-out loss (nats) and retrieval accuracy by length (* = beyond the teacher's {train_len})",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "recall.png", dpi=110)
+        plt.close(fig)
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def summary(results: dict) -> str:
+    models, lengths, train_len = results["models"], results["eval"]["lengths"], results["train_len"]
+    lines = [f"scale {results['scale']}, device {results['device']}, teacher trained at {train_len} tokens "
+             f"(* = beyond it)", ""]
+    head = "".join(f"{n:>9}{'*' if n > train_len else ' '}" for n in lengths)
+    for task, prefix in (("loss_by_position", "loss/nll"), ("passkey", "passkey/acc"), ("niah", "niah_single/acc")):
+        lines.append(f"{task:22}{head}")
+        for name, m in models.items():
+            metrics = m.get("eval", {}).get(task, {}).get("metrics")
+            if metrics is not None:
+                cells = "".join(f"{_number(metrics.get(f'{prefix}@{n}')):>10.3f}" for n in lengths)
+                lines.append(f"  {name:20}{cells}")
+        lines.append("")
+    lines.append(f"{'model':10}{'params':>12}{'layout':>15}{'tokens':>13}{'share':>8}{'train s':>9}")
+    for name, m in models.items():
+        tokens = m.get("train", {}).get("tokens") or m.get("conversion", {}).get("tokens")
+        share = m.get("conversion", {}).get("token_share")
+        seconds = m.get("train", {}).get("seconds") or m.get("conversion", {}).get("seconds")
+        lines.append(f"  {name:8}{m.get('parameters', 0):>12,}{m.get('layout', ''):>15}"
+                     f"{tokens or 0:>13,}{'' if share is None else f'{share:.3f}':>8}"
+                     f"{seconds if seconds is not None else float('nan'):>9.1f}")
+    for name in STUDENTS:
+        sel = models.get(name, {}).get("selection")
+        if sel:
+            lines.append(f"  {name} keeps layers {sel['kept']} of {sel['n_layers']} as attention")
+    lines.append("")
+    for goal, g in results.get("goals", {}).items():
+        numbers = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items()
+                            if k not in ("met", "note"))
+        lines.append(f"goal {goal}: {'MET' if g['met'] else 'NOT MET'} ({numbers})")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for results.json, the figures and summary.txt")
+    p.add_argument("--work", default=None, help="folder for the runs (checkpoints); default: a temporary folder, "
+                                                "deleted at the end")
+    p.add_argument("--budget-seconds", type=float, default=520.0,
+                   help="wall time for everything (data, calibration, training, evaluation); sets the steps")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full", help="toy: a CPU smoke run")
+    p.add_argument("--teacher-steps", type=int, default=None, help="the teacher's steps (default: from the budget)")
+    p.add_argument("--align-share", type=float, default=0.025, help="align tokens as a share of the teacher's")
+    p.add_argument("--distill-share", type=float, default=0.07, help="distill tokens as a share of the teacher's")
+    args = p.parse_args(argv)
+    if not (0 < args.align_share and 0 < args.distill_share and args.align_share + args.distill_share <= 1):
+        p.error("--align-share and --distill-share: positive shares of the teacher's tokens, together at most 1")
+    if args.teacher_steps is not None and args.teacher_steps < 1:
+        p.error("--teacher-steps: at least 1")
+    began = time.perf_counter()
+
+    import torch
+
+    from hyloom import __version__
+    from hyloom.data import prepare
+    from hyloom.train import pick_device, saved_blueprint, train
+
+    scale = SCALES[args.scale]
+    device = pick_device(args.device, "--device")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="convert-small-"))
+    log(f"scale {args.scale} on {device}, budget {args.budget_seconds:.0f} s, runs in {work}")
+
+    teacher_bp = load(TEACHER_BP, scale["teacher"])
+    student_bps = {n: load(STUDENT_BP, scale["student"] + extra) for n, extra in STUDENTS.items()}
+    for name, bp in student_bps.items():  # one prepared folder, one tokenizer: the teacher's
+        if bp.data.model_dump() != teacher_bp.data.model_dump():
+            raise SystemExit(f"convert_small: the {name} blueprint's data section differs from the teacher's")
+    prepared = prepare(teacher_bp.data, progress=False)
+    train_len = teacher_bp.data.seq_len
+    log(f"data ready ({time.perf_counter() - began:.0f} s): {prepared.dir}")
+    results = {
+        "command": " ".join(["python3 bench/convert_small.py", *(argv if argv is not None else sys.argv[1:])]),
+        "scale": args.scale, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "versions": {"hyloom": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "train_len": train_len,
+        "eval": {k: scale[k] for k in ("lengths", "depths", "cases", "loss_sequences", "eval_batch")},
+        "data": {"dir": str(prepared.dir), "seconds": round(time.perf_counter() - began, 1),
+                 "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]}
+                            for k, v in prepared.manifest["splits"].items()},
+                 "mix": prepared.manifest.get("mix"), "unigram_loss": prepared.unigram_loss},
+        "models": {}, "phases": ["data"],
+    }
+    write_json(out / "results.json", results)
+
+    cal = calibrate(teacher_bp, student_bps["halo"], device, max(scale["lengths"]), scale["eval_batch"])
+    log("calibration: " + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()))
+    batches = (teacher_bp.train.batch_size, student_bps["halo"].stages[2].train.batch_size)
+    align_batch = student_bps["halo"].stages[0].train.batch_size
+    evals = 3 * eval_estimate(cal, scale)
+    selects = select_estimate(cal, student_bps["halo"], scale) + 10  # even: no measurement, a model load
+    reserve = evals + selects + 0.05 * args.budget_seconds + 6 * 7  # 7 model builds, loads and saves
+    left = args.budget_seconds - (time.perf_counter() - began)
+    fit = plan_steps(left, cal, (args.align_share, args.distill_share), batches, reserve)
+    steps = args.teacher_steps or max(scale["min_steps"], min(scale["max_steps"], fit))
+    align_steps = conversion_steps(steps, args.align_share, (batches[0], align_batch))
+    distill_steps = conversion_steps(steps, args.distill_share, batches)
+    results["plan"] = {"budget_seconds": args.budget_seconds, "seconds_before_training": round(
+        args.budget_seconds - left, 1), "calibration": cal, "eval_estimate_s": evals, "select_estimate_s": selects,
+        "reserve_s": reserve, "teacher_steps_that_fit": fit, "teacher_steps": steps, "align_steps": align_steps,
+        "distill_steps": distill_steps, "align_share": args.align_share, "distill_share": args.distill_share}
+    log(f"plan: teacher {steps} steps (fit {fit}), align {align_steps}, distill {distill_steps} per conversion; "
+        f"{left:.0f} s left, {reserve:.0f} s reserved for selections, evaluations and overheads")
+    if fit < steps:
+        log(f"warning: {steps} teacher steps do not fit the budget ({fit} would); the run will take longer")
+    write_json(out / "results.json", results)
+
+    # ---- the teacher
+    teacher_dir = work / "teacher"
+    bp = load(TEACHER_BP, scale["teacher"] + [
+        f"train.device={device}", f"train.steps={steps}", f"train.warmup={min(teacher_bp.train.warmup, steps // 10)}",
+        f"train.eval_every={max(1, steps // 5)}", f"train.log_every={max(1, steps // 100)}",
+        f"train.out_dir={teacher_dir}"])
+    result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
+    tokens = steps * bp.train.batch_size * train_len
+    teacher = {"blueprint": str(TEACHER_BP.relative_to(ROOT)), "overrides": scale["teacher"],
+               "parameters": parameters(bp), "layout": "".join(bp.model.layout),
+               "train": {"steps": steps, "batch_size": bp.train.batch_size, "seq_len": train_len, "tokens": tokens,
+                         "seconds": result["seconds"], "train_loss": result["train_loss"],
+                         "eval_loss": result["eval_loss"],
+                         "curve": curve(metrics_of(teacher_dir), ("loss", "eval_loss", "tokens_per_s"))}}
+    results["models"]["teacher"] = teacher
+    log(f"teacher: {steps} steps, {tokens:,} tokens in {result['seconds']} s, loss {result['train_loss']:.3f}, "
+        f"held-out {result['eval_loss']:.3f}")
+    t = time.perf_counter()
+    teacher["eval"] = evaluate(result["checkpoint"], prepared, device, scale)
+    teacher["eval_seconds"] = round(time.perf_counter() - t, 1)
+    finish_phase(results, out, "teacher", began)
+
+    # ---- the two conversions, the same but for the selector
+    for name, extra in STUDENTS.items():
+        run = work / name
+        schedule = [f"out_dir={run}", f"stages.0.train.teacher={teacher_dir}"] + [
+            f"stages.{i}.train.device={device}" for i in range(3)] + [
+            f"stages.0.train.steps={align_steps}", f"stages.0.train.warmup={max(1, align_steps // 10)}",
+            f"stages.0.train.eval_every={max(1, align_steps // 3)}",
+            f"stages.0.train.log_every={max(1, align_steps // 50)}",
+            f"stages.2.train.steps={distill_steps}", f"stages.2.train.warmup={max(1, distill_steps // 10)}",
+            f"stages.2.train.eval_every={max(1, distill_steps // 4)}",
+            f"stages.2.train.log_every={max(1, distill_steps // 50)}"]
+        bp = load(STUDENT_BP, scale["student"] + extra + schedule)
+        t = time.perf_counter()
+        result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
+        seconds = round(time.perf_counter() - t, 1)
+        align = metrics_of(run / "align")
+        distill = metrics_of(run / "distill")
+        selection = json.loads((run / "select" / "selection.json").read_text())
+        conv_tokens = (align_steps * bp.stages[0].train.batch_size + distill_steps * bp.stages[2].train.batch_size) \
+            * train_len
+        final_bp = saved_blueprint(Path(result["checkpoint"]))  # the layout the selection chose, as saved
+        entry = {
+            "blueprint": str(STUDENT_BP.relative_to(ROOT)), "overrides": scale["student"] + extra,
+            "parameters": parameters(bp), "selection": selection,
+            "layout": "".join("A" if i in selection["kept"] else "L" for i in range(selection["n_layers"])),
+            "stages": {
+                "align": {"steps": align_steps, "batch_size": bp.stages[0].train.batch_size,
+                          "tokens": align_steps * bp.stages[0].train.batch_size * train_len,
+                          "curve": curve(align, ("loss", "eval_loss"))},
+                "distill": {"steps": distill_steps, "batch_size": bp.stages[2].train.batch_size,
+                            "tokens": distill_steps * bp.stages[2].train.batch_size * train_len,
+                            "curve": curve(distill, ("loss", "lm_loss", "eval_loss", "eval_lm_loss",
+                                                     "eval_teacher_lm_loss")),
+                            "train_loss": result.get("train_loss"), "eval_kl": result.get("eval_loss"),
+                            "eval_lm_loss": result.get("eval_lm_loss"),
+                            "eval_teacher_lm_loss": result.get("eval_teacher_lm_loss")}},
+            "conversion": {"tokens": conv_tokens, "token_share": conv_tokens / tokens, "seconds": seconds},
+            "checkpoint_layout": "".join(final_bp["model"]["layout"]),
+        }
+        results["models"][name] = entry
+        log(f"{name}: kept {selection['kept']}, {conv_tokens:,} tokens ({conv_tokens / tokens:.1%} of the teacher's) "
+            f"in {seconds} s; held-out loss {entry['stages']['distill']['eval_lm_loss']}")
+        t = time.perf_counter()
+        entry["eval"] = evaluate(result["checkpoint"], prepared, device, scale)
+        entry["eval_seconds"] = round(time.perf_counter() - t, 1)
+        finish_phase(results, out, name, began)
+    print(summary(results), end="")
+    log(f"done in {time.perf_counter() - began:.0f} s (budget {args.budget_seconds:.0f} s); wrote {out}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def finish_phase(results: dict, out: Path, phase: str, began: float) -> None:
+    """Record the phase and write every output, so that a run cut short keeps what it finished."""
+    results["phases"].append(phase)
+    results["goals"] = goals(results)
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    write_json(out / "results.json", results)
+    figures(results, out)
+    (out / "summary.txt").write_text(summary(results))
+    model = results["models"][phase]
+    log(f"{phase}: evaluated in {model['eval_seconds']} s: " + ", ".join(
+        f"{k} {x:.3f}" for task in model["eval"].values() for k, x in task["metrics"].items()
+        if x is not None and "@" in k and not k.startswith("niah/")))
+
+
+if __name__ == "__main__":
+    from hyloom.blueprint import BlueprintError
+    from hyloom.data import DataError
+    from hyloom.errors import SetupError, TrainingError
+
+    try:
+        sys.exit(main())
+    except (BlueprintError, DataError, TrainingError) as exc:  # bad device, data: the message, no traceback
+        print(f"convert_small: {exc}", file=sys.stderr)
+        sys.exit(1 if isinstance(exc, TrainingError) and not isinstance(exc, SetupError) else 2)
