@@ -87,7 +87,9 @@ def init_distributed(device: str = "auto", what: str = "train.device") -> Dist:
 
 
 STAGES_FILE = "stages.json"  # in a staged run's out_dir: the finished stages and their final checkpoints
-RUN_FILES = ("latest", "metrics.jsonl", "loss.png", "tensorboard", STAGES_FILE)
+# what trainers write beside their checkpoints (the grpo trainer: completions.jsonl, rewards.png, the KL reference)
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png", "tensorboard", STAGES_FILE, "completions.jsonl", "rewards.png",
+             "reference.safetensors")
 
 
 class RunDir:

@@ -1,7 +1,8 @@
-"""Reinforcement learning: the built-in verifiers (kind `verifier`), the sandbox that runs untrusted code, and
-the prompt sets (`hyloom.plugins.rl.prompts`). docs/rl.md is the user guide.
+"""Reinforcement learning: the `grpo` trainer, the built-in verifiers (kind `verifier`), the sandbox that runs
+untrusted code, the prompt sets (`hyloom.plugins.rl.prompts`) and the `arithmetic` data source (the prompt set as
+supervised training text). docs/rl.md is the user guide.
 
-This module only registers; each build imports its verifier on first use."""
+This module only registers; each build imports its implementation (and torch) on first use."""
 
 from hyloom.hookspecs import hookimpl
 from hyloom.plugins.rl import config
@@ -30,3 +31,30 @@ def hyloom_register_verifiers(register):
     register("python_tests", _verifier("PythonTestsVerifier"), config=config.PythonTestsConfig,
              summary="the completion's code passes the record's tests, run in a limited, isolated process",
              example={"type": "python_tests", "timeout_s": 2.0})
+
+
+def _grpo(cfg):
+    from hyloom.plugins.rl.trainer import GrpoTrainer
+
+    return GrpoTrainer(cfg)
+
+
+def _arithmetic_source(cfg):
+    from hyloom.plugins.rl.prompts import ArithmeticSource
+
+    return ArithmeticSource(cfg)
+
+
+@hookimpl
+def hyloom_register_trainers(register):
+    register("grpo", _grpo, config=config.GrpoConfig,
+             summary="GRPO (JustRL): G sampled completions per prompt, verifier rewards, clipped token-mean updates",
+             example={"type": "grpo", "steps": 10, "prompts_per_step": 8, "group_size": 4,
+                      "prompts": {"type": "arithmetic", "steps": 2}})
+
+
+@hookimpl
+def hyloom_register_data_sources(register):
+    register("arithmetic", _arithmetic_source, config=config.ArithmeticSourceConfig,
+             summary="the arithmetic prompt set as prompt + worked solution documents (SFT before RL, offline)",
+             example={"type": "arithmetic", "count": 2000, "steps": 3})

@@ -73,16 +73,39 @@ def _step(rng: random.Random, value: int, cfg: ArithmeticPrompts) -> tuple[str, 
 
 
 def arithmetic(cfg: ArithmeticPrompts) -> list[dict]:
-    """`count` problems of `steps` operations each, deterministic by seed; the answer is the exact result."""
+    """`count` problems of `steps` operations each (or a number drawn in [min_steps, steps]), deterministic by seed;
+    the answer is the exact result, `solution` the worked steps (`7 + 5 = 12`, one a line) and `\\boxed{answer}`."""
     rng = random.Random(cfg.seed)
     records = []
     for _ in range(cfg.count):
+        steps = cfg.steps if cfg.min_steps is None else rng.randint(cfg.min_steps, cfg.steps)
         value = rng.randint(1, cfg.max_operand)
-        words = [f"Start with {value}."]
-        for _ in range(cfg.steps):
-            op, k, value = _step(rng, value, cfg)
+        words, lines = [f"Start with {value}."], []
+        for _ in range(steps):
+            op, k, new = _step(rng, value, cfg)
             words.append(_WORDS[op].format(k=k))
+            lines.append(f"{value} {op} {k} = {new}")
+            value = new
         problem = " ".join(words) + " What is the result?"
         records.append({"prompt": f"{problem} {cfg.instruction}".strip(), "answer": str(value),
-                        "problem": problem, "steps": cfg.steps})
+                        "problem": problem, "steps": steps, "solution": "\n".join(lines + [f"\\boxed{{{value}}}"])})
     return records
+
+
+class ArithmeticSource:
+    """Data source `arithmetic`: each problem as a training document, `template` (the prompt as the grpo trainer
+    shows it) followed by the solution, for the supervised stage before RL."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def fingerprint(self):
+        return {"config": self.cfg.model_dump(mode="json")}  # generated: the settings are the whole content
+
+    def __iter__(self):
+        from hyloom.data import document
+
+        for i, record in enumerate(arithmetic(self.cfg)):
+            answer = record["solution"] if self.cfg.solution == "worked" else f"\\boxed{{{record['answer']}}}"
+            yield document(self.cfg.template.format(prompt=record["prompt"]) + answer, f"arithmetic-{i}",
+                           "arithmetic", steps=record["steps"])

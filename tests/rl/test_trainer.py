@@ -1,0 +1,259 @@
+"""The `grpo` trainer on a tiny model on the CPU: a few steps write metrics, checkpoints, completions and the figure;
+resuming is exact; micro-batching does not change the update; bad input is refused (exit 2); hostile
+python_tests completions get the failure reward while training goes on; rollouts record the policy's log-probs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hyloom.blueprint import BlueprintError, load_blueprint
+from hyloom.checkpoint import load_safetensors
+from hyloom.cli import main
+from hyloom.data import prepare
+from hyloom.model import build_model
+from hyloom.plugins.rl import grpo
+from hyloom.plugins.rl import rollout as rollout_module
+from hyloom.plugins.rl import trainer as trainer_module
+from hyloom.plugins.rl.prompts import PromptSetError
+from hyloom.train import RunDir, train
+
+MODEL = {"d_model": 32, "n_layers": 2, "vocab_size": 320, "position": {"type": "hype"},
+         "mixers": {"A": {"type": "attention", "heads": 2, "kv_heads": 1}, "L": {"type": "lightning", "heads": 2}},
+         "layout": "LA", "ffn": {"type": "swiglu", "hidden": 64}}
+# a reward a random model earns sometimes (a digit somewhere), so groups differ and the updates move the weights
+DIGIT = {"verifier": {"type": "regex", "pattern": "[0-9]", "correct": 1.0, "wrong": 0.0}, "name": "digit"}
+GRPO = {"type": "grpo", "steps": 4, "prompts_per_step": 4, "group_size": 4, "updates_per_step": 2,
+        "max_new_tokens": 8, "lr": 3e-3, "warmup": 1, "device": "cpu", "reward_workers": 1,
+        "prompts": {"type": "arithmetic", "count": 40, "steps": 1},
+        "eval_prompts": {"type": "arithmetic", "count": 6, "steps": 1, "seed": 9},
+        "verifiers": [{"verifier": {"type": "math"}}, DIGIT],
+        "eval_every": 2, "completions_every": 2, "completions_logged": 3, "save_every": 2, "keep": 10}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("rl-data")
+
+
+def blueprint(folder: Path, cache: Path, **train) -> str:
+    data = {"model": MODEL,
+            "data": {"source": {"type": "arithmetic", "count": 300, "steps": 2},
+                     "tokenizer": {"type": "bpe", "vocab_size": 320}, "seq_len": 48, "cache_dir": str(cache)},
+            "train": {**GRPO, "out_dir": str(folder / "run"), **train}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def run(path, resume=None):
+    bp = load_blueprint(path)
+    return train(bp, bp.model_dump(mode="json"), resume=resume, progress=False)
+
+
+def weights(folder: Path) -> dict:
+    return load_safetensors(RunDir(folder).latest())
+
+
+def test_a_few_steps_write_metrics_checkpoints_completions(tmp_path, cache):
+    result = run(blueprint(tmp_path, cache))
+    out = RunDir(tmp_path / "run")
+    assert result["steps"] == 4 and result["checkpoint"] == str(out.path / "checkpoint-000004")
+    assert [p.name for p in out.checkpoints()] == ["checkpoint-000002", "checkpoint-000004"]
+    assert (out.path / "rewards.png").stat().st_size > 0
+    assert (out.latest() / "tokenizer.json").exists()
+    metrics = out.metrics()
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
+    assert set(metrics[0]) == {"step", "eval/accuracy", "eval/reward_mean", "eval/response_length_mean"}  # before
+    for r in metrics[1:]:
+        for key in ("reward_mean", "reward_std", "reward/math", "reward/digit", "accuracy", "response_length_mean",
+                    "response_length_max", "clipped", "entropy", "clip_high", "clip_low", "clip_dual", "approx_kl",
+                    "grad_norm", "logp_mismatch", "rollout_seconds", "update_seconds", "rollout_tokens_per_s", "lr"):
+            assert key in r, key
+        assert r["reward_mean"] == pytest.approx(r["reward/math"] + r["reward/digit"], abs=1e-5)  # weights 1 + 1
+        assert 0 < r["response_length_mean"] <= r["response_length_max"] <= 8
+        assert r["logp_mismatch"] < 1e-4  # fp32: the sampler's log-probs are the training forward's
+    assert "eval/accuracy" in metrics[2] and "eval/accuracy" in metrics[4] and "eval/accuracy" not in metrics[3]
+    assert any(r["grad_norm"] > 0 for r in metrics[1:])
+    rows = [json.loads(line) for line in (out.path / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 3 + [2] * 3 + [4] * 3
+    assert set(rows[0]) == {"step", "prompt", "completion", "reward", "rewards", "length", "finished", "answer"}
+    assert rows[0]["prompt"] == rows[1]["prompt"]  # the first rows are one prompt's group
+    assert set(rows[0]["rewards"]) == {"math", "digit"}
+
+
+def test_resume_is_exact(tmp_path, cache):
+    run(blueprint(tmp_path / "whole", cache))
+    half = blueprint(tmp_path / "half", cache, steps=2)
+    run(half)
+    run(blueprint(tmp_path / "half", cache), resume="auto")  # steps back to 4, from checkpoint-000002
+    a, b = weights(tmp_path / "whole" / "run"), weights(tmp_path / "half" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole, halves = RunDir(tmp_path / "whole" / "run").metrics(), RunDir(tmp_path / "half" / "run").metrics()
+    assert [r["step"] for r in halves] == [r["step"] for r in whole]
+    assert [r["reward_mean"] for r in halves[1:]] == [r["reward_mean"] for r in whole[1:]]
+
+
+def test_micro_batches_give_the_same_update(tmp_path, cache):
+    """The loss is normalised by the mini-batch's token count, so accumulating micro-batches of any lengths is one
+    big batch (up to float summation order)."""
+    run(blueprint(tmp_path / "big", cache, steps=1, eval_prompts=None))
+    run(blueprint(tmp_path / "micro", cache, steps=1, eval_prompts=None, micro_batch=3))
+    a, b = weights(tmp_path / "big" / "run"), weights(tmp_path / "micro" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # Adam: 1e-5 is 0.3% of one step (lr)
+    # Adam's first step hides a uniform scale of the gradient; its norm (before clipping) does not
+    norms = [RunDir(tmp_path / name / "run").metrics()[-1]["grad_norm"] for name in ("big", "micro")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[0] > 0
+
+
+def test_bad_input_is_refused_with_exit_2(tmp_path, cache, capsys):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "2 + 2?"}) + "\n")
+    cases = {
+        "missing": ({"prompts": {"type": "jsonl", "path": str(jsonl)}}, "p.jsonl:1: the record needs 'answer' or 'tests'"),
+        "tests": ({"prompts": {"type": "arithmetic", "count": 4},
+                   "verifiers": [{"verifier": {"type": "python_tests"}}]},
+                  "record 0 has no field 'tests', which verifier 'python_tests'"),
+        "unregistered": ({"verifiers": [{"verifier": {"type": "maths"}}]}, "train.verifiers.0.verifier"),
+        "group": ({"group_size": 1}, "GRPO needs group_size >= 2"),
+    }
+    for name, (train_cfg, message) in cases.items():
+        path = blueprint(tmp_path / name, cache, **train_cfg)
+        assert main(["train", path, "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err, (name, err)
+        assert not (tmp_path / name / "run" / "metrics.jsonl").exists()  # refused before any work
+    with pytest.raises(BlueprintError, match="maths"):
+        load_blueprint(blueprint(tmp_path / "again", cache, verifiers=[{"verifier": {"type": "maths"}}]))
+    with pytest.raises(PromptSetError):
+        run(blueprint(tmp_path / "again2", cache, prompts={"type": "jsonl", "path": str(jsonl)}))
+
+
+HOSTILE = {
+    "loop": "while True:\n    pass\n",
+    "fork": "import os\nwhile True:\n    os.fork()\n",
+    "memory": "x = bytearray(1 << 40)\n",
+    "exit": "import os\nos._exit(0)\n",
+    "correct": "def double(x):\n    return 2 * x\n",
+}
+
+
+def test_hostile_python_completions_get_the_failure_reward(tmp_path, cache, monkeypatch):
+    prompts = tmp_path / "code.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write double ({i}).", "tests": ["assert double(3) == 6"]}) + "\n"
+                               for i in range(4)))
+    texts = list(HOSTILE.values())
+    real = rollout_module.sample_completions
+
+    def scripted(model, prompts, **kw):
+        """The real rollout, with each row's tokens replaced by one of the scripted programs."""
+        roll = real(model, prompts, **kw)
+        tok = trainer_module_tokenizer[0]
+        ids = [tok.encode(texts[i % len(texts)]) + [kw["eos_id"]] for i in range(len(prompts))]
+        T = max(map(len, ids))
+        roll.tokens_NT = torch.full((len(ids), T), kw["eos_id"], dtype=torch.long)
+        roll.mask_NT = torch.zeros(len(ids), T)
+        for row, x in enumerate(ids):
+            roll.tokens_NT[row, :len(x)] = torch.tensor(x)
+            roll.mask_NT[row, :len(x)] = 1
+        roll.logp_NT = torch.zeros(len(ids), T)
+        roll.finished_N = torch.ones(len(ids), dtype=torch.bool)
+        return roll
+
+    trainer_module_tokenizer = []
+    real_fit = trainer_module.GrpoTrainer.fit
+
+    def fit(self, model, data, run):
+        trainer_module_tokenizer.append(data.tokenizer)
+        return real_fit(self, model, data, run)
+
+    monkeypatch.setattr(trainer_module, "sample_completions", scripted)
+    monkeypatch.setattr(trainer_module.GrpoTrainer, "fit", fit)
+    path = blueprint(tmp_path, cache, steps=2, eval_prompts=None, group_size=5, prompts_per_step=2,
+                     updates_per_step=1, completions_logged=5, completions_every=1,
+                     prompts={"type": "jsonl", "path": str(prompts)},
+                     verifiers=[{"verifier": {"type": "python_tests", "timeout_s": 2.0, "cpu_s": 2}}])
+    result = run(path)
+    assert result["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    by_text = {r["completion"]: r["reward"] for r in rows}
+    for name, text in HOSTILE.items():
+        assert by_text[text] == (1.0 if name == "correct" else -1.0), name
+    metrics = RunDir(tmp_path / "run").metrics()
+    assert metrics[-1]["accuracy"] == pytest.approx(0.2)
+    assert metrics[-1]["grad_norm"] > 0  # the correct completion's group trained on
+
+
+@pytest.mark.parametrize("layout", ["LA", "AA"])
+def test_sampler_logprobs_equal_the_training_forward(layout):
+    """Left-padded rollouts through the decode cache give the tokens the plain training forward would score the
+    same (fp32), for attention and Lightning layers."""
+    from hyloom.blueprint import blueprint_model
+
+    torch.manual_seed(0)
+    spec = blueprint_model().model_validate({"model": {**MODEL, "layout": layout}})
+    model = build_model(spec)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    gen = torch.Generator().manual_seed(1)
+    roll = rollout_module.sample_completions(model, prompts, max_new_tokens=6, temperature=1.0, eos_id=3,
+                                             generator=gen, batch=2)
+    assert roll.tokens_NT.shape[0] == 3 and roll.mask_NT[:, 0].all()
+    logits = rollout_module.completion_logits(model, roll)
+    logp = grpo.token_logprobs(logits, roll.tokens_NT) * roll.mask_NT
+    torch.testing.assert_close(logp, roll.logp_NT, atol=1e-5, rtol=0)
+    # each row on its own, unpadded, scores its tokens the same
+    for row, prompt in enumerate(prompts):
+        n = int(roll.mask_NT[row].sum())
+        ids = torch.tensor([prompt + roll.tokens_NT[row, :n].tolist()])
+        alone = torch.log_softmax(model(ids)[0, len(prompt) - 1:-1].float(), -1)
+        picked = alone.gather(-1, roll.tokens_NT[row, :n, None])[:, 0]
+        torch.testing.assert_close(picked, roll.logp_NT[row, :n], atol=1e-5, rtol=0)
+
+
+def test_sft_documents_continue_the_grpo_prompt(cache):
+    """The arithmetic data source writes the prompt exactly as the trainer shows it, then the worked solution, so
+    the boxed answer is what the math verifier reads."""
+    from hyloom.plugins.rl.config import ArithmeticSourceConfig, GrpoConfig
+    from hyloom.plugins.rl.prompts import ArithmeticSource, arithmetic
+    from hyloom.plugins.rl.verifiers import build_verifier
+
+    cfg = ArithmeticSourceConfig(count=20, steps=3, min_steps=1, seed=4)
+    docs = list(ArithmeticSource(cfg))
+    records = arithmetic(cfg)
+    template = GrpoConfig().prompt_template
+    math = build_verifier({"type": "math"})
+    assert {r["steps"] for r in records} == {1, 2, 3}
+    for doc, record in zip(docs, records):
+        head = template.format(prompt=record["prompt"])
+        assert doc["text"].startswith(head)
+        solution = doc["text"][len(head):]
+        assert len(solution.splitlines()) == record["steps"] + 1
+        assert math(record, solution).reward == 1.0
+    prepared = prepare({"source": {"type": "arithmetic", "count": 300, "steps": 2},
+                        "tokenizer": {"type": "bpe", "vocab_size": 320}, "seq_len": 48, "cache_dir": str(cache)},
+                       progress=False)
+    assert prepared.tokenizer.vocab_size <= MODEL["vocab_size"]
+
+
+@pytest.mark.slow
+def test_two_processes(tmp_path, cache):
+    """Under torchrun (gloo, 2 CPU processes) each process samples its half of the prompts; the run finishes with
+    every metric, and DDP keeps one set of weights."""
+    path = blueprint(tmp_path, cache)
+    run(blueprint(tmp_path / "prepare", cache, steps=1, eval_prompts=None))  # the data cache, built once
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "hyloom", "train", path, "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = RunDir(tmp_path / "run").metrics()
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
+    assert all(r["prompts"] == 4 * r["step"] for r in metrics[1:])
