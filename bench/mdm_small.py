@@ -107,7 +107,8 @@ def objective_of(bp, mask_id: int):
 
 def calibrate(bp, device, eval_batch: int, steps: int = 5) -> dict:
     """Seconds per optimizer step with the blueprint's own objective (random tokens, bf16 autocast on CUDA, after
-    two warm-up steps that also compile the Triton kernels) and per evaluation forward of `eval_batch` windows."""
+    two warm-up steps that also compile the Triton kernels) and per evaluation forward of `eval_batch` windows
+    (after compiling the inference kernels too, so that the evaluation's estimate need not include them)."""
     import torch
 
     from hyloom.model import build_model
@@ -130,6 +131,10 @@ def calibrate(bp, device, eval_batch: int, steps: int = 5) -> dict:
     model.eval()
     with torch.no_grad(), autocast(device):
         model(batch[:1, :16])  # compile the inference paths first
+        if bp.model.causal:  # and the ar sampler's prefill and decode steps
+            from hyloom.generate import run_sampler
+
+            run_sampler(model, [batch[0, :8].tolist()], sampler="ar", max_new_tokens=2)
         sync(device)
         began = time.perf_counter()
         model(batch[:eval_batch])
@@ -377,24 +382,33 @@ def figures(results: dict, out: Path, reports: dict | None = None) -> None:
         plt.close(fig)
 
     probed = {k: v for k, v in models.items() if v.get("probe")}
-    if reports:
-        n_layers = max(len(r["steps"][0]["layers"]) for r in reports.values())
-        fig, axes = plt.subplots(len(reports), n_layers, figsize=(2.3 * n_layers + 1, 2.4 * len(reports) + 0.6),
-                                 squeeze=False)
-        for row, (name, report) in enumerate(reports.items()):
+    if reports:  # a row per model and layer kind, a panel per layer: which positions are anchors at each step
+        rows = []
+        for name, report in reports.items():
+            for kind in ("attention", "lightning"):
+                layers = [layer for layer, how in report["layers"].items() if layer in report["steps"][0]["layers"]
+                          and how.startswith("lightning") == (kind == "lightning")]
+                if layers:
+                    rows.append((name, kind, report, layers))
+        cols = max(len(r[3]) for r in rows)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols + 0.5, 2.1 * len(rows) + 0.6), squeeze=False)
+        for r, (name, kind, report, layers) in enumerate(rows):
             T = len(report["steps"][-1]["ids"])
-            for col, layer in enumerate(report["steps"][0]["layers"]):
+            for c in range(cols):
+                ax = axes[r][c]
+                if c >= len(layers):
+                    ax.axis("off")
+                    continue
                 grid = np.zeros((len(report["steps"]), T))
                 for s, step in enumerate(report["steps"]):
-                    grid[s, step["layers"][layer]["anchors"]] = 1
-                ax = axes[row][col]
+                    grid[s, step["layers"][layers[c]]["anchors"]] = 1
                 ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
                 ax.axvline(report["prompt_length"] - 0.5, color="C2", linewidth=0.8)
-                kind = "lightning" if report["layers"][layer].startswith("lightning") else "attention"
-                ax.set_title(f"{name.upper()} layer {layer} ({kind})", fontsize=7)
-                ax.set_xlabel("position", fontsize=7)
+                ax.set_title(f"{name.upper()} layer {layers[c]} ({kind})", fontsize=7)
                 ax.tick_params(labelsize=6)
-                if col == 0:
+                if r == len(rows) - 1:
+                    ax.set_xlabel("position", fontsize=7)
+                if c == 0:
                     ax.set_ylabel("step", fontsize=7)
         fig.suptitle("anchor positions (black) per step, first prompt; green: end of prompt", fontsize=9)
         fig.tight_layout()
