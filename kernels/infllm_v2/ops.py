@@ -1,8 +1,10 @@
 """Public InfLLM-V2 operations: Triton on CUDA tensors, the PyTorch reference elsewhere.
 
 backend=None picks by device; "torch" forces the reference; "triton" forces the kernels (on CPU tensors it
-needs TRITON_INTERPRET=1, as the tests use it).
+needs TRITON_INTERPRET=1, as the tests use it). The training path's Triton work runs as torch custom ops
+(hyloom::infllm_v2_select, hyloom::infllm_v2_sparse_fwd / _bwd), which torch.compile keeps whole.
 """
+import dataclasses
 import os
 
 import torch
@@ -73,8 +75,22 @@ def select_blocks(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0, ba
     q_BTHD, kc_BNKD = q_BTHD.detach(), kc_BNKD.detach()  # selection is discrete: no gradient
     if not _use_triton(q_BTHD, backend):
         return naive.select_blocks_ref(q_BTHD, kc_BNKD, cfg, scale, q_offset)
-    scores = block_scores(q_BTHD, kc_BNKD, cfg, scale, q_offset)
-    return topk_blocks(scores, cfg.k_total, backend="triton")
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+    return select_op(q_BTHD, kc_BNKD, list(dataclasses.astuple(cfg)), float(scale), q_offset)
+
+
+@torch.library.custom_op("hyloom::infllm_v2_select", mutates_args=())
+def select_op(q: torch.Tensor, kc: torch.Tensor, cfg: list[int], scale: float, q_offset: int) -> torch.Tensor:
+    """select_blocks on the Triton kernels; cfg: the SparseConfig's fields in order (an op takes no dataclass)."""
+    sparse = SparseConfig(*cfg)
+    scores = block_scores(q, kc, sparse, scale, q_offset)
+    return topk_blocks(scores, sparse.k_total, backend="triton")
+
+
+@select_op.register_fake
+def _(q, kc, cfg, scale, q_offset):
+    B, T, H, _ = q.shape
+    return q.new_empty((B, kc.shape[2], T, SparseConfig(*cfg).k_total), dtype=torch.int32)
 
 
 def topk_blocks(scores, k_total: int, backend=None) -> torch.Tensor:
@@ -218,65 +234,96 @@ def _dkdv_work(idx, n_blocks: int, chunk: int, valid):
     return as32(work_key // n_blocks), as32(work_key % n_blocks), as32(lo), as32(hi), tok_list
 
 
-class _BlockSparseAttn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, idx, block_size, scale, q_offset, local):
-        q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
-        local = local if TUNE["local_split"] else None
-        o, lse = _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=local)
-        ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.block_size, ctx.scale, ctx.q_offset, ctx.local = block_size, scale, q_offset, local
-        return o
+def _sparse_bwd(q, k, v, idx, o, lse, do, bs, scale, q_offset, local):
+    B, T, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G, GP = H // Hkv, _pow2(H // Hkv, 16)
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    dq = _empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    picks = idx >= 0  # the (token, block) pairs left to the per-token kernels
+    dq_in, extra = dq, {}
+    if local is not None:  # forced blocks as dense tiles (see _sparse_fwd); the init blocks' dK/dV stay per token
+        init_blocks, win_blocks = local
+        dq_in = _empty(q.shape, device=q.device, dtype=torch.float32)
+        gp_local = _pow2(G)
+        tm = max(1, TUNE["local_rows"] // gp_local)
+        triton_attn._local_bwd_dq[(triton.cdiv(T, tm), B * Hkv)](
+            q, k, v, do, lse, delta, dq_in, T, Hkv, q_offset, scale * LOG2E, *strides, lse.stride(0), lse.stride(1),
+            G=G, GP=gp_local, D=D, BS=bs, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local_dq"])
+        n_key_blocks = -(-Tk // bs)
+        if n_key_blocks > init_blocks:
+            tq = max(1, TUNE["local_dkdv_rows"] // gp_local)
+            triton_attn._local_bwd_dkdv[(n_key_blocks - init_blocks, B * Hkv)](
+                q, k, v, do, lse, delta, dk, dv, T, Tk, Hkv, q_offset, scale * LOG2E, scale, *strides,
+                lse.stride(0), lse.stride(1),
+                G=G, GP=gp_local, D=D, BS=bs, TQ=tq, INIT=init_blocks, WIN_BLOCKS=win_blocks,
+                **TUNE["local_dkdv"])
+        qblk = (torch.arange(T, device=idx.device) + q_offset) // bs
+        window_lo = (qblk - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
+        picks = picks & (idx < window_lo)
+        extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
+    ksel = idx.shape[-1]
+    triton_attn._sparse_bwd_dq[(T, B * Hkv)](
+        q, k, v, do, lse, delta, idx, dq_in, dq, Hkv, q_offset, scale * LOG2E, scale, *strides,
+        idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1),
+        G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **extra, **TUNE["dq"])
+    tq = max(1, TUNE["dkdv_rows"] // GP)
+    work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks)
+    if work_bk.numel():
+        triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](
+            q, k, v, do, lse, delta, dk, dv, work_bk, work_blk, lo, hi, tok_list, Hkv, Tk, q_offset,
+            scale * LOG2E, scale, *strides, lse.stride(0), lse.stride(1),
+            G=G, GP=GP, D=D, BS=bs, TQ=tq, **TUNE["dkdv"])
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, idx, o, lse = ctx.saved_tensors
-        do = do.contiguous()
-        B, T, H, D = q.shape
-        Tk, Hkv = k.shape[1], k.shape[2]
-        G, GP = H // Hkv, _pow2(H // Hkv, 16)
-        bs, scale, q_offset = ctx.block_size, ctx.scale, ctx.q_offset
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2))
-        dq = _empty(q.shape, device=q.device, dtype=q.dtype)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        picks = idx >= 0  # the (token, block) pairs left to the per-token kernels
-        dq_in, extra = dq, {}
-        if ctx.local is not None:  # forced blocks as dense tiles (see _sparse_fwd); the init blocks' dK/dV stay per token
-            init_blocks, win_blocks = ctx.local
-            dq_in = _empty(q.shape, device=q.device, dtype=torch.float32)
-            gp_local = _pow2(G)
-            tm = max(1, TUNE["local_rows"] // gp_local)
-            triton_attn._local_bwd_dq[(triton.cdiv(T, tm), B * Hkv)](
-                q, k, v, do, lse, delta, dq_in, T, Hkv, q_offset, scale * LOG2E, *strides, lse.stride(0), lse.stride(1),
-                G=G, GP=gp_local, D=D, BS=bs, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local_dq"])
-            n_key_blocks = -(-Tk // bs)
-            if n_key_blocks > init_blocks:
-                tq = max(1, TUNE["local_dkdv_rows"] // gp_local)
-                triton_attn._local_bwd_dkdv[(n_key_blocks - init_blocks, B * Hkv)](
-                    q, k, v, do, lse, delta, dk, dv, T, Tk, Hkv, q_offset, scale * LOG2E, scale, *strides,
-                    lse.stride(0), lse.stride(1),
-                    G=G, GP=gp_local, D=D, BS=bs, TQ=tq, INIT=init_blocks, WIN_BLOCKS=win_blocks,
-                    **TUNE["local_dkdv"])
-            qblk = (torch.arange(T, device=idx.device) + q_offset) // bs
-            window_lo = (qblk - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
-            picks = picks & (idx < window_lo)
-            extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
-        ksel = idx.shape[-1]
-        triton_attn._sparse_bwd_dq[(T, B * Hkv)](
-            q, k, v, do, lse, delta, idx, dq_in, dq, Hkv, q_offset, scale * LOG2E, scale, *strides,
-            idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1),
-            G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **extra, **TUNE["dq"])
-        tq = max(1, TUNE["dkdv_rows"] // GP)
-        work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks)
-        if work_bk.numel():
-            triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](
-                q, k, v, do, lse, delta, dk, dv, work_bk, work_blk, lo, hi, tok_list, Hkv, Tk, q_offset,
-                scale * LOG2E, scale, *strides, lse.stride(0), lse.stride(1),
-                G=G, GP=GP, D=D, BS=bs, TQ=tq, **TUNE["dkdv"])
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+@torch.library.custom_op("hyloom::infllm_v2_sparse_fwd", mutates_args=())
+def sparse_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
+                  q_offset: int, local: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, D], lse [B, H, T] fp32 in log2 units); local: (init_blocks, window_blocks) or None."""
+    q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+    return _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=tuple(local) if local else None)
+
+
+@sparse_fwd_op.register_fake
+def _(q, k, v, idx, block_size, scale, q_offset, local):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("hyloom::infllm_v2_sparse_bwd", mutates_args=())
+def sparse_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, do: torch.Tensor, block_size: int, scale: float, q_offset: int,
+                  local: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the block-sparse attention whose forward gave o and lse."""
+    q, k, v, idx, o, do = (x.contiguous() for x in (q, k, v, idx, o, do.to(q.dtype)))
+    return _sparse_bwd(q, k, v, idx, o, lse.contiguous(), do, block_size, scale, q_offset,
+                       tuple(local) if local else None)
+
+
+@sparse_bwd_op.register_fake
+def _(q, k, v, idx, o, lse, do, block_size, scale, q_offset, local):
+    like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
+    return like(q), like(k), like(v)
+
+
+def _sparse_setup(ctx, inputs, output):
+    q, k, v, idx, block_size, scale, q_offset, local = inputs
+    ctx.save_for_backward(q, k, v, idx, *output)
+    ctx.args = (block_size, scale, q_offset, local)
+
+
+def _sparse_backward(ctx, do, _dlse):
+    q, k, v, idx, o, lse = ctx.saved_tensors
+    dq, dk, dv = sparse_bwd_op(q, k, v, idx, o, lse, do, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+sparse_fwd_op.register_autograd(_sparse_backward, setup_context=_sparse_setup)
 
 
 def block_sparse_attn(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size: int, scale=None, backend=None, q_offset=0,
@@ -289,8 +336,9 @@ def block_sparse_attn(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size: int, scale=N
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
     if not _use_triton(q_BTHD, backend):
         return naive.sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size, scale, q_offset)
-    return _BlockSparseAttn.apply(q_BTHD, k_BTKD, v_BTKD, idx_BKTS.to(torch.int32), block_size, scale, q_offset,
-                                  forced)
+    local = list(forced) if forced is not None and TUNE["local_split"] else None
+    o, _ = sparse_fwd_op(q_BTHD, k_BTKD, v_BTKD, idx_BKTS.to(torch.int32), block_size, float(scale), q_offset, local)
+    return o
 
 
 def dense_causal_attn(q_BTHD, k_BTKD, v_BTKD, scale=None):

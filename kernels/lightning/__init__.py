@@ -4,35 +4,39 @@
     o, new_state = lightning_attn_decode(q, k, v, g, state)   # one token: q, k, v [B, H, D]; state [B, H, D, D]
 
 backend=None runs the Triton kernels for CUDA tensors and the PyTorch reference otherwise; "triton" and "naive"
-force one. Triton is imported only when the Triton backend is used, so this module imports without it.
+force one. The training path runs as torch custom ops (ops.py: hyloom::lightning_fwd / _bwd), which
+torch.compile keeps whole. Triton is imported only when the Triton backend is used, so this module imports
+without it.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
+import os
 
 import torch
 
-from . import naive
+from . import naive, ops
 from .decay import decay_alibi, decay_alibi_layer, decay_tnl_linear
 
 __all__ = ["lightning_attn", "lightning_attn_decode", "decay_alibi", "decay_alibi_layer", "decay_tnl_linear"]
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# whether triton is installed, without importing it (slow); a constant, so torch.compile traces no lookup
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# Let backend=None run the Triton interpreter on CPU tensors (with TRITON_INTERPRET=1): tests of a whole model
+# on the Triton path set it, as hyloom.kernels.infllm_v2.ops.TRITON_ON_CPU does for InfLLM-V2.
+TRITON_ON_CPU = False
 
 
 def _pick_backend(backend: str | None, x: torch.Tensor) -> str:
     if backend is None:
-        return "triton" if x.is_cuda and triton_available() else "naive"
+        interpret = TRITON_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
+        return "triton" if (x.is_cuda or interpret) and HAS_TRITON else "naive"
     if backend not in ("triton", "naive"):
         raise ValueError(f"backend must be None, 'triton' or 'naive', not {backend!r}")
-    if backend == "triton" and not triton_available():
+    if backend == "triton" and not HAS_TRITON:
         raise RuntimeError("backend='triton' but triton is not installed")
     return backend
 
@@ -72,15 +76,12 @@ def lightning_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         return naive.lightning_attn(q, k, v, g, scale=scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                     causal_mask=causal)
-    from . import triton_impl
-
     if not causal:
         if initial_state is not None or output_final_state:
             raise ValueError("non-causal lightning attention takes no state in or out")
-        return naive.bidirectional(triton_impl.lightning_causal, q, k, v, g, scale=scale,
-                                   cu_seqlens=cu_seqlens), None
-    return triton_impl.lightning_causal(q, k, v, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return naive.bidirectional(ops.lightning_causal, q, k, v, g, scale=scale, cu_seqlens=cu_seqlens), None
+    return ops.lightning_causal(q, k, v, g, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def lightning_attn_decode(q, k, v, g, state, *, scale=None, backend=None):

@@ -1,6 +1,6 @@
-"""Host side of the Triton path: segment tables, launches and the autograd Function.
+"""Host side of the Triton path: segment tables and launches (the torch custom ops around them: ops.py).
 
-Imported lazily by `hyloom.kernels.lightning` (it imports triton)."""
+Imported lazily (it imports triton)."""
 from __future__ import annotations
 
 import functools
@@ -152,34 +152,9 @@ def backward(q, k, v, g, do, dht, states, scale, want_dh0, segs):
     return dq, dk, dv, dh0
 
 
-class LightningAttnFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, want_final, segs):
-        o, final, states = forward(q, k, v, g, h0, scale, want_final, segs)
-        ctx.save_for_backward(q, k, v, g, states)
-        ctx.scale, ctx.segs, ctx.has_h0 = scale, segs, h0 is not None
-        if final is not None:
-            return o, final
-        return o
-
-    @staticmethod
-    def backward(ctx, do, dht=None):
-        q, k, v, g, states = ctx.saved_tensors
-        dht = dht.contiguous() if dht is not None else None
-        do = do.to(q.dtype).contiguous()
-        dq, dk, dv, dh0 = backward(q, k, v, g, do, dht, states, ctx.scale, ctx.has_h0, ctx.segs)
-        return dq, dk, dv, None, dh0, None, None, None
-
-
-def lightning_causal(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    B, T, H, D = q.shape
-    segs = make_segments(B, T, H, cu_seqlens, q.device)
-    packed = [x.reshape(B * T, H, D).contiguous() for x in (q, k, v)]
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
-    g = g.detach().to(device=q.device, dtype=torch.float32).contiguous()
-    out = LightningAttnFn.apply(*packed, g, h0, float(scale), output_final_state, segs)
-    o, final = (out if output_final_state else (out, None))
-    return o.reshape(B, T, H, D), final
+def num_segments(batch: int, seqlen: int, heads: int, device) -> int:
+    """Segments of `batch` unpacked rows of `seqlen` tokens: the row count of the saved segment start states."""
+    return batch * triton.cdiv(seqlen, _segment_len(batch * seqlen, heads, device))
 
 
 def decode(q, k, v, g, state, *, scale):
