@@ -421,6 +421,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--scale", choices=sorted(SCALES), default="full", help="toy: a CPU smoke run")
     p.add_argument("--teacher-steps", type=int, default=None, help="the teacher's steps (default: from the budget)")
+    p.add_argument("--pysource-bytes", type=int, default=None,
+                   help="the pysource corpus's max_bytes (default: the blueprint's, 80 MB at full scale); data "
+                        "preparation counts against the budget")
     p.add_argument("--align-share", type=float, default=0.025, help="align tokens as a share of the teacher's")
     p.add_argument("--distill-share", type=float, default=0.07, help="distill tokens as a share of the teacher's")
     args = p.parse_args(argv)
@@ -428,6 +431,8 @@ def main(argv=None) -> int:
         p.error("--align-share and --distill-share: positive shares of the teacher's tokens, together at most 1")
     if args.teacher_steps is not None and args.teacher_steps < 1:
         p.error("--teacher-steps: at least 1")
+    if args.pysource_bytes is not None and args.pysource_bytes < 1:
+        p.error("--pysource-bytes: at least 1")
     began = time.perf_counter()
 
     import torch
@@ -436,7 +441,10 @@ def main(argv=None) -> int:
     from hyloom.data import prepare
     from hyloom.train import pick_device, saved_blueprint, train
 
-    scale = SCALES[args.scale]
+    scale = dict(SCALES[args.scale])
+    if args.pysource_bytes is not None:  # teacher and student alike: their data sections must stay one
+        corpus = [f"data.source.sources.0.source.max_bytes={args.pysource_bytes}"]
+        scale["teacher"], scale["student"] = scale["teacher"] + corpus, scale["student"] + corpus
     device = pick_device(args.device, "--device")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
