@@ -120,6 +120,14 @@ class InfLLMv2(GroupedQKV):
     def new_cache(self, batch, device, dtype):
         return SparseKVCache(batch, self.kv_heads, self.head_dim, self.sparse, device, dtype)
 
+    def prefill_scratch_bytes(self, batch, chunk, total, dtype_bytes):
+        """Memory one prefill chunk needs besides its activations (hyloom.inference): dense, K/V repeated over
+        the query groups; sparse, the fp32 block scores of every chunk token against every block, and the picks."""
+        sp = self.sparse
+        if total < sp.dense_len:
+            return 2 * batch * self.heads * total * self.head_dim * dtype_bytes
+        return batch * self.kv_heads * chunk * (sp.n_blocks(total) + sp.k_total) * 4
+
     def cache_bytes(self, dtype_bytes):
         kv = 2 * self.kv_heads * self.head_dim * dtype_bytes
         return kv + self.kv_heads * self.head_dim * dtype_bytes / self.sparse.kernel_stride, 0
