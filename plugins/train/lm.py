@@ -57,6 +57,51 @@ def _param_groups(model, weight_decay):
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
+# torch.compile's backend; tests on CPU swap in "aot_eager" (tracing and autograd without code generation)
+COMPILE_BACKEND = "inductor"
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """`train.compile`: true, false, or auto (on CUDA only: on CPU compiling costs more than it wins)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def make_optimizer(model, *, lr, betas, weight_decay, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; the fused (one kernel for all parameters) implementation on CUDA."""
+    return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def checkpoint_blocks(model) -> None:
+    """Activation checkpointing per block: each block keeps only its input for the backward pass, which runs
+    the block's forward again. The blocks' forward is wrapped in place, so parameter names (and checkpoints)
+    stay as they are; without gradients (evaluation, sampling) the block runs as before."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        if "forward" in vars(block):  # already wrapped
+            continue
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def loss_function(objective, net, *, compiled: bool):
+    """batch -> loss of one micro-step. Compiled: the model and the objective (logits to loss) in one graph
+    where the model is the plain module; under DDP only the module is compiled (DDP splits its graph at the
+    gradient buckets)."""
+    if not compiled:
+        return lambda batch: objective(net, batch)
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        compiled_net = torch.compile(net, backend=COMPILE_BACKEND)
+        return lambda batch: objective(compiled_net, batch)
+    return torch.compile(lambda batch: objective(net, batch), backend=COMPILE_BACKEND)
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -101,7 +146,7 @@ class LMTrainer:
             objective["mask_id"] = self.objective.mask_id
         loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, rank=env.rank,
                              world_size=env.world, seed=cfg.seed)
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=env.device)
         start = 0
         point = resume_point(out, run.resume)
         if point is not None:
@@ -117,7 +162,10 @@ class LMTrainer:
             kept = [r for r in out.metrics() if r["step"] <= start]
             (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
             self._summary(model, data, env, seq_len, point, start)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
         net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+        micro_loss_of = loss_function(self.objective, net, compiled=use_compile(cfg.compile, env.device))
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         board = self._tensorboard(out) if env.main else None
@@ -150,7 +198,7 @@ class LMTrainer:
                 batch = loader.next_batch().to(env.device)
                 last = i == cfg.grad_accum - 1
                 with (net.no_sync() if env.world > 1 and not last else contextlib.nullcontext()), autocast():
-                    micro_loss = self.objective(net, batch) / cfg.grad_accum
+                    micro_loss = micro_loss_of(batch) / cfg.grad_accum
                 micro_loss.backward()
                 total += micro_loss.item()
             loss = env.mean(total)
@@ -223,8 +271,10 @@ class LMTrainer:
         cfg = self.cfg
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         splits = data.manifest["splits"]
+        extras = "".join([", compiled" if use_compile(cfg.compile, env.device) else "",
+                          ", activation checkpointing" if cfg.activation_checkpointing else ""])
         print(f"model    {model.num_parameters():,} parameters on {env.device} "
-              f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}")
+              f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}{extras}")
         print(f"data     {splits['train']['tokens']:,} training tokens, {splits['eval']['tokens']:,} held out, "
               f"vocab {data.tokenizer.vocab_size:,}, seq_len {seq_len} ({data.dir})")
         print(f"loss     {self.objective.describe()}")
