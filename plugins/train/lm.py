@@ -71,14 +71,36 @@ def make_optimizer(model, *, lr, betas, weight_decay, device: torch.device) -> t
     return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
 
 
+def compile_blocks(model) -> None:
+    """torch.compile each block on its own (regional compilation, as torchtitan does): blocks of one kind share
+    one compiled graph, so compiling takes seconds whatever the depth. Only passes with gradients (training
+    steps) run compiled; evaluation and decoding (caches, changing lengths) run the blocks as written. Wrapped
+    in place: parameter names, and so checkpoints, stay as they are."""
+    # Mixers may cache device constants on their first call (Lightning's decay): made now, outside the graph,
+    # the compiled code does not depend on whether the cache was filled yet (a guard, and a second compile).
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    for block in model.layers:
+        if getattr(block, "_compiled", False):
+            continue
+        plain = block.forward
+        compiled = torch.compile(plain, backend=COMPILE_BACKEND)
+
+        def forward(*args, _plain=plain, _compiled=compiled, **kwargs):
+            return (_compiled if torch.is_grad_enabled() else _plain)(*args, **kwargs)
+
+        block.forward, block._compiled = forward, True
+
+
 def checkpoint_blocks(model) -> None:
     """Activation checkpointing per block: each block keeps only its input for the backward pass, which runs
-    the block's forward again. The blocks' forward is wrapped in place, so parameter names (and checkpoints)
-    stay as they are; without gradients (evaluation, sampling) the block runs as before."""
+    the block's forward again. Call it after compile_blocks: the checkpoint then wraps the compiled block (a
+    checkpoint inside a compiled region cannot replay the mixers' side effects, such as a cached decay tensor,
+    and would break the graph). Wrapped in place, names unchanged; without gradients blocks run as before."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.layers:
-        if "forward" in vars(block):  # already wrapped
+        if getattr(block, "_checkpointed", False):
             continue
         plain = block.forward
 
@@ -87,19 +109,7 @@ def checkpoint_blocks(model) -> None:
                 return _plain(*args, **kwargs)
             return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
 
-        block.forward = forward
-
-
-def loss_function(objective, net, *, compiled: bool):
-    """batch -> loss of one micro-step. Compiled: the model and the objective (logits to loss) in one graph
-    where the model is the plain module; under DDP only the module is compiled (DDP splits its graph at the
-    gradient buckets)."""
-    if not compiled:
-        return lambda batch: objective(net, batch)
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-        compiled_net = torch.compile(net, backend=COMPILE_BACKEND)
-        return lambda batch: objective(compiled_net, batch)
-    return torch.compile(lambda batch: objective(net, batch), backend=COMPILE_BACKEND)
+        block.forward, block._checkpointed = forward, True
 
 
 def _rng_state() -> dict:
@@ -162,10 +172,11 @@ class LMTrainer:
             kept = [r for r in out.metrics() if r["step"] <= start]
             (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
             self._summary(model, data, env, seq_len, point, start)
+        if use_compile(cfg.compile, env.device):
+            compile_blocks(model)
         if cfg.activation_checkpointing:
             checkpoint_blocks(model)
         net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
-        micro_loss_of = loss_function(self.objective, net, compiled=use_compile(cfg.compile, env.device))
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         board = self._tensorboard(out) if env.main else None
@@ -198,7 +209,7 @@ class LMTrainer:
                 batch = loader.next_batch().to(env.device)
                 last = i == cfg.grad_accum - 1
                 with (net.no_sync() if env.world > 1 and not last else contextlib.nullcontext()), autocast():
-                    micro_loss = micro_loss_of(batch) / cfg.grad_accum
+                    micro_loss = self.objective(net, batch) / cfg.grad_accum
                 micro_loss.backward()
                 total += micro_loss.item()
             loss = env.mean(total)

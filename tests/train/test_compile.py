@@ -1,4 +1,4 @@
-"""Speed options of the `lm` trainer: `compile` (torch.compile of model and loss) and `activation_checkpointing`
+"""Speed options of the `lm` trainer: `compile` (torch.compile per block) and `activation_checkpointing`
 (per block) change how a step runs, not what it computes. On CPU the compile backend is aot_eager (tracing and
 autograd without code generation); tests/gpu/test_compile.py checks inductor on CUDA."""
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch._dynamo.utils import counters
 
 from hyloom.blueprint import load_blueprint
 from hyloom.plugins.train import lm
@@ -50,15 +51,20 @@ def run(tmp_path: Path, cache: Path, **train_options) -> list[float]:
 def test_compiled_training_gives_the_eager_losses(tmp_path, cache, capsys):
     eager = run(tmp_path / "eager", cache, compile=False)
     assert ", compiled" not in capsys.readouterr().out
+    counters.clear()
     compiled = run(tmp_path / "compiled", cache, compile=True)
     assert ", compiled" in capsys.readouterr().out  # the startup summary says so
+    # one graph per kind of block (Lightning, attention), each compiled once, none broken
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
     assert len(eager) == len(compiled) == 4
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0)
 
 
 def test_checkpointed_training_gives_the_same_losses(tmp_path, cache):
     plain = run(tmp_path / "plain", cache)
+    counters.clear()
     checkpointed = run(tmp_path / "checkpointed", cache, activation_checkpointing=True, compile=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the checkpoint wraps the compiled blocks
     torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=0)
 
 
