@@ -11,7 +11,8 @@ then compares them on held-out text:
   Monte-Carlo over t, stratified: for each window, K draws t_k = (k + u_k)/K (k = 0..K-1, u_k ~ U(0, 1)),
   p_k = (1 - eps) t_k + eps, each token but the first masked with probability p_k, and
   bound = mean_k Σ_masked CE / p_k / seq_len. The spread is the standard error over windows (each window's
-  mean over its K draws), and the integrand's mean by stratum is kept (the loss as a function of t);
+  mean over its K draws); the gap bound - NLL has a paired standard error (both on the same windows), and the
+  integrand's mean by stratum is kept (the loss as a function of t);
 - samples: greedy continuations of a few held-out prompts, by the ar sampler and by the mdm sampler
   (low-confidence remasking, blocks), with their forward passes (NFE);
 - the attention-floating probe (hyloom probe attention) on the same prompts: per step and layer, the anchors
@@ -55,7 +56,7 @@ COLORS = {"ar": "C0", "mdm": "C3"}
 SCALES = {
     "full": {
         "overrides": [], "min_steps": 100, "max_steps": 20000, "eval_batch": 32,
-        "windows": 64, "draws": 32, "prompts": 4, "prompt_len": 32, "new_tokens": 64, "block_length": 16,
+        "windows": 128, "draws": 32, "prompts": 4, "prompt_len": 32, "new_tokens": 64, "block_length": 16,
         "probe_steps": 16,
     },
     "toy": {  # a CPU smoke run: the same pipeline on a model and data small enough for two cores
@@ -212,7 +213,8 @@ def ar_nll(model, windows_NL, device, batch: int) -> dict:
             ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
             per_window += ce.mean(1).tolist()
     mean, se = mean_se(per_window)
-    return {"nll": mean, "se": se, "windows": len(per_window), "tokens_per_window": windows_NL.shape[1] - 1}
+    return {"nll": mean, "se": se, "windows": len(per_window), "tokens_per_window": windows_NL.shape[1] - 1,
+            "per_window": per_window}
 
 
 def mdm_bound(model, windows_NL, device, batch: int, *, mask_id: int, eps: float, draws: int, seed: int = 0) -> dict:
@@ -244,7 +246,7 @@ def mdm_bound(model, windows_NL, device, batch: int, *, mask_id: int, eps: float
     mean, se = mean_se(per_window)
     n = len(per_window)
     return {"bound": mean, "se": se, "windows": n, "draws": draws, "tokens_per_window": windows_NL.shape[1] - 1,
-            "eps": eps, "by_t": [{"t_lo": k / draws, "t_hi": (k + 1) / draws, "integrand": s / n}
+            "eps": eps, "per_window": per_window, "by_t": [{"t_lo": k / draws, "t_hi": (k + 1) / draws, "integrand": s / n}
                                  for k, s in enumerate(by_stratum)]}
 
 
@@ -454,6 +456,9 @@ def summary(results: dict) -> str:
         if mdm:
             lines.append(f"  MDM ELBO bound   {mdm['bound']:.4f} ± {mdm['se']:.4f}   ({mdm['windows']} windows x "
                          f"{mdm['draws']} stratified t draws)")
+        if results.get("gap"):
+            lines.append(f"  bound - NLL      {results['gap']['bound_minus_nll']:.4f} ± {results['gap']['se']:.4f}   "
+                         "(paired over windows)")
     if any(v.get("probe") for v in models.values()):
         lines += ["", "attention-floating probe (mean over prompts, steps and layers of a kind)",
                   f"  {'model / layers':22}{'J steps':>9}{'J layers':>9}{'pos0 share':>11}{'pos0 anchor':>12}"
@@ -577,7 +582,8 @@ def main(argv=None) -> int:
 
         # phase 2: the likelihood on the same held-out windows
         heldout = heldout_reader(prepared.dir)()
-        windows = held_out_windows(heldout, scale["windows"], seq_len + 1)
+        # windows from the first three quarters of the held-out split at most: the rest gives the prompts
+        windows = held_out_windows(heldout[:len(heldout) * 3 // 4], scale["windows"], seq_len + 1)
         models = {m: load_checkpoint(checkpoints[m], device=str(device))[0].eval() for m in MODELS}
         t = time.perf_counter()
         results["models"]["ar"]["likelihood"] = ar_nll(models["ar"], windows, device, scale["eval_batch"])
@@ -585,8 +591,11 @@ def main(argv=None) -> int:
         results["models"]["mdm"]["likelihood"] = mdm_bound(models["mdm"], windows, device, scale["eval_batch"],
                                                            mask_id=tokenizer.mask_id, eps=eps, draws=scale["draws"])
         ar, mdm = results["models"]["ar"]["likelihood"], results["models"]["mdm"]["likelihood"]
+        gap, gap_se = mean_se([b - a for a, b in zip(ar["per_window"], mdm["per_window"])])
+        results["gap"] = {"bound_minus_nll": gap, "se": gap_se, "note": "per window, paired: the same windows"}
         log(f"likelihood ({time.perf_counter() - t:.1f} s): AR NLL {ar['nll']:.4f} ± {ar['se']:.4f}, MDM bound "
-            f"{mdm['bound']:.4f} ± {mdm['se']:.4f} ({mdm['windows']} windows x {mdm['draws']} draws)")
+            f"{mdm['bound']:.4f} ± {mdm['se']:.4f} ({mdm['windows']} windows x {mdm['draws']} draws), gap {gap:.4f} "
+            f"± {gap_se:.4f}")
         _write(results, out, began)
 
         # phase 3: samples and the probe on held-out prompts (after the likelihood windows, one per stretch)

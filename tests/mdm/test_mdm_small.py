@@ -87,7 +87,7 @@ def test_likelihood_estimators_on_a_uniform_model():
     windows = torch.randint(2, V, (12, 33), generator=torch.Generator().manual_seed(0))
     ar = bench.ar_nll(Uniform(V), windows, cpu, batch=5)
     assert ar["nll"] == pytest.approx(math.log(V)) and ar["se"] == pytest.approx(0, abs=1e-6)
-    assert ar["windows"] == 12 and ar["tokens_per_window"] == 32
+    assert ar["windows"] == 12 and ar["tokens_per_window"] == 32 and len(ar["per_window"]) == 12
     model = Uniform(V)
     got = bench.mdm_bound(model, windows, cpu, batch=5, mask_id=mask_id, eps=1e-3, draws=8)
     # E[#masked / p] = 32 tokens: the bound's expectation is exactly log V; the estimate lies within its noise
@@ -137,7 +137,8 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
                            "pos0_anchor": 1.0, "anchored": 1.0, "distinct_anchor_positions": 1}}
     layer = {"kind": "attention", "jaccard_over_steps": None, "pos0_share": 0.5, "pos0_anchor": 0.0,
              "anchored": 0.0, "distinct_anchor_positions": 0}
-    results = {"scale": "toy", "device": "cpu", "seq_len": 128, "models": {
+    results = {"scale": "toy", "device": "cpu", "seq_len": 128, "gap": {"bound_minus_nll": 0.5, "se": 0.03},
+               "models": {
         "ar": {"parameters": 1000, "train": train, "likelihood": {"nll": 4.25, "se": 0.01, "windows": 8},
                "probe": {"layers": {"1": layer}, "by_kind": kinds},
                "samples": [{"prompt": "def ", "continuation": "f(x):", "nfe": 4}]},
@@ -148,7 +149,7 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
     bench.figures(json.loads(json.dumps(results)), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["likelihood.png", "probe_metrics.png", "training.png"]
     text = bench.summary(results)
-    assert "4.2500 ± 0.0100" in text and "4.7500 ± 0.0500" in text and "0.610" in text and "'f(x):'" in text
+    assert "4.2500 ± 0.0100" in text and "0.5000 ± 0.0300" in text and "4.7500 ± 0.0500" in text and "0.610" in text and "'f(x):'" in text
 
 
 @pytest.mark.slow
