@@ -62,11 +62,11 @@ SCALES = {
             "model.layout={repeat: L, times: 4}", "model.mixers.L.heads=4", "model.mixers.L.head_dim=16",
             "stages.0.train.batch_size=8", "stages.0.train.eval_batches=2",
             "stages.1.train.batch_size=4", "stages.1.train.selector.recall.lengths=[128]",
-            "stages.1.train.selector.recall.depths=[0.0, 0.5, 1.0]", "stages.1.train.selector.recall.cases=2",
+            "stages.1.train.selector.recall.depths=[0.0, 1.0]", "stages.1.train.selector.recall.cases=1",
             "stages.1.train.selector.quality.lengths=[128]", "stages.1.train.selector.quality.sequences=4",
             "stages.2.train.batch_size=8", "stages.2.train.eval_batches=2"],
-        "lengths": [128, 512, 2048], "depths": [0.0, 0.5, 1.0], "cases": 2,
-        "loss_sequences": 2, "eval_batch": 4, "min_steps": 20, "max_steps": 400,
+        "lengths": [128, 512, 2048], "depths": [0.0, 1.0], "cases": 1,
+        "loss_sequences": 1, "eval_batch": 2, "min_steps": 20, "max_steps": 400,
     },
 }
 
@@ -107,8 +107,7 @@ def _median(times: list[float]) -> float:
 def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, steps: int = 4) -> dict:
     """Seconds per teacher optimizer step (its batch), per student step and per teacher forward (no gradient) at
     the conversion batch, and per forward of `eval_batch` sequences of the longest evaluation length (the slower
-    of teacher and student): random tokens, bf16 autocast on CUDA, after two warm-up steps that also compile the
-    Triton kernels."""
+    of teacher and student): random tokens, bf16 autocast on CUDA, after warm-up steps."""
     import torch
 
     from hyloom.model import build_model
@@ -120,8 +119,9 @@ def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, ste
     def step_time(model, batch_size):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         batch = torch.randint(2, vocab, (batch_size, seq_len + 1), device=device)
+        warm = 2 if device.type == "cuda" else 1  # the first steps compile the Triton kernels
         times = []
-        for _ in range(2 + steps):
+        for _ in range(warm + steps):
             began = time.perf_counter()
             with autocast(device):
                 loss = lm_loss(model, batch)
@@ -130,7 +130,7 @@ def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, ste
             opt.zero_grad(set_to_none=True)
             sync(device)
             times.append(time.perf_counter() - began)
-        return _median(times[2:])
+        return _median(times[warm:])
 
     def forward_time(model, batch_size, length, repeats):
         ids = torch.randint(2, vocab, (batch_size, length), device=device)
