@@ -1,0 +1,360 @@
+"""GRPO reproduced small (issue 15 §3; SPEC §8): SFT, then RL with fixed hyper-parameters, dense vs hybrid.
+
+    python bench/grpo_small.py --out DIR [--budget-seconds 520] [--device auto|cuda|cpu] [--scale full|toy]
+
+For each of blueprints/experiments/grpo-dense.yaml and grpo-hybrid.yaml (the same 7.5M-parameter trunk; attention
+everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a user would run them:
+
+1. `sft`: next-token training on generated arithmetic problems of 1..6 operations written as prompt + worked
+   solution + \\boxed{answer}. Its steps are set from the time budget (a few optimizer steps are timed first).
+2. Difficulty: each SFT model answers held-out problems of every number of operations (greedy); the number whose
+   accuracy, averaged over the models, is nearest 35% is the RL difficulty (so SFT sits well below the ceiling and
+   above the floor, where GRPO has groups with mixed rewards to learn from).
+3. `grpo`: the blueprint's GRPO stage (G = 8, 64 prompts a step, 4 mini-batch updates, constant LR after warmup)
+   on problems of that difficulty, stopped by its share of the budget (max_seconds); held-out accuracy (greedy, 256
+   problems) at step 0 (= the SFT model) and every 10 steps.
+
+Writes into --out after every phase (a timeout keeps what finished): results.json (plan, SFT, difficulty sweep,
+per model: GRPO curves, before/after accuracy, rollout tokens/s), accuracy.png, dynamics.png (entropy and response
+length), sweep.png and summary.txt. Runs (checkpoints) go to --work (default: OUT/runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLUEPRINTS = ROOT / "blueprints" / "experiments"
+MODELS = ("dense", "hybrid")
+LABELS = {"dense": "dense (attention, RoPE)", "hybrid": "hybrid (Lightning + 1:3 attention, HyPE)"}
+TARGET_ACCURACY = 0.35
+
+# `overrides`: blueprint overrides as on the command line (per model where the layouts differ). Shares are of the
+# whole budget; GRPO gets what is left after SFT, the sweep and the reserve, split between the models.
+SCALES = {
+    "full": {
+        "overrides": [], "model_overrides": {"dense": [], "hybrid": []},
+        "sft_share": 0.16, "sft_min_steps": 200, "sft_max_steps": 6000, "reserve_share": 0.04,
+        "sweep": [1, 2, 3, 4, 5, 6], "sweep_prompts": 128,
+    },
+    "toy": {  # a CPU smoke run of the same pipeline: a tiny model, little data, small RL batches
+        "overrides": ["model.d_model=64", "model.vocab_size=320", "model.ffn.hidden=192",
+                      "model.mixers.A.heads=2", "model.mixers.A.kv_heads=2", "model.mixers.A.head_dim=32",
+                      "data.source.count=3000", "data.source.steps=3", "data.seq_len=128",
+                      "stages.0.train.batch_size=16", "stages.0.train.warmup=10", "stages.0.train.eval_every=50",
+                      "stages.0.train.eval_batches=1",
+                      "stages.1.train.prompts_per_step=8", "stages.1.train.group_size=4",
+                      "stages.1.train.updates_per_step=2", "stages.1.train.eval_prompts.count=32",
+                      "stages.1.train.eval_every=4", "stages.1.train.lr=1.0e-4", "stages.1.train.warmup=2"],
+        "model_overrides": {"dense": ["model.layout.times=4", "model.n_layers=4"],
+                            "hybrid": ["model.layout.times=1", "model.n_layers=4", "model.mixers.L.heads=2", "model.mixers.L.head_dim=32"]},
+        "sft_share": 0.2, "sft_min_steps": 20, "sft_max_steps": 300, "reserve_share": 0.05,
+        "sweep": [1, 2, 3], "sweep_prompts": 16,
+    },
+}
+
+
+def log(message: str) -> None:
+    print(f"[grpo-small {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load(model: str, overrides: list[str]):
+    """(resolved dict, validated blueprint) of grpo-<model>.yaml with overrides."""
+    from hyloom.blueprint import load as load_yaml
+    from hyloom.blueprint import validate
+
+    bp = validate(load_yaml(str(BLUEPRINTS / f"grpo-{model}.yaml"), overrides))
+    return bp.model_dump(mode="json"), bp
+
+
+def validated(resolved: dict):
+    from hyloom.blueprint import blueprint_model
+
+    bp = blueprint_model().model_validate(resolved)
+    return bp, bp.model_dump(mode="json")
+
+
+def autocast(device):
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sft_step_seconds(bp, device, steps: int = 3) -> float:
+    """Seconds per SFT optimizer step: a random batch of the stage's shape, after two warm-up steps (which also
+    compile the Triton kernels)."""
+    import torch
+
+    from hyloom.model import build_model
+    from hyloom.plugins.train.lm import lm_loss
+
+    train = bp.stages[0].train
+    torch.manual_seed(0)
+    model = build_model(bp, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(2, bp.model.vocab_size, (train.batch_size, bp.data.seq_len + 1), device=device)
+    times = []
+    for _ in range(2 + steps):
+        began = time.perf_counter()
+        with autocast(device):
+            loss = lm_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - began)
+    del model, opt
+    return sum(times[2:]) / steps
+
+
+# ---- phases -------------------------------------------------------------------------------------------------
+
+def run_sft(resolved: dict, work: Path, steps: int, device: str) -> dict:
+    """The blueprint's first stage alone (its stages list cut after `sft`), into work/: it records the stage as
+    finished, so the GRPO phase later continues the same run with --resume auto."""
+    from hyloom.train import RunDir, train
+
+    staged = json.loads(json.dumps(resolved))
+    staged["out_dir"] = str(work)
+    staged["stages"] = staged["stages"][:1]
+    staged["stages"][0]["train"].update(steps=steps, device=device)
+    bp, res = validated(staged)
+    began = time.perf_counter()
+    result = train(bp, res, progress=False)
+    metrics = RunDir(work / "sft").metrics()
+    return {"steps": steps, "seconds": round(time.perf_counter() - began, 1), "train_loss": result["train_loss"],
+            "eval_loss": result["eval_loss"], "tokens": steps * bp.stages[0].train.batch_size * bp.data.seq_len,
+            "curve": [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in metrics]}
+
+
+def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str) -> dict:
+    """Greedy held-out accuracy of the SFT checkpoint for each number of operations, and each level's longest worked
+    solution in tokens (what max_new_tokens must allow)."""
+    import torch
+
+    from hyloom.plugins.rl.config import GrpoConfig
+    from hyloom.plugins.rl.prompts import load_prompt_set
+    from hyloom.plugins.rl.trainer import Scorer, score_prompts
+    from hyloom.train import open_checkpoint
+
+    _, model, bp, tokenizer, dev = open_checkpoint(work / "sft", device)
+    scorer = Scorer(GrpoConfig(verifiers=[{"verifier": {"type": "math"}}], reward_workers=1))
+    template = GrpoConfig().prompt_template
+    out = {}
+    for k in levels:
+        records = load_prompt_set({**eval_prompts, "steps": k, "count": count})
+        longest = max(len(tokenizer.encode(r["solution"])) + 1 for r in records)
+        with torch.no_grad(), autocast(dev):
+            got = score_prompts(model, tokenizer, records, scorer, template=template, max_new_tokens=longest + 8)
+        out[k] = {"accuracy": got["accuracy"], "solution_tokens_max": longest,
+                  "response_length_mean": got["response_length_mean"]}
+        log(f"  {k} operations: accuracy {got['accuracy']:.3f} (longest solution {longest} tokens)")
+    del model
+    return out
+
+
+def pick_level(sweep: dict) -> int:
+    """The number of operations whose accuracy, averaged over the models, is nearest TARGET_ACCURACY (the easier
+    one on a tie). `sweep`: {model: {str(level): {"accuracy": ...}}}."""
+    levels = sorted({int(k) for s in sweep.values() for k in s})
+    mean = {k: sum(s[str(k)]["accuracy"] for s in sweep.values()) / len(sweep) for k in levels}
+    return min(levels, key=lambda k: (abs(mean[k] - TARGET_ACCURACY), k))
+
+
+def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tokens: int, seconds: float,
+             device: str) -> dict:
+    """The blueprint's GRPO stage on problems of `level` operations, continuing the SFT run (--resume auto)."""
+    from hyloom.train import RunDir, train
+
+    staged = json.loads(json.dumps(resolved))
+    staged["out_dir"] = str(work)
+    staged["stages"][0]["train"].update(steps=sft_steps, device=device)  # as the SFT phase ran it
+    grpo = staged["stages"][1]["train"]
+    grpo.update(device=device, max_new_tokens=max_new_tokens, max_seconds=max(seconds, 1.0))
+    grpo["prompts"]["steps"] = grpo["eval_prompts"]["steps"] = level
+    bp, res = validated(staged)
+    began = time.perf_counter()
+    result = train(bp, res, resume="auto", progress=False)
+    metrics = RunDir(work / "grpo").metrics()
+    evals = [(r["step"], r["eval/accuracy"]) for r in metrics if "eval/accuracy" in r]
+    steps = [r for r in metrics if "reward_mean" in r]
+    keys = ("step", "reward_mean", "accuracy", "entropy", "response_length_mean", "response_length_max", "clipped",
+            "approx_kl", "clip_high", "clip_low", "grad_norm", "logp_mismatch", "rollout_seconds", "update_seconds",
+            "rollout_tokens_per_s", "groups_all_same")
+    tok_s = [r["rollout_tokens_per_s"] for r in steps[1:]] or [r["rollout_tokens_per_s"] for r in steps]
+    return {"steps": result["steps"], "seconds": round(time.perf_counter() - began, 1), "level": level,
+            "max_new_tokens": max_new_tokens, "lr": bp.stages[1].train.lr,
+            "accuracy_before": evals[0][1] if evals else None, "accuracy_after": evals[-1][1] if evals else None,
+            "eval_curve": [{"step": s, "accuracy": a} for s, a in evals],
+            "curve": [{k: r[k] for k in keys if k in r} for r in steps],
+            # the first step's rate includes compiling the decode path: left out when there are others
+            "rollout_tokens_per_s": sum(tok_s) / max(len(tok_s), 1)}
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------
+
+def figures(results: dict, out: Path) -> None:
+    from hyloom.plot import line_plot
+
+    models = results.get("models", {})
+    grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
+    if grpo:
+        line_plot(out / "accuracy.png", {LABELS.get(m, m): [(p["step"], p["accuracy"]) for p in g["eval_curve"]]
+                                         for m, g in grpo.items()},
+                  markers=tuple(LABELS.get(m, m) for m in grpo), xlabel="GRPO step",
+                  ylabel="held-out accuracy (greedy)", title=f"GRPO on {results.get('level', '?')}-operation problems")
+        series = {}
+        for m, g in grpo.items():
+            series[f"{m}: entropy (nats/token)"] = [(p["step"], p["entropy"]) for p in g["curve"]]
+            series[f"{m}: response length / 10"] = [(p["step"], p["response_length_mean"] / 10) for p in g["curve"]]
+            series[f"{m}: clipped share"] = [(p["step"], p["clipped"]) for p in g["curve"]]
+        line_plot(out / "dynamics.png", series, xlabel="GRPO step", ylabel="value",
+                  title="collapse watch: entropy, response length, share cut at max_new_tokens")
+    sweep = results.get("sweep")
+    if sweep:
+        line_plot(out / "sweep.png", {LABELS.get(m, m): sorted((int(k), v["accuracy"]) for k, v in s.items())
+                                      for m, s in sweep.items()},
+                  markers=tuple(LABELS.get(m, m) for m in sweep), xlabel="operations per problem",
+                  ylabel="held-out accuracy after SFT (greedy)", title="difficulty sweep of the SFT models")
+
+
+def summary(results: dict) -> str:
+    lines = [f"GRPO small ({results['scale']} scale, {results['device']}, budget {results['budget_seconds']} s)", ""]
+    models = results.get("models", {})
+    lines.append(f"{'model':<44}{'params':>10}{'SFT steps':>11}{'SFT s':>8}{'eval loss':>11}")
+    for m, v in models.items():
+        sft = v.get("sft", {})
+        lines.append(f"{LABELS.get(m, m):<44}{v['parameters']:>10,}{sft.get('steps', '-'):>11}"
+                     f"{sft.get('seconds', '-'):>8}{sft.get('eval_loss') or float('nan'):>11.3f}")
+    if results.get("sweep"):
+        levels = sorted({int(k) for s in results["sweep"].values() for k in s})
+        lines += ["", "SFT held-out accuracy by operations per problem: " + "  ".join(f"{k:>5}" for k in levels)]
+        for m, s in results["sweep"].items():
+            lines.append(f"  {m:<46}" + "  ".join(f"{s[str(k)]['accuracy']:>5.2f}" for k in levels))
+        lines.append(f"RL difficulty: {results.get('level')} operations (mean accuracy nearest {TARGET_ACCURACY})")
+    grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
+    if grpo:
+        lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'acc before':>12}{'acc after':>11}{'delta':>8}"
+                      f"{'entropy first->last':>22}{'length first->last':>21}{'rollout tok/s':>15}"]
+        for m, g in grpo.items():
+            first, last = g["curve"][0], g["curve"][-1]
+            before, after = g["accuracy_before"], g["accuracy_after"]
+            delta = f"{100 * (after - before):+.1f}" if before is not None and after is not None else "-"
+            lines.append(f"{m:<10}{g['steps']:>7}{g['seconds']:>8}{before or 0:>12.3f}{after or 0:>11.3f}{delta:>8}"
+                         f"{first['entropy']:>11.3f} -> {last['entropy']:<6.3f}"
+                         f"{first['response_length_mean']:>11.1f} -> {last['response_length_mean']:<6.1f}"
+                         f"{g['rollout_tokens_per_s']:>15,.0f}")
+        lines.append("(delta in accuracy points; entropy of the policy on its samples, nats/token; length in tokens)")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    figures(results, out)
+    (out / "summary.txt").write_text(summary(results))
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "examples:\n  python bench/grpo_small.py --out bench/results/grpo --budget-seconds 520 --device cuda\n"
+        "  python bench/grpo_small.py --out /tmp/grpo-toy --scale toy --device cpu --budget-seconds 200"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for results.json, the PNGs and summary.txt")
+    parser.add_argument("--budget-seconds", type=float, default=520.0, help="wall-clock budget for everything")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--scale", default="full", choices=list(SCALES))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of dense,hybrid")
+    parser.add_argument("--work", default=None, help="folder for the runs (checkpoints); default OUT/runs")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+
+    import torch
+
+    from hyloom.data import prepare
+    from hyloom.train import pick_device
+
+    scale = SCALES[args.scale]
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in MODELS for m in models):
+        parser.error(f"--models: choose from {', '.join(MODELS)}")
+    device = pick_device(args.device, "--device")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else out / "runs"
+    budget = args.budget_seconds
+
+    def left() -> float:
+        return budget - (time.perf_counter() - began)
+
+    loaded = {m: load(m, scale["overrides"] + scale["model_overrides"][m]) for m in models}
+    results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
+               "python": platform.python_version(), "target_accuracy": TARGET_ACCURACY, "models": {}}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    for m, (resolved, bp) in loaded.items():
+        from hyloom.model import build_model
+
+        results["models"][m] = {"parameters": build_model(bp, device="meta").num_parameters(),
+                                "layout": "".join(bp.model.layout)}
+        shutil.rmtree(work / m, ignore_errors=True)  # a fresh run: the GRPO phase resumes what SFT leaves
+    log(f"{args.scale} scale on {device}, budget {budget:.0f} s; data ...")
+    first = next(iter(loaded.values()))[1]
+    prepared = prepare(first.data, progress=False)  # the models share the data section: one cache
+    results["data"] = {"train_tokens": prepared.manifest["splits"]["train"]["tokens"],
+                       "documents": prepared.manifest["splits"]["train"]["documents"]}
+    log(f"data ready: {results['data']['train_tokens']:,} training tokens ({left():.0f} s left)")
+
+    for m, (resolved, bp) in loaded.items():
+        step_s = sft_step_seconds(bp, device)
+        sft_seconds = scale["sft_share"] * budget
+        steps = int(min(scale["sft_max_steps"], max(scale["sft_min_steps"], 0.9 * sft_seconds / step_s)))
+        log(f"{m}: SFT {steps} steps ({step_s * 1000:.0f} ms a step)")
+        results["models"][m]["sft"] = run_sft(resolved, work / m, steps, str(device))
+        log(f"{m}: SFT done in {results['models'][m]['sft']['seconds']} s, held-out loss "
+            f"{results['models'][m]['sft']['eval_loss']:.3f} ({left():.0f} s left)")
+        write(results, out)
+
+    eval_prompts = next(iter(loaded.values()))[0]["stages"][1]["train"]["eval_prompts"]
+    results["sweep"] = {}
+    for m in models:
+        log(f"{m}: difficulty sweep")
+        got = sweep_accuracy(work / m, eval_prompts, scale["sweep"], scale["sweep_prompts"], str(device))
+        results["sweep"][m] = {str(k): v for k, v in got.items()}
+    level = pick_level(results["sweep"])
+    longest = max(s[str(level)]["solution_tokens_max"] for s in results["sweep"].values())
+    results["level"], results["max_new_tokens"] = level, 2 * longest  # room to ramble, and to see it
+    log(f"RL difficulty: {level} operations, max_new_tokens {2 * longest} ({left():.0f} s left)")
+    write(results, out)
+
+    for i, m in enumerate(models):
+        share = (left() - scale["reserve_share"] * budget) / (len(models) - i)
+        log(f"{m}: GRPO for {share:.0f} s")
+        g = results["models"][m]["grpo"] = run_grpo(loaded[m][0], work / m, results["models"][m]["sft"]["steps"],
+                                                    level, results["max_new_tokens"], share, str(device))
+        log(f"{m}: GRPO {g['steps']} steps in {g['seconds']} s, held-out accuracy {g['accuracy_before']:.3f} -> "
+            f"{g['accuracy_after']:.3f}, {g['rollout_tokens_per_s']:,.0f} rollout tokens/s ({left():.0f} s left)")
+        write(results, out)
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    write(results, out)
+    print(summary(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
