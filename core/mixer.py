@@ -67,6 +67,9 @@ class Mixer(nn.Module):
     # has `advance(n)`, which the model calls after each such step for any host-side bookkeeping (Python does
     # not run when a graph replays). False (the default): decode steps run eagerly between captured parts.
     static_decode: bool = False
+    # A chunked prefill equals one pass only if its first chunk holds at least this many tokens (InfLLM-V2:
+    # dense_len, since a layer runs dense or sparse by the key length it sees); the model makes it so.
+    first_chunk_min: int = 0
 
     def forward(self, x_BTD: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         raise NotImplementedError

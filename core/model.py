@@ -246,7 +246,8 @@ class HybridLM(nn.Module):
 
         logits_at="last": [B, 1, V] at the last position (each row's last token, prompts being left-padded);
         "all": [B, T, V]. chunk_size: run at most that many tokens at a time (bounds activation memory; the
-        result equals one pass). capacity: tokens per row to allocate when a new cache is made."""
+        result equals one pass: the first chunk is made long enough for that, see Mixer.first_chunk_min).
+        capacity: tokens per row to allocate when a new cache is made."""
         if logits_at not in ("last", "all"):
             raise ValueError(f"logits_at must be 'last' or 'all', not {logits_at!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -259,9 +260,10 @@ class HybridLM(nn.Module):
             cache = self.new_cache(B, capacity=capacity)
         cache.reserve(cache.length + T)
         step = chunk_size or T
+        first = max(step, max(getattr(block.mixer, "first_chunk_min", 0) for block in self.layers))
+        bounds = [0, *range(min(first, T), T, step), T]
         logits = []
-        for start in range(0, T, step):
-            end = min(start + step, T)
+        for start, end in zip(bounds[:-1], bounds[1:]):
             x = self.hidden(ids_BT[:, start:end], valid_BT=None if valid_BT is None else valid_BT[:, start:end],
                             cache=cache)
             if logits_at == "all":

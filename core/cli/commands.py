@@ -250,51 +250,6 @@ def add_train(sub):
     p.set_defaults(func=cmd_train)
 
 
-def cmd_generate(args) -> int:
-    import sys
-
-    from hyloom.errors import SetupError
-    from hyloom.checkpoint import BLUEPRINT
-    from hyloom.generate import BIDIRECTIONAL, cut_at_stop, default_sampler, run_sampler
-    from hyloom.train import open_checkpoint
-
-    def check(bp, path):
-        sampler = args.sampler or ("ar" if bp.model.causal else "mdm")
-        if sampler == "ar" and not bp.model.causal:
-            raise BlueprintError([Problem("model.causal", f"cannot generate with the ar sampler: {BIDIRECTIONAL}; "
-                                                          "use --sampler mdm", str(path / BLUEPRINT))])
-
-    _, model, bp, tokenizer, _ = open_checkpoint(args.checkpoint, args.device, refuse=check)
-    sampler = args.sampler or default_sampler(model)
-    options = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                 "top_k": args.top_k, "top_p": args.top_p, "steps": args.steps,
-                                 "block_length": args.block_length, "remasking": args.remasking,
-                                 "threshold": args.threshold}.items() if v is not None}
-    if sampler == "ar":
-        options.setdefault("temperature", 0.8)
-    if sampler == "mdm":
-        saved = getattr(getattr(bp.train, "objective", None), "mask_id", None)  # the mask id it was trained with
-        if saved is not None:
-            options["mask_id"] = saved
-    known = registry().get("sampler", sampler).config.model_fields
-    foreign = ["--" + k.replace("_", "-") for k in options if k not in known]
-    if foreign:
-        raise SetupError(f"{', '.join(foreign)}: not an option of the {sampler} sampler")
-    prompts = [tokenizer.encode(p) for p in args.prompt]
-    try:
-        got = run_sampler(model.eval(), prompts, sampler=sampler, tokenizer=tokenizer, seed=args.seed,
-                          stop_strings=args.stop or (), **options)
-    except ValueError as exc:  # a bad value for this sampler (a block length that does not divide, ...)
-        raise SetupError(str(exc)) from None
-    for prompt, out in zip(args.prompt, got.tokens):
-        text = tokenizer.decode(out)
-        cut = cut_at_stop(text, args.stop or ())
-        print(prompt + (text if cut is None else cut))
-    print(f"sampler {sampler}: {got.nfe} forward passes (NFE), {got.produced} tokens in {got.seconds:.2f} s "
-          f"({got.tokens_per_s:,.0f} tokens/s)", file=sys.stderr)
-    return 0
-
-
 def _arg(kind, ok, expected: str):
     """An argparse type: a `kind` value for which `ok(value)` holds; else exit 2 saying what was `expected`."""
     def parse(text: str):
@@ -313,40 +268,10 @@ def _escapes(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m[1], m[0]), text)
 
 
-def add_generate(sub):
-    p = command_parser(sub, "generate", "continue prompts with a trained checkpoint",
-                       "  hyloom generate runs/tiny --prompt 'def '           the run's newest checkpoint\n"
-                       "  hyloom generate runs/tiny/checkpoint-000300 --prompt 'import ' --prompt 'class ' "
-                       "--temperature 0 --max-new-tokens 40\n"
-                       "  hyloom generate runs/tiny --prompt 'def ' --stop '\\n\\n' --top-p 0.9 --device cuda\n")
-    p.add_argument("checkpoint", help="a checkpoint directory (with tokenizer.json), or a run directory: its newest")
-    p.add_argument("--prompt", action="append", required=True, help="may repeat: one batch of prompts")
-    p.add_argument("--max-new-tokens", type=_arg(int, lambda v: v >= 0, "an integer >= 0"), default=64)
-    p.add_argument("--sampler", default=None, help="a registered sampler (hyloom ls sampler); default: ar for a causal "
-                                                   "model, mdm for a bidirectional one")
-    p.add_argument("--temperature", type=_arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0"), default=None,
-                   help="0: greedy (default: 0.8 with ar, 0 with mdm)")
-    p.add_argument("--top-k", type=_arg(int, lambda v: v >= 1, "an integer >= 1"), default=None,
-                   help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=_arg(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=None,
-                   help="sample among the likeliest tokens that make up this probability (0 < p <= 1)")
-    p.add_argument("--stop", action="append", type=_escapes, default=None, metavar="TEXT",
-                   help="may repeat: end a continuation before this text (\\n and \\t read as newline and tab)")
-    p.add_argument("--steps", type=_arg(int, lambda v: v >= 1, "an integer >= 1"), default=None,
-                   help="mdm: denoising steps per block (default: block length, one token a step)")
-    p.add_argument("--block-length", type=_arg(int, lambda v: v >= 1, "an integer >= 1"), default=None,
-                   help="mdm: masks per semi-autoregressive block; must divide --max-new-tokens (default: one block)")
-    p.add_argument("--remasking", choices=["low_confidence", "random"], default=None,
-                   help="mdm: commit the most confident predictions (default) or random ones")
-    p.add_argument("--threshold", type=_arg(float, lambda v: 0 < v < 1, "a number in (0, 1)"), default=None,
-                   help="mdm: commit every prediction above this confidence (at least one a step)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_generate)
-
-
 @hookimpl
 def hyloom_register_commands(register):
+    from hyloom.cli.generate import add_generate
+
     for name, add, summary in [
         ("plugins", add_plugins, "list plugins"),
         ("ls", add_ls, "list components or built-in blueprints"),

@@ -58,6 +58,7 @@ class InfLLMv2(GroupedQKV):
     def __init__(self, cfg: InfLLMv2Config, d_model: int):
         super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)
         self.sparse = cfg.sparse()
+        self.first_chunk_min = self.sparse.dense_len  # dense or sparse goes by the keys a call sees
 
     def forward(self, x_BTD, ctx: MixerContext):
         q, k, v = self.project(x_BTD, ctx)
