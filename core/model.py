@@ -260,7 +260,10 @@ class HybridLM(nn.Module):
             cache = self.new_cache(B, capacity=capacity)
         cache.reserve(cache.length + T)
         step = chunk_size or T
-        first = max(step, max(getattr(block.mixer, "first_chunk_min", 0) for block in self.layers))
+        first = max(getattr(block.mixer, "first_chunk_min", 0) for block in self.layers)
+        if first and step < T and valid_BT is not None:  # counted in each row's real tokens, after its padding
+            first += int((~valid_BT).sum(1).max())
+        first = max(step, first)
         bounds = [0, *range(min(first, T), T, step), T]
         logits = []
         for start, end in zip(bounds[:-1], bounds[1:]):

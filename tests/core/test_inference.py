@@ -73,18 +73,18 @@ def test_left_padded_batch_equals_each_row_alone(layout):
     the same logits, prefill and decode, as each row alone. (A prompt shorter than InfLLM-V2's dense_len is
     prefilled dense and decodes across the switch, so its reference is its own prefill + decode.)"""
     model = model_of(layout)
-    lengths, steps, T = (23, 5, 14), 8, 23
+    lengths, steps, T = (40, 5, 30), 8, 40
     rows = [torch.randint(0, 53, (n + steps,)) for n in lengths]
     ids = torch.randint(0, 53, (3, T + steps))
     valid = torch.zeros(3, T, dtype=torch.bool)
     for r, (row, n) in enumerate(zip(rows, lengths)):
         ids[r, T - n:] = row
         valid[r, T - n:] = True
-    logits, cache = model.prefill(ids[:, :T], valid, chunk_size=6, capacity=T + steps)
+    logits, cache = model.prefill(ids[:, :T], valid, chunk_size=7, capacity=T + steps)
     stepped = torch.stack([model.decode_step(ids[:, t], cache) for t in range(T, T + steps - 1)], 1)
     got = torch.cat([logits, stepped], 1)
     for r, (row, n) in enumerate(zip(rows, lengths)):
-        first, cache = model.prefill(row[None, :n], chunk_size=6)
+        first, cache = model.prefill(row[None, :n], chunk_size=7)
         alone = torch.cat([first, torch.stack([model.decode_step(row[None, t], cache)
                                                for t in range(n, n + steps - 1)], 1)], 1)
         torch.testing.assert_close(got[r], alone[0], rtol=1e-4, atol=1e-5, msg=f"row {r}")
@@ -126,3 +126,23 @@ def test_memory_estimate_counts_the_cache_and_refuses_up_front(monkeypatch):
     check_fits(model, batch=1, tokens=100)
     with pytest.raises(DoesNotFit, match=r"a context of 100,000 tokens × 2 row\(s\) needs ~[\d.]+ GiB \(weights"):
         check_fits(model, batch=2, tokens=100_000, chunk_size=64)
+
+
+def test_decode_and_chunks_through_the_triton_kernels(monkeypatch):
+    """The same contracts with the mixers on their Triton kernels (the CPU interpreter here; compiled on a
+    GPU machine, where tests/gpu covers them): chunked prefill and decode equal one full pass."""
+    import os
+
+    from hyloom.kernels import lightning
+    from hyloom.kernels.infllm_v2 import ops
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (a CUDA machine: tests/gpu runs the kernels)")
+    monkeypatch.setattr(ops, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(lightning, "TRITON_ON_CPU", True, raising=False)
+    model = model_of("SLA")
+    ids = torch.randint(0, 53, (1, 24))
+    full = model(ids)
+    logits, cache = model.prefill(ids[:, :20], chunk_size=3, logits_at="all")
+    steps = [model.decode_step(ids[:, t], cache) for t in range(20, 24)]
+    torch.testing.assert_close(torch.cat([logits, torch.stack(steps[:-1], 1)], 1), full[:, :23], rtol=1e-4, atol=1e-5)
