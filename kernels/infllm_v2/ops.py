@@ -6,6 +6,7 @@ needs TRITON_INTERPRET=1, as the tests use it). The training path's Triton work 
 """
 import dataclasses
 import os
+from typing import Optional  # the custom ops' annotations: torch.library reads them
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +284,7 @@ def _sparse_bwd(q, k, v, idx, o, lse, do, bs, scale, q_offset, local):
 
 @torch.library.custom_op("hyloom::infllm_v2_sparse_fwd", mutates_args=())
 def sparse_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
-                  q_offset: int, local: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  q_offset: int, local: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, D], lse [B, H, T] fp32 in log2 units); local: (init_blocks, window_blocks) or None."""
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
     return _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=tuple(local) if local else None)
@@ -298,7 +299,7 @@ def _(q, k, v, idx, block_size, scale, q_offset, local):
 @torch.library.custom_op("hyloom::infllm_v2_sparse_bwd", mutates_args=())
 def sparse_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, do: torch.Tensor, block_size: int, scale: float, q_offset: int,
-                  local: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  local: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the block-sparse attention whose forward gave o and lse."""
     q, k, v, idx, o, do = (x.contiguous() for x in (q, k, v, idx, o, do.to(q.dtype)))
     return _sparse_bwd(q, k, v, idx, o, lse.contiguous(), do, block_size, scale, q_offset,

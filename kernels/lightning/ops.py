@@ -10,6 +10,8 @@ only so that the backward gets it. This module imports no triton; the ops load t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -29,8 +31,8 @@ def _packed(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("hyloom::lightning_fwd", mutates_args=())
-def lightning_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, scale: float, want_final: bool,
-                  cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def lightning_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Optional[Tensor], scale: float,
+                  want_final: bool, cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     from . import triton_impl
 
     h0 = h0.float().contiguous() if h0 is not None else None
@@ -57,8 +59,9 @@ def _(q, k, v, g, h0, scale, want_final, cu_seqlens):
 
 
 @torch.library.custom_op("hyloom::lightning_bwd", mutates_args=())
-def lightning_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, do: Tensor, dht: Tensor | None, states: Tensor,
-                  scale: float, want_dh0: bool, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def lightning_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, do: Tensor, dht: Optional[Tensor],
+                  states: Tensor, scale: float, want_dh0: bool,
+                  cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from . import triton_impl
 
     dht = dht.float().contiguous() if dht is not None else None

@@ -63,7 +63,8 @@ def test_infllm_v2_ops_pass_opcheck(device):
     opcheck(ops.sparse_fwd_op, (q, k, v, idx, SMALL.block_size, 0.25, 0, [1, 1]))
     o, lse = ops.sparse_fwd_op(q, k, v, idx, SMALL.block_size, 0.25, 0, None)
     plain = [x.detach() for x in (q, k, v)]
-    opcheck(ops.sparse_bwd_op, (*plain, idx, o.detach(), lse.detach(), torch.randn_like(o), SMALL.block_size, 0.25, 0, None))
+    do = torch.randn_like(o)
+    opcheck(ops.sparse_bwd_op, (*plain, idx, o.detach(), lse.detach(), do, SMALL.block_size, 0.25, 0, None))
 
 
 def hybrid(seed=0):
