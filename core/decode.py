@@ -1,9 +1,11 @@
 """The decode step of a HybridLM without per-step host overhead: on CUDA, captured in CUDA graphs.
 
-A step is a list of pieces over a carry (x, h): the embedding, each layer, the head. A layer whose mixer sets
-`static_decode` (see hyloom.mixer.Mixer) is one piece run with static shapes (`ctx.slot_1`); a layer whose
+A step is a list of pieces over a carry of tensors: the embedding, each layer, the head. A layer whose mixer
+sets `static_decode` (see hyloom.mixer.Mixer) is one piece run with static shapes (`ctx.slot_1`); a layer whose
 mixer does not is cut in three: its norm, the mixer itself, which runs eagerly (an "island": its shapes or
 host-side state change from step to step, as InfLLM-V2's block selection does), and the rest of the block.
+A mixer with `decode_pre(x, ctx) -> tensors`, `decode_core(*tensors, ctx) -> o` and `decode_post(o, x) -> y`
+(InfLLM-V2: projections, attention over the cache, output) keeps only its core as the island.
 Neighbouring static pieces form one CUDA graph; islands run between the graphs. Without graphs (CPU, graphs
 turned off, or a capture that failed) the same pieces run one after another, so both ways compute the same.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -36,15 +39,19 @@ class DecodeRunner:
         self.plan = None  # after capture: [("graph", CUDAGraph) | ("island", fns, carry_in, placeholder)]
         self.warmed = False
 
-    def _pieces(self) -> list[tuple[bool, callable]]:
-        """(static, fn) in order; fn maps the carry (x, h) to the next one."""
+    def _pieces(self) -> list[tuple]:
+        """In order: (True, fn) for a static piece, (False, fn, keep) for an island; fn maps the carry (a tuple
+        of tensors, starting with the residual stream x) to the next one. An island returns its input's first
+        `keep` entries and one new tensor shaped like its input's entry `keep` (where a graph after it reads it)."""
         pieces = [(True, self._begin)]
         for i, block in enumerate(self.model.layers):
-            if block.mixer.static_decode:
-                pieces.append((True, functools.partial(self._layer, i)))
+            mixer, part = block.mixer, functools.partial
+            if mixer.static_decode:
+                pieces.append((True, part(self._layer, i)))
+            elif hasattr(mixer, "decode_core"):  # only the core is an island; projections go into the graphs
+                pieces += [(True, part(self._pre, i)), (False, part(self._core, i), 2), (True, part(self._post, i))]
             else:
-                pieces += [(True, functools.partial(self._norm, i)), (False, functools.partial(self._island, i)),
-                           (True, functools.partial(self._rest, i))]
+                pieces += [(True, part(self._norm, i)), (False, part(self._island, i), 1), (True, part(self._rest, i))]
         pieces.append((True, self._end))
         return pieces
 
@@ -62,17 +69,31 @@ class DecodeRunner:
     def _norm(self, i, carry):
         return carry[0], self.model.layers[i].mixer_norm(carry[0])
 
-    def _island(self, i, carry):
+    def _eager_ctx(self, i):
         cache, block = self.cache, self.model.layers[i]
         seen = cache.length + 1  # the host-side length moves after the step
-        ctx = MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
-                           valid_BS=cache.valid_buf_BS[:, :seen] if cache.padded else None, cache=cache.layers[i])
-        return carry[0], block.mixer(carry[1], ctx)
+        return MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
+                            valid_BS=cache.valid_buf_BS[:, :seen] if cache.padded else None, cache=cache.layers[i])
+
+    def _island(self, i, carry):
+        return carry[0], self.model.layers[i].mixer(carry[1], self._eager_ctx(i))
 
     def _rest(self, i, carry):
         block, scale = self.model.layers[i], self.model.residual_scale
         x = carry[0] + scale * carry[1]
         return x + scale * block.ffn(block.ffn_norm(x)), None
+
+    def _pre(self, i, carry):
+        block = self.model.layers[i]
+        h = block.mixer_norm(carry[0])
+        return carry[0], h, *block.mixer.decode_pre(h, replace(self.static_ctx[i], valid_BS=None, slot_1=None))
+
+    def _core(self, i, carry):
+        return carry[0], carry[1], self.model.layers[i].mixer.decode_core(*carry[2:], self._eager_ctx(i))
+
+    def _post(self, i, carry):
+        block = self.model.layers[i]
+        return self._rest(i, (carry[0], block.mixer.decode_post(carry[2], carry[1])))
 
     def _end(self, carry):
         self.cache.next_pos_B.add_(1)
@@ -106,34 +127,35 @@ class DecodeRunner:
 
     def _run_eager(self):
         carry = (None, None)
-        for _, fn in self.pieces:
-            carry = fn(carry)
+        for piece in self.pieces:
+            carry = piece[1](carry)
         return carry[0]
 
     def _segments(self):
-        """Neighbouring static pieces merged: [(static, [fn, ...])]."""
+        """Neighbouring static pieces merged: [(True, [fn, ...]) | (False, fn, keep)]."""
         segments = []
-        for static, fn in self.pieces:
-            if segments and segments[-1][0] == static:
-                segments[-1][1].append(fn)
+        for piece in self.pieces:
+            if piece[0] and segments and segments[-1][0]:
+                segments[-1][1].append(piece[1])
             else:
-                segments.append((static, [fn]))
+                segments.append((True, [piece[1]]) if piece[0] else piece)
         return segments
 
     def _capture(self):
         try:
             plan, carry, pool = [], (None, None), None
-            for static, fns in self._segments():
-                if static:
+            for segment in self._segments():
+                if segment[0]:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        for fn in fns:
+                        for fn in segment[1]:
                             carry = fn(carry)
                     pool = graph.pool()
                     plan.append(("graph", graph))
                 else:  # the island reads the previous graph's outputs and leaves its result where the next reads
-                    placeholder = (carry[0], torch.empty_like(carry[1]))
-                    plan.append(("island", fns, carry, placeholder))
+                    _, fn, keep = segment
+                    placeholder = (*carry[:keep], torch.empty_like(carry[keep]))
+                    plan.append(("island", fn, carry, placeholder))
                     carry = placeholder
             self.plan, self.logits_BV = plan, carry[0]
         except Exception as exc:  # noqa: BLE001 (any op that cannot be captured: decode eagerly instead)
@@ -145,9 +167,7 @@ class DecodeRunner:
             if entry[0] == "graph":
                 entry[1].replay()
             else:
-                _, fns, carry, placeholder = entry
-                for fn in fns:
-                    carry = fn(carry)
-                placeholder[1].copy_(carry[1])
+                _, fn, carry, placeholder = entry
+                placeholder[-1].copy_(fn(carry)[-1])
         return self.logits_BV.clone()  # the next replay overwrites the static output
 

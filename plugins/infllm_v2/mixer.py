@@ -61,14 +61,22 @@ class InfLLMv2(GroupedQKV):
         self.first_chunk_min = self.sparse.dense_len  # dense or sparse goes by the keys a call sees
 
     def forward(self, x_BTD, ctx: MixerContext):
-        q, k, v = self.project(x_BTD, ctx)
+        return self.decode_post(self.decode_core(*self.decode_pre(x_BTD, ctx), ctx), x_BTD)
+
+    # The three parts of a call, which hyloom.decode runs apart in a decode step: the projections and the output
+    # go into its CUDA graphs, the attention over the cache (host-side lengths, shapes that grow) runs between.
+    def decode_pre(self, x_BTD, ctx: MixerContext):
+        return self.project(x_BTD, ctx)
+
+    def decode_core(self, q, k, v, ctx: MixerContext):
         if ctx.cache is None and ctx.valid_BS is None:
-            o = infllm_v2_attn(q, k, v, self.sparse, cu_seqlens=ctx.cu_seqlens)
-        elif ctx.valid_BS is None or q.shape[1] == 1:
-            o = self._runs(q, k, v, ctx.cache or self.new_cache(q.shape[0], q.device, k.dtype))
-        else:
-            o = self._rows(q, k, v, ctx)
-        return self.output(o, x_BTD)
+            return infllm_v2_attn(q, k, v, self.sparse, cu_seqlens=ctx.cu_seqlens)
+        if ctx.valid_BS is None or q.shape[1] == 1:
+            return self._runs(q, k, v, ctx.cache or self.new_cache(q.shape[0], q.device, k.dtype))
+        return self._rows(q, k, v, ctx)
+
+    def decode_post(self, o_BTHD, x_BTD):
+        return self.output(o_BTHD, x_BTD)
 
     def _runs(self, q, k, v, cache: SparseKVCache):
         """Every new token real (no padding in this call, or a decode step): runs of neighbouring rows that hold
