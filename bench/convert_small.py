@@ -361,8 +361,9 @@ def figures(results: dict, out: Path) -> None:
             for j in range(len(columns)):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="black" if j < len(lengths) or grid[i, j] > 0.5 else "white")
-        ax.set_xticks(range(len(columns)), [f"{'loss' if t == 'loss_by_position' else t}\n{n}{'*' if n > train_len else ''}"
-                                            for t, _, n in columns], fontsize=7)
+        labels = [f"{'loss' if t == 'loss_by_position' else t}\n{n}{'*' if n > train_len else ''}"
+                  for t, _, n in columns]
+        ax.set_xticks(range(len(columns)), labels, fontsize=7)
         ax.set_yticks(range(len(done)), list(done))
         ax.set_title(f"held-out loss (nats) and retrieval accuracy by length (* = beyond the teacher's {train_len})",
                      fontsize=9)
@@ -408,6 +409,72 @@ def summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_teacher(scale: dict, steps: int, device, work: Path) -> tuple[dict, str]:
+    """Train the teacher for `steps` steps into work/teacher: (its results entry, its checkpoint)."""
+    from hyloom.train import train
+
+    teacher_dir = work / "teacher"
+    base = load(TEACHER_BP, scale["teacher"])
+    bp = load(TEACHER_BP, scale["teacher"] + [
+        f"train.device={device}", f"train.steps={steps}", f"train.warmup={min(base.train.warmup, steps // 10)}",
+        f"train.eval_every={max(1, steps // 5)}", f"train.log_every={max(1, steps // 100)}",
+        f"train.out_dir={teacher_dir}"])
+    result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
+    tokens = steps * bp.train.batch_size * bp.data.seq_len
+    log(f"teacher: {steps} steps, {tokens:,} tokens in {result['seconds']} s, loss {result['train_loss']:.3f}, "
+        f"held-out {result['eval_loss']:.3f}")
+    entry = {"blueprint": str(TEACHER_BP.relative_to(ROOT)), "overrides": scale["teacher"],
+             "parameters": parameters(bp), "layout": "".join(bp.model.layout),
+             "train": {"steps": steps, "batch_size": bp.train.batch_size, "seq_len": bp.data.seq_len,
+                       "tokens": tokens, "seconds": result["seconds"], "train_loss": result["train_loss"],
+                       "eval_loss": result["eval_loss"],
+                       "curve": curve(metrics_of(teacher_dir), ("loss", "eval_loss", "tokens_per_s"))}}
+    return entry, result["checkpoint"]
+
+
+def convert(name: str, overrides: list[str], steps: tuple[int, int], device, work: Path,
+            teacher_tokens: int) -> tuple[dict, str]:
+    """Run the conversion blueprint (align, select, distill) into work/NAME from the teacher in work/teacher, with
+    (align, distill) steps: (its results entry, the final checkpoint)."""
+    from hyloom.train import saved_blueprint, train
+
+    run, (align_steps, distill_steps) = work / name, steps
+    schedule = [f"out_dir={run}", f"stages.0.train.teacher={work / 'teacher'}"] + [
+        f"stages.{i}.train.device={device}" for i in range(3)]
+    for i, n in ((0, align_steps), (2, distill_steps)):
+        schedule += [f"stages.{i}.train.steps={n}", f"stages.{i}.train.warmup={max(1, n // 10)}",
+                     f"stages.{i}.train.eval_every={max(1, n // 4)}", f"stages.{i}.train.log_every={max(1, n // 50)}"]
+    bp = load(STUDENT_BP, overrides + schedule)
+    began = time.perf_counter()
+    result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
+    seconds = round(time.perf_counter() - began, 1)
+    seq_len = bp.data.seq_len
+    selection = json.loads((run / "select" / "selection.json").read_text())
+    align_tokens = align_steps * bp.stages[0].train.batch_size * seq_len
+    distill_tokens = distill_steps * bp.stages[2].train.batch_size * seq_len
+    entry = {
+        "blueprint": str(STUDENT_BP.relative_to(ROOT)), "overrides": overrides, "parameters": parameters(bp),
+        "selection": selection,
+        "layout": "".join("A" if i in selection["kept"] else "L" for i in range(selection["n_layers"])),
+        "checkpoint_layout": "".join(saved_blueprint(Path(result["checkpoint"]))["model"]["layout"]),
+        "stages": {
+            "align": {"steps": align_steps, "batch_size": bp.stages[0].train.batch_size, "tokens": align_tokens,
+                      "curve": curve(metrics_of(run / "align"), ("loss", "eval_loss"))},
+            "distill": {"steps": distill_steps, "batch_size": bp.stages[2].train.batch_size, "tokens": distill_tokens,
+                        "curve": curve(metrics_of(run / "distill"), ("loss", "lm_loss", "eval_loss", "eval_lm_loss",
+                                                                     "eval_teacher_lm_loss")),
+                        "train_loss": result.get("train_loss"), "eval_kl": result.get("eval_loss"),
+                        "eval_lm_loss": result.get("eval_lm_loss"),
+                        "eval_teacher_lm_loss": result.get("eval_teacher_lm_loss")}},
+        "conversion": {"tokens": align_tokens + distill_tokens,
+                       "token_share": (align_tokens + distill_tokens) / teacher_tokens, "seconds": seconds},
+    }
+    log(f"{name}: kept {selection['kept']}, {align_tokens + distill_tokens:,} tokens "
+        f"({entry['conversion']['token_share']:.1%} of the teacher's) in {seconds} s; held-out loss "
+        f"{result.get('eval_lm_loss')} (teacher {result.get('eval_teacher_lm_loss')})")
+    return entry, result["checkpoint"]
+
+
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -439,7 +506,7 @@ def main(argv=None) -> int:
 
     from hyloom import __version__
     from hyloom.data import prepare
-    from hyloom.train import pick_device, saved_blueprint, train
+    from hyloom.train import pick_device
 
     scale = dict(SCALES[args.scale])
     if args.pysource_bytes is not None:  # teacher and student alike: their data sections must stay one
@@ -496,72 +563,19 @@ def main(argv=None) -> int:
         log(f"warning: {steps} teacher steps do not fit the budget ({fit} would); the run will take longer")
     write_json(out / "results.json", results)
 
-    # ---- the teacher
-    teacher_dir = work / "teacher"
-    bp = load(TEACHER_BP, scale["teacher"] + [
-        f"train.device={device}", f"train.steps={steps}", f"train.warmup={min(teacher_bp.train.warmup, steps // 10)}",
-        f"train.eval_every={max(1, steps // 5)}", f"train.log_every={max(1, steps // 100)}",
-        f"train.out_dir={teacher_dir}"])
-    result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
-    tokens = steps * bp.train.batch_size * train_len
-    teacher = {"blueprint": str(TEACHER_BP.relative_to(ROOT)), "overrides": scale["teacher"],
-               "parameters": parameters(bp), "layout": "".join(bp.model.layout),
-               "train": {"steps": steps, "batch_size": bp.train.batch_size, "seq_len": train_len, "tokens": tokens,
-                         "seconds": result["seconds"], "train_loss": result["train_loss"],
-                         "eval_loss": result["eval_loss"],
-                         "curve": curve(metrics_of(teacher_dir), ("loss", "eval_loss", "tokens_per_s"))}}
+    teacher, checkpoint = train_teacher(scale, steps, device, work)
     results["models"]["teacher"] = teacher
-    log(f"teacher: {steps} steps, {tokens:,} tokens in {result['seconds']} s, loss {result['train_loss']:.3f}, "
-        f"held-out {result['eval_loss']:.3f}")
     t = time.perf_counter()
-    teacher["eval"] = evaluate(result["checkpoint"], prepared, device, scale)
+    teacher["eval"] = evaluate(checkpoint, prepared, device, scale)
     teacher["eval_seconds"] = round(time.perf_counter() - t, 1)
     finish_phase(results, out, "teacher", began)
 
-    # ---- the two conversions, the same but for the selector
-    for name, extra in STUDENTS.items():
-        run = work / name
-        schedule = [f"out_dir={run}", f"stages.0.train.teacher={teacher_dir}"] + [
-            f"stages.{i}.train.device={device}" for i in range(3)] + [
-            f"stages.0.train.steps={align_steps}", f"stages.0.train.warmup={max(1, align_steps // 10)}",
-            f"stages.0.train.eval_every={max(1, align_steps // 3)}",
-            f"stages.0.train.log_every={max(1, align_steps // 50)}",
-            f"stages.2.train.steps={distill_steps}", f"stages.2.train.warmup={max(1, distill_steps // 10)}",
-            f"stages.2.train.eval_every={max(1, distill_steps // 4)}",
-            f"stages.2.train.log_every={max(1, distill_steps // 50)}"]
-        bp = load(STUDENT_BP, scale["student"] + extra + schedule)
-        t = time.perf_counter()
-        result = train(bp, bp.model_dump(mode="json"), progress=False, overwrite=True)
-        seconds = round(time.perf_counter() - t, 1)
-        align = metrics_of(run / "align")
-        distill = metrics_of(run / "distill")
-        selection = json.loads((run / "select" / "selection.json").read_text())
-        conv_tokens = (align_steps * bp.stages[0].train.batch_size + distill_steps * bp.stages[2].train.batch_size) \
-            * train_len
-        final_bp = saved_blueprint(Path(result["checkpoint"]))  # the layout the selection chose, as saved
-        entry = {
-            "blueprint": str(STUDENT_BP.relative_to(ROOT)), "overrides": scale["student"] + extra,
-            "parameters": parameters(bp), "selection": selection,
-            "layout": "".join("A" if i in selection["kept"] else "L" for i in range(selection["n_layers"])),
-            "stages": {
-                "align": {"steps": align_steps, "batch_size": bp.stages[0].train.batch_size,
-                          "tokens": align_steps * bp.stages[0].train.batch_size * train_len,
-                          "curve": curve(align, ("loss", "eval_loss"))},
-                "distill": {"steps": distill_steps, "batch_size": bp.stages[2].train.batch_size,
-                            "tokens": distill_steps * bp.stages[2].train.batch_size * train_len,
-                            "curve": curve(distill, ("loss", "lm_loss", "eval_loss", "eval_lm_loss",
-                                                     "eval_teacher_lm_loss")),
-                            "train_loss": result.get("train_loss"), "eval_kl": result.get("eval_loss"),
-                            "eval_lm_loss": result.get("eval_lm_loss"),
-                            "eval_teacher_lm_loss": result.get("eval_teacher_lm_loss")}},
-            "conversion": {"tokens": conv_tokens, "token_share": conv_tokens / tokens, "seconds": seconds},
-            "checkpoint_layout": "".join(final_bp["model"]["layout"]),
-        }
+    for name, extra in STUDENTS.items():  # the two conversions, the same but for the selector
+        entry, checkpoint = convert(name, scale["student"] + extra, (align_steps, distill_steps), device, work,
+                                    teacher["train"]["tokens"])
         results["models"][name] = entry
-        log(f"{name}: kept {selection['kept']}, {conv_tokens:,} tokens ({conv_tokens / tokens:.1%} of the teacher's) "
-            f"in {seconds} s; held-out loss {entry['stages']['distill']['eval_lm_loss']}")
         t = time.perf_counter()
-        entry["eval"] = evaluate(result["checkpoint"], prepared, device, scale)
+        entry["eval"] = evaluate(checkpoint, prepared, device, scale)
         entry["eval_seconds"] = round(time.perf_counter() - t, 1)
         finish_phase(results, out, name, began)
     print(summary(results), end="")

@@ -99,7 +99,8 @@ def _retrieval(prefix, lengths, score):
 def _model(loss, recall, lengths, share=None, kept=None):
     m = {"parameters": 1000, "layout": "ALLL" if kept else "AAAA",
          "eval": {"loss_by_position": {"metrics": {f"loss/nll@{n}": loss for n in lengths}, "rows": []},
-                  "passkey": _retrieval("passkey", lengths, recall), "niah": _retrieval("niah_single", lengths, recall)}}
+                  "passkey": _retrieval("passkey", lengths, recall),
+                  "niah": _retrieval("niah_single", lengths, recall)}}
     if share is None:
         m["train"] = {"steps": 10, "tokens": 10000, "seconds": 1.0,
                       "curve": [{"step": 5, "tokens": 5000, "loss": 3.0}, {"step": 10, "tokens": 10000, "loss": 2.5,
