@@ -156,10 +156,9 @@ class Marks:
         return [(p[i + 1] - p[i]) * 1e3 for i in range(len(p) - 1)]
 
 
-def train_row(model, loss_of, batch, device, *, warmup: int, steps: int) -> dict:
-    """Warm-up steps (compilation, allocator), then `steps` timed ones; the optimizer as the lm trainer has it."""
+def train_row(model, loss_of, opt, batch, device, *, warmup: int, steps: int) -> dict:
+    """Warm-up steps (compilation, allocator, optimizer state), then `steps` timed ones."""
     cuda = device.type == "cuda"
-    opt = lm.make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     splits, first_loss = [], None
 
@@ -193,6 +192,38 @@ def train_row(model, loss_of, batch, device, *, warmup: int, steps: int) -> dict
     return {"tok_s": round(batch.shape[0] * (batch.shape[1] - 1) * steps / seconds, 1),
             "step_ms": round(seconds * 1e3 / steps, 2), "fwd_ms": round(mean[0], 2), "bwd_ms": round(mean[1], 2),
             "opt_ms": round(mean[2], 2), "first_loss": first_loss}
+
+
+def profile_step(model, loss_of, opt, batch, top: int = 10) -> list[dict]:
+    """One more training step under torch.profiler: the GPU kernels with the most time (the CPU's ops by self
+    time on the CPU), as ms and as a share of the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            loss = loss_of(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    averages = prof.key_averages()
+    # an op's device time is its kernels' time, and the kernels are rows of their own: count only those
+    kernels_only = cuda and any(str(getattr(e, "device_type", "")).endswith("CUDA") for e in averages)
+
+    def self_us(event) -> float:
+        if not cuda:
+            return event.self_cpu_time_total
+        if kernels_only and not str(event.device_type).endswith("CUDA"):
+            return 0
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    events = sorted((e for e in averages if self_us(e) > 0), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1
+    return [{"name": e.key[:90], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 3),
+             "calls": e.count} for e in events[:top]]
 
 
 def ours(model_dict: dict, device, compiled: bool):
@@ -254,6 +285,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 32768)")
     ap.add_argument("--budget-s", type=float, default=500, help="start no row after this many seconds")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5)")
+    ap.add_argument("--profile", default="8192", help="lengths whose rows also profile one step: the ops with "
+                                                      "the most GPU time (comma list; 'none': no profiling; "
+                                                      "--quick: its longest length)")
     args = ap.parse_args()
     began = time.perf_counter()
     quick = args.quick
@@ -263,6 +297,8 @@ def main():
     sizes = (args.sizes or ("toy" if quick else "150m,1b")).split(",")
     lengths = [int(x) for x in (args.lengths or ("64,256" if quick else "2048,8192,32768,65536")).split(",")]
     tokens = args.tokens or (512 if quick else 32768)
+    profile = str(lengths[-1]) if quick and args.profile == "8192" else args.profile  # the toy: its longest
+    profiled = set() if profile == "none" else {int(x) for x in profile.split(",")}
     steps, warmup = args.steps or (2 if quick else 5), (1 if quick else 2)
     if quick:
         lm.COMPILE_BACKEND = "aot_eager"  # tracing and autograd, no code generation: seconds on a CPU
@@ -322,7 +358,7 @@ def main():
                     continue
                 started = time.perf_counter()
                 run_row(row, kind, dense if kind != "hybrid" else hybrid, device, compiled, B, T, peak,
-                        warmup=warmup + (1 if compiled else 0), steps=steps)
+                        warmup=warmup + (1 if compiled else 0), steps=steps, profiled=T in profiled)
                 row_seconds[(size_name, compiled)] = max(row_seconds.get((size_name, compiled), 0.0),
                                                          time.perf_counter() - started)
                 save()
@@ -330,13 +366,14 @@ def main():
     save()
     print(f"wrote {path} ({time.perf_counter() - began:.0f} s)")
     print_table(rows)
+    print_profiles(rows)
     if failures:
         print("FAILED CHECKS:", failures)
         sys.exit(1)
 
 
-def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, steps):
-    model = None
+def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, steps, profiled=False):
+    model = opt = None
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -350,9 +387,13 @@ def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, step
         batch = torch.randint(0, spec.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
         row["params"] = sum(p.numel() for p in model.parameters())
         row["flops_per_token"] = 6 * matmul_params(model) + mixing_flops_per_token(spec, T)
-        row.update(train_row(model, loss_of, batch, device, warmup=warmup, steps=steps))
+        # the optimizer as the lm trainer has it
+        opt = lm.make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
+        row.update(train_row(model, loss_of, opt, batch, device, warmup=warmup, steps=steps))
         row["mfu"] = round(row["flops_per_token"] * row["tok_s"] / peak, 4) if peak else None
         row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
+        if profiled:
+            row["profile"] = profile_step(model, loss_of, opt, batch)
         print(f"  {row['model']:26s} T={T:6d} B={B:3d} {'compiled' if compiled else 'eager   '} "
               f"{row['tok_s']:12,.0f} tok/s  mfu {row['mfu'] if row['mfu'] is not None else '-'}  "
               f"peak {row['peak_GB'] if row['peak_GB'] is not None else '-'} GB  "
@@ -365,7 +406,8 @@ def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, step
         print(f"  {row['model']:26s} T={T:6d} FAILED {row['error']}", flush=True)
         traceback.print_exc(limit=4)
     finally:
-        del model
+        del model, opt
+        torch._dynamo.reset()  # compiled code holds the model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -403,6 +445,15 @@ def print_table(rows):
         ratio = lambda ref: f"{r['tok_s'] / ref:.2f}x" if ref else "-"  # noqa: E731
         print(f"{r['model']:26s} {r['T']:6d} {r['B']:3d} {mode:8s} {r['tok_s']:10,.0f} {mfu:>6s} {peak:>8s} "
               f"{split:>22s} {ratio(dense):>8s} {ratio(peer_tok):>8s}")
+
+
+def print_profiles(rows):
+    for r in rows:
+        if r.get("profile"):
+            mode = "compiled" if r["compiled"] else "eager"
+            print(f"\nprofile {r['model']} T={r['T']} {mode}: top ops by self time")
+            for p in r["profile"]:
+                print(f"  {p['ms']:9.2f} ms {100 * p['share']:5.1f}%  x{p['calls']:<5d} {p['name']}")
 
 
 if __name__ == "__main__":
