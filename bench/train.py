@@ -2,7 +2,7 @@
 compiled (the `lm` trainer's own compile_blocks), with transformers' LlamaForCausalLM of the dense config as the
 peer in the same process.
 
-    python bench/train.py --out DIR [--quick] [--sizes 150m,1b] [--lengths 2048,8192,32768,65536] [--budget-s 500]
+    python bench/train.py --out DIR [--quick] [--sizes 150m,1b] [--lengths 2048,8192,32768,65536] [--budget-s 450]
 
 Each row trains a fresh model (fp32 weights, bf16 autocast, fused AdamW, clipping, as the trainer does) on random
 tokens, tokens per step fixed (B = tokens / T, at least 1), and reports tokens/s, MFU, the step split
@@ -283,7 +283,7 @@ def main():
     ap.add_argument("--sizes", default=None, help="comma list of " + ", ".join(SIZES) + " (default 150m,1b)")
     ap.add_argument("--lengths", default=None, help="comma list of sequence lengths (default 2048,8192,32768,65536)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 32768)")
-    ap.add_argument("--budget-s", type=float, default=500, help="start no row after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5)")
     ap.add_argument("--profile", default="8192", help="lengths whose rows also profile one step: the ops with "
                                                       "the most GPU time (comma list; 'none': no profiling; "
