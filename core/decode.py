@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from dataclasses import replace
 
 import torch
@@ -27,7 +28,8 @@ from hyloom.mixer import MixerContext
 
 class DecodeRunner:
     def __init__(self, model, cache, graphs: bool):
-        self.model, self.cache = model, cache
+        self.model = model
+        self.cache = weakref.proxy(cache)  # the cache holds the runner: no reference cycle to keep them alive
         self.requested = self.graphs = graphs  # graphs turns False if a capture fails
         B, device = cache.batch, cache.next_pos_B.device
         self.ids_B = torch.zeros(B, dtype=torch.long, device=device)
