@@ -166,6 +166,8 @@ class LMTrainer:
                 raise SetupError(f"{point} is at step {start}, and train.steps is {cfg.steps}: nothing left to train. "
                                  f"Raise train.steps to continue the run")
             opt.load_state_dict(state["optimizer"])
+            for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
+                group["fused"] = opt.defaults["fused"]
             loader.load_state_dict(state["loader"])
             _set_rng_state(state["rng"])
         if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
