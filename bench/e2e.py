@@ -89,7 +89,31 @@ def check(model, T: int, steps: int = 4) -> dict:
 
 
 @torch.no_grad()
-def measure(model, name: str, T: int, B: int, steps: int, chunk: int) -> dict:
+def warm_up(model, chunk: int, steps: int = 20):
+    """Compile the kernels of a chunked prefill (later chunks: q_offset > 0) and of decode steps at both
+    parities of the length (Triton specialises integer arguments on divisibility by 16) before any timing."""
+    ids = torch.randint(0, model.spec.vocab_size, (1, 2 * chunk + 100), device=DEV)
+    logits, cache = model.prefill(ids, chunk_size=chunk, capacity=ids.shape[1] + steps)
+    token = logits[:, -1].argmax(-1)
+    for _ in range(steps):
+        token = model.decode_step(token, cache).argmax(-1)
+    sync()
+
+
+def _timed(fn):
+    sync()
+    began = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - began
+
+
+@torch.no_grad()
+def measure(model, name: str, T: int, B: int, steps: int, chunk: int, *, prefill_runs: int = 1,
+            eager_steps: int = 0) -> dict:
+    """One row: the best of `prefill_runs` prefills (each into a fresh cache; the first of a new length may
+    compile kernels for it), then `steps` decode steps in CUDA graphs (median; the first two, warm-up and
+    capture, apart), then `eager_steps` more without graphs on the same cache."""
     row = {"model": name, "T": T, "B": B, "chunk_size": min(chunk, T), "decode_steps": steps}
     gc.collect()
     if DEV == "cuda":
@@ -97,43 +121,52 @@ def measure(model, name: str, T: int, B: int, steps: int, chunk: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cache = None
     try:
-        row["estimate_GB"] = round(check_fits(model, batch=B, tokens=T + steps, chunk_size=chunk).total / 1e9, 1)
+        tokens = T + steps + eager_steps
+        row["estimate_GB"] = round(check_fits(model, batch=B, tokens=tokens, chunk_size=chunk).total / 1e9, 1)
         ids = torch.randint(0, model.spec.vocab_size, (B, T), device=DEV)
-        cache = model.new_cache(B, capacity=T + steps)
-        sync()
-        began = time.perf_counter()
-        logits, cache = model.prefill(ids, cache=cache, chunk_size=chunk)
-        sync()
-        row["prefill_s"] = round(time.perf_counter() - began, 4)
+        runs = []
+        for _ in range(prefill_runs):
+            cache = None
+            gc.collect()
+            cache = model.new_cache(B, capacity=tokens)
+            (logits, cache), seconds = _timed(lambda: model.prefill(ids, cache=cache, chunk_size=chunk))
+            runs.append(round(seconds, 4))
+        row["prefill_s"], row["prefill_runs_s"] = min(runs), runs
         token, times = logits[:, -1].argmax(-1), []
         for _ in range(steps):
-            sync()
-            began = time.perf_counter()
-            token = model.decode_step(token, cache).argmax(-1)
-            sync()
-            times.append(time.perf_counter() - began)
+            token, seconds = _timed(lambda: model.decode_step(token, cache).argmax(-1))
+            times.append(seconds)
         warm = min(2, steps - 1)  # the first step compiles and warms up, the second captures the graphs
         row["decode_ms_per_token"] = round(1e3 * statistics.median(times[warm:]), 3)
+        row["decode_tokens_per_s"] = round(B / statistics.median(times[warm:]), 1)
         row["decode_first_steps_ms"] = [round(1e3 * t, 1) for t in times[:warm]]
         row["cuda_graphs"] = bool(cache.runner.graphs)
+        if eager_steps:
+            eager = []
+            for _ in range(eager_steps):
+                token, seconds = _timed(lambda: model.decode_step(token, cache, cuda_graph=False).argmax(-1))
+                eager.append(seconds)
+            row["decode_eager_ms_per_token"] = round(1e3 * statistics.median(eager[1:]), 3)
         row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEV == "cuda" else None
     except DoesNotFit as exc:
         row["error"] = f"refused before starting: {exc}"
     except torch.OutOfMemoryError as exc:
         row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
     finally:
-        del cache
+        cache = None
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return row
 
 
-def plan(sizes) -> list[tuple[int, int, int]]:
-    """(T, B, decode steps) per row, in order of importance (a run past its budget loses the last ones)."""
-    rows = [(T, 1, sizes["steps"]) for T in sorted(sizes["contexts"], key=lambda t: t != sizes["contexts"][1])]
-    rows.append((sizes["million"], 1, sizes["million_steps"]))
-    rows += [(sizes["batch_context"], B, sizes["batch_steps"]) for B in sizes["batches"]]
+def plan(sizes) -> list[dict]:
+    """measure()'s arguments per row, in order of importance (a run past its budget loses the last ones)."""
+    mid = sizes["contexts"][1]
+    rows = [dict(T=T, B=1, steps=sizes["steps"], prefill_runs=2, eager_steps=8 if T == mid else 0)
+            for T in sorted(sizes["contexts"], key=lambda t: t != mid)]
+    rows.append(dict(T=sizes["million"], B=1, steps=sizes["million_steps"]))
+    rows += [dict(T=sizes["batch_context"], B=B, steps=sizes["batch_steps"]) for B in sizes["batches"]]
     return rows
 
 
@@ -208,18 +241,20 @@ def main(argv=None):
         model = build(name, args.quick)
         record["checks"][name] = {"build_s": round(time.perf_counter() - began, 1),
                                   "parameters": model.num_parameters(), **check(model, sizes["check_T"])}
+        record["checks"][name]["warm_up_s"] = round(_timed(lambda: warm_up(model, sizes["chunk"]))[1], 1)
         print(f"{name}: {record['checks'][name]}", flush=True)
         save()
-        for T, B, steps in plan(sizes):
+        for spec in plan(sizes):
+            T, B = spec.pop("T"), spec.pop("B")
             if time.perf_counter() - started > args.budget_s:
                 row = {"model": name, "T": T, "B": B, "error": f"skipped: past the {args.budget_s:.0f} s budget"}
             else:
                 chunk = max(1, sizes["chunk"] // B) if B > 1 else sizes["chunk"]
-                row = measure(model, name, T, B, steps, chunk)
+                row = measure(model, name, T, B, spec.pop("steps"), chunk, **spec)
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
             save()
-        del model
+        model = None
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
