@@ -205,7 +205,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes (runs on the CPU in a minute or two)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated blueprints (default: both)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (tokens per row per chunk) at B = 1")
-    p.add_argument("--budget-s", type=float, default=540.0, help="skip the rows left after this many seconds")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="skip the rows left after this many seconds (each model gets an equal share)")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     if DEV == "cpu":
@@ -236,7 +237,10 @@ def main(argv=None):
             json.dump(record, f, indent=1)
 
     print(f"device: {device} | torch {record['torch']} | triton {triton_version}", flush=True)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    for index, name in enumerate(names):
+        # each model gets its share of the budget, so a slow first model cannot take the second's rows
+        deadline = args.budget_s * (index + 1) / len(names)
         began = time.perf_counter()
         model = build(name, args.quick)
         record["checks"][name] = {"build_s": round(time.perf_counter() - began, 1),
@@ -246,8 +250,9 @@ def main(argv=None):
         save()
         for spec in plan(sizes):
             T, B = spec.pop("T"), spec.pop("B")
-            if time.perf_counter() - started > args.budget_s:
-                row = {"model": name, "T": T, "B": B, "error": f"skipped: past the {args.budget_s:.0f} s budget"}
+            if time.perf_counter() - started > deadline:
+                row = {"model": name, "T": T, "B": B, "error": f"skipped: past this model's share of the "
+                                                              f"{args.budget_s:.0f} s budget ({deadline:.0f} s)"}
             else:
                 chunk = max(1, sizes["chunk"] // B) if B > 1 else sizes["chunk"]
                 row = measure(model, name, T, B, spec.pop("steps"), chunk, **spec)
