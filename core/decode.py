@@ -34,11 +34,11 @@ class DecodeRunner:
         B, device = cache.batch, cache.next_pos_B.device
         self.ids_B = torch.zeros(B, dtype=torch.long, device=device)
         self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.static_ctx = [MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
+        self.static_ctx = [MixerContext(pos_BT=self.pos_B1, position=block.position, causal=model.spec.causal,
                                         valid_BS=cache.valid_buf_BS, cache=cache.layers[i], slot_1=cache.slot_1)
                            for i, block in enumerate(model.layers)]
         self.pieces = self._pieces()
-        self.plan = None  # after capture: [("graph", CUDAGraph) | ("island", fns, carry_in, placeholder)]
+        self.plan = None  # after capture: [("graph", CUDAGraph) | ("island", fn, carry_in, placeholder)]
         self.warmed = False
 
     def _pieces(self) -> list[tuple]:
@@ -48,7 +48,7 @@ class DecodeRunner:
         pieces = [(True, self._begin)]
         for i, block in enumerate(self.model.layers):
             mixer, part = block.mixer, functools.partial
-            if mixer.static_decode:
+            if _static(mixer):
                 pieces.append((True, part(self._layer, i)))
             elif hasattr(mixer, "decode_core"):  # only the core is an island; projections go into the graphs
                 pieces += [(True, part(self._pre, i)), (False, part(self._core, i), 2), (True, part(self._post, i))]
@@ -74,7 +74,7 @@ class DecodeRunner:
     def _eager_ctx(self, i):
         cache, block = self.cache, self.model.layers[i]
         seen = cache.length + 1  # the host-side length moves after the step
-        return MixerContext(pos_BT=self.pos_B1, position=block.position, causal=True,
+        return MixerContext(pos_BT=self.pos_B1, position=block.position, causal=self.model.spec.causal,
                             valid_BS=cache.valid_buf_BS[:, :seen] if cache.padded else None, cache=cache.layers[i])
 
     def _island(self, i, carry):
@@ -123,7 +123,7 @@ class DecodeRunner:
             logits = self._replay() if self.plan is not None else self._run_eager()
         self.cache.length += 1
         for layer_cache, block in zip(self.cache.layers, self.model.layers):
-            if block.mixer.static_decode:
+            if _static(block.mixer):
                 layer_cache.advance(1)
         return logits
 
@@ -173,3 +173,6 @@ class DecodeRunner:
                 placeholder[-1].copy_(fn(carry)[-1])
         return self.logits_BV.clone()  # the next replay overwrites the static output
 
+
+def _static(mixer) -> bool:
+    return getattr(mixer, "static_decode", False)  # a plugin's mixer may not derive from hyloom.mixer.Mixer
