@@ -50,6 +50,8 @@ SIZES = {
     "150m": dict(d_model=1024, n_layers=12, heads=16, head_dim=64, kv_heads=4, hidden=2816, vocab=32000),
     "1b": dict(d_model=2048, n_layers=16, heads=16, head_dim=128, kv_heads=4, hidden=8192, vocab=32000),
 }
+# sequence lengths of each size (--lengths overrides): the issue's 2K-64K; 4K for the 1B (its MFU target)
+LENGTHS = {"toy": [64, 256], "150m": [2048, 8192, 32768, 65536], "1b": [4096, 8192, 32768, 65536]}
 # InfLLM-V2 sizes: MiniCPM-SALA's on the GPU; a small copy for the toy so that its longer length runs sparse
 SPARSE = {"toy": dict(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window=32, dense_len=128),
           "gpu": dict(block_size=64, kernel_size=32, kernel_stride=16, topk=64, init_blocks=1, window=2048,
@@ -226,11 +228,14 @@ def profile_step(model, loss_of, opt, batch, top: int = 10) -> list[dict]:
              "calls": e.count} for e in events[:top]]
 
 
-def ours(model_dict: dict, device, compiled: bool):
+def ours(model_dict: dict, device, compiled: bool, checkpointed: bool = False):
+    """Our model as the lm trainer sets it up (compile_blocks, then checkpoint_blocks) and its loss."""
     torch.manual_seed(0)
     model = build_model(blueprint(model_dict), device=device).train()
     if compiled:
         lm.compile_blocks(model)
+    if checkpointed:
+        lm.checkpoint_blocks(model)
     objective = lm.NextTokenObjective()
     return model, (lambda batch: objective(model, batch)), model.spec
 
@@ -281,7 +286,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true", help="toy sizes on the CPU: proves the script runs")
     ap.add_argument("--sizes", default=None, help="comma list of " + ", ".join(SIZES) + " (default 150m,1b)")
-    ap.add_argument("--lengths", default=None, help="comma list of sequence lengths (default 2048,8192,32768,65536)")
+    ap.add_argument("--lengths", default=None, help="comma list of sequence lengths for every size (default: "
+                                                    "150m 2048,8192,32768,65536; 1b 4096,8192,32768,65536)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 32768)")
     ap.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5)")
@@ -295,9 +301,9 @@ def main():
     if not quick and not torch.cuda.is_available():
         sys.exit("bench/train.py needs a CUDA GPU (or --quick for the CPU toy run)")
     sizes = (args.sizes or ("toy" if quick else "150m,1b")).split(",")
-    lengths = [int(x) for x in (args.lengths or ("64,256" if quick else "2048,8192,32768,65536")).split(",")]
+    chosen = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     tokens = args.tokens or (512 if quick else 32768)
-    profile = str(lengths[-1]) if quick and args.profile == "8192" else args.profile  # the toy: its longest
+    profile = str(LENGTHS["toy"][-1]) if quick and args.profile == "8192" else args.profile  # the toy: its longest
     profiled = set() if profile == "none" else {int(x) for x in profile.split(",")}
     steps, warmup = args.steps or (2 if quick else 5), (1 if quick else 2)
     if quick:
@@ -333,10 +339,10 @@ def main():
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
-    max_len = max(lengths)
     row_seconds: dict[tuple, float] = {}  # how long a row of each kind took: rows that would overrun are skipped
     for size_name in sizes:
-        size = SIZES[size_name]
+        size, lengths = SIZES[size_name], chosen or LENGTHS[size_name]
+        max_len = max(lengths)
         sparse = SPARSE["toy" if size_name == "toy" else "gpu"]
         dense, hybrid = dense_model(size, max_len), equal_size_hybrid(size, max_len, sparse)
         print(f"{size_name}: dense {params_of(dense):,} parameters, hybrid {params_of(hybrid):,} "
@@ -345,10 +351,14 @@ def main():
         models[size_name] = {"dense": dense, "hybrid": hybrid}
         for T in lengths:
             B = max(1, tokens // T)
-            for kind, compiled in (("dense", False), ("dense", True), ("hybrid", False), ("hybrid", True),
-                                   ("transformers", False)):
+            kinds = [("dense", False, False), ("dense", True, False), ("hybrid", False, False),
+                     ("hybrid", True, False), ("transformers", False, False)]
+            if T == max_len:  # what activation checkpointing saves where memory is tightest
+                kinds += [("dense", True, True), ("hybrid", True, True)]
+            for kind, compiled, checkpointed in kinds:
                 label = f"{'transformers-llama' if kind == 'transformers' else 'hyloom-' + kind}-{size_name}"
-                row = {"model": label, "size": size_name, "T": T, "B": B, "compiled": compiled}
+                row = {"model": label, "size": size_name, "T": T, "B": B, "compiled": compiled,
+                       "activation_checkpointing": checkpointed}
                 rows.append(row)
                 elapsed = time.perf_counter() - began
                 guess = row_seconds.get((size_name, compiled), 0.0)
@@ -357,8 +367,9 @@ def main():
                     print(f"  {label:26s} T={T:6d} skipped (time budget)")
                     continue
                 started = time.perf_counter()
-                run_row(row, kind, dense if kind != "hybrid" else hybrid, device, compiled, B, T, peak,
-                        warmup=warmup + (1 if compiled else 0), steps=steps, profiled=T in profiled)
+                run_row(row, kind, dense if kind != "hybrid" else hybrid, device, compiled, checkpointed, B, T, peak,
+                        warmup=warmup + (1 if compiled else 0), steps=steps,
+                        profiled=T in profiled and not checkpointed)
                 row_seconds[(size_name, compiled)] = max(row_seconds.get((size_name, compiled), 0.0),
                                                          time.perf_counter() - started)
                 save()
@@ -372,7 +383,7 @@ def main():
         sys.exit(1)
 
 
-def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, steps, profiled=False):
+def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *, warmup, steps, profiled=False):
     model = opt = None
     try:
         if device.type == "cuda":
@@ -383,7 +394,7 @@ def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, step
             model, loss_of = peer(model_dict, device)
             spec = blueprint(model_dict).model
         else:
-            model, loss_of, spec = ours(model_dict, device, compiled)
+            model, loss_of, spec = ours(model_dict, device, compiled, checkpointed)
         batch = torch.randint(0, spec.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
         row["params"] = sum(p.numel() for p in model.parameters())
         row["flops_per_token"] = 6 * matmul_params(model) + mixing_flops_per_token(spec, T)
@@ -394,7 +405,7 @@ def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, step
         row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
         if profiled:
             row["profile"] = profile_step(model, loss_of, opt, batch)
-        print(f"  {row['model']:26s} T={T:6d} B={B:3d} {'compiled' if compiled else 'eager   '} "
+        print(f"  {row['model']:26s} T={T:6d} B={B:3d} {mode_of(row):11s} "
               f"{row['tok_s']:12,.0f} tok/s  mfu {row['mfu'] if row['mfu'] is not None else '-'}  "
               f"peak {row['peak_GB'] if row['peak_GB'] is not None else '-'} GB  "
               f"(fwd {row['fwd_ms']} / bwd {row['bwd_ms']} / opt {row['opt_ms']} ms)", flush=True)
@@ -413,6 +424,10 @@ def run_row(row, kind, model_dict, device, compiled, B, T, peak, *, warmup, step
             torch.cuda.empty_cache()
 
 
+def mode_of(row) -> str:
+    return ("compiled" if row["compiled"] else "eager") + ("+ckpt" if row.get("activation_checkpointing") else "")
+
+
 def check_compiled_losses(rows):
     """A compiled row trains the same model on the same batch as its eager row: the first losses agree."""
     eager = {(r["model"], r["T"]): r["first_loss"] for r in rows if not r["compiled"] and "first_loss" in r}
@@ -421,37 +436,36 @@ def check_compiled_losses(rows):
         if r["compiled"] and "first_loss" in r and want is not None:
             err = abs(r["first_loss"] - want) / abs(want)
             ok = err < 2e-2 and math.isfinite(r["first_loss"])
-            print(f"  {'ok  ' if ok else 'FAIL'} {r['model']} T={r['T']} compiled first loss {r['first_loss']:.4f} "
+            print(f"  {'ok  ' if ok else 'FAIL'} {r['model']} T={r['T']} {mode_of(r)} first loss {r['first_loss']:.4f} "
                   f"vs eager {want:.4f}")
             if not ok:
-                failures.append(f"{r['model']} T={r['T']} compiled loss")
+                failures.append(f"{r['model']} T={r['T']} {mode_of(r)} loss")
 
 
 def print_table(rows):
-    by = {(r["model"], r["T"], r["compiled"]): r for r in rows}
-    print(f"{'model':26s} {'T':>6s} {'B':>3s} {'mode':8s} {'tok/s':>10s} {'MFU':>6s} {'peak GB':>8s} "
+    by = {(r["model"], r["T"], mode_of(r)): r for r in rows}
+    print(f"{'model':26s} {'T':>6s} {'B':>3s} {'mode':13s} {'tok/s':>10s} {'MFU':>6s} {'peak GB':>8s} "
           f"{'fwd/bwd/opt ms':>22s} {'vs dense':>8s} {'vs peer':>8s}")
     for r in rows:
         size = r["size"]
-        mode = "compiled" if r["compiled"] else "eager"
+        mode = mode_of(r)
         if "tok_s" not in r:
-            print(f"{r['model']:26s} {r['T']:6d} {r['B']:3d} {mode:8s} {r.get('error', '')}")
+            print(f"{r['model']:26s} {r['T']:6d} {r['B']:3d} {mode:13s} {r.get('error', '')}")
             continue
-        dense = by.get((f"hyloom-dense-{size}", r["T"], r["compiled"]), {}).get("tok_s")
-        peer_tok = by.get((f"transformers-llama-{size}", r["T"], False), {}).get("tok_s")
+        dense = by.get((f"hyloom-dense-{size}", r["T"], mode), {}).get("tok_s")
+        peer_tok = by.get((f"transformers-llama-{size}", r["T"], "eager"), {}).get("tok_s")
         split = f"{r['fwd_ms']:.1f}/{r['bwd_ms']:.1f}/{r['opt_ms']:.1f}"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_GB']:.1f}" if r.get("peak_GB") is not None else "-"
         ratio = lambda ref: f"{r['tok_s'] / ref:.2f}x" if ref else "-"  # noqa: E731
-        print(f"{r['model']:26s} {r['T']:6d} {r['B']:3d} {mode:8s} {r['tok_s']:10,.0f} {mfu:>6s} {peak:>8s} "
+        print(f"{r['model']:26s} {r['T']:6d} {r['B']:3d} {mode:13s} {r['tok_s']:10,.0f} {mfu:>6s} {peak:>8s} "
               f"{split:>22s} {ratio(dense):>8s} {ratio(peer_tok):>8s}")
 
 
 def print_profiles(rows):
     for r in rows:
         if r.get("profile"):
-            mode = "compiled" if r["compiled"] else "eager"
-            print(f"\nprofile {r['model']} T={r['T']} {mode}: top ops by self time")
+            print(f"\nprofile {r['model']} T={r['T']} {mode_of(r)}: top ops by self time")
             for p in r["profile"]:
                 print(f"  {p['ms']:9.2f} ms {100 * p['share']:5.1f}%  x{p['calls']:<5d} {p['name']}")
 
