@@ -281,6 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", default="full", choices=list(SCALES))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of dense,hybrid")
     parser.add_argument("--work", default=None, help="folder for the runs (checkpoints); default OUT/runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a blueprint override for both models, e.g. stages.1.train.lr=1e-4 (repeatable); "
+                             "recorded in results.json")
     args = parser.parse_args(argv)
     began = time.perf_counter()
 
@@ -302,9 +305,10 @@ def main(argv=None) -> int:
     def left() -> float:
         return budget - (time.perf_counter() - began)
 
-    loaded = {m: load(m, scale["overrides"] + scale["model_overrides"][m]) for m in models}
+    loaded = {m: load(m, scale["overrides"] + scale["model_overrides"][m] + args.set) for m in models}
     results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
-               "python": platform.python_version(), "target_accuracy": TARGET_ACCURACY, "models": {}}
+               "python": platform.python_version(), "target_accuracy": TARGET_ACCURACY, "overrides": args.set,
+               "models": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for m, (resolved, bp) in loaded.items():
