@@ -8,7 +8,8 @@ Each row trains a fresh model (fp32 weights, bf16 autocast, fused AdamW, clippin
 tokens, tokens per step fixed (B = tokens / T, at least 1), and reports tokens/s, MFU, the step split
 (forward incl. loss / backward / optimizer incl. clipping, from CUDA events) and peak memory. A row that runs out
 of memory (or fails) is recorded with its error and the bench goes on; rows that would start past --budget-s
-are recorded as skipped, so the whole run fits its time slot.
+are recorded as skipped, so the whole run fits its time slot. Rows of other sizes that an earlier run wrote to
+the same day's record are kept (run --sizes 150m, then --sizes 1b, in two slots).
 
 MFU = FLOPs per token × tokens/s ÷ the bf16 matmul peak measured in this run (an 8192³ matmul). FLOPs per token:
 6·N (N: the weights of matrix products, the tied embedding counted once as the output head) plus the mixers'
@@ -328,9 +329,18 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
     models: dict[str, dict] = {}
+    command = "python " + " ".join(sys.argv)
+    earlier: list[str] = []
+    if os.path.exists(path):  # a run of other sizes earlier today: its rows stay, this run's sizes are replaced
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("device") == name:
+            rows = [r for r in old["rows"] if r.get("size") not in sizes]
+            models = {k: v for k, v in old.get("models", {}).items() if k not in sizes}
+            earlier = [c for c in old.get("earlier_commands", []) + [old["command"]] if rows]
 
     def save():  # after every row: a run cut short still leaves its numbers
-        record = {"op": "train", "device": name, **versions, "command": "python " + " ".join(sys.argv),
+        record = {"op": "train", "device": name, **versions, "command": command, "earlier_commands": earlier,
                   "date": today.isoformat(), "peak_bf16_tflops": peak and round(peak / 1e12, 1),
                   "tokens_per_step": tokens, "timed_steps": steps, "warmup_steps": warmup,
                   "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
@@ -342,6 +352,7 @@ def main():
     row_seconds: dict[tuple, float] = {}  # how long a row of each kind took: rows that would overrun are skipped
     for size_name in sizes:
         size, lengths = SIZES[size_name], chosen or LENGTHS[size_name]
+        torch._dynamo.reset()  # compiled rows of one size and length share their graphs (compile_blocks)
         max_len = max(lengths)
         sparse = SPARSE["toy" if size_name == "toy" else "gpu"]
         dense, hybrid = dense_model(size, max_len), equal_size_hybrid(size, max_len, sparse)
@@ -389,7 +400,6 @@ def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        torch._dynamo.reset()  # each compiled row compiles afresh, for its own static shapes
         if kind == "transformers":
             model, loss_of = peer(model_dict, device)
             spec = blueprint(model_dict).model
@@ -418,7 +428,6 @@ def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *
         traceback.print_exc(limit=4)
     finally:
         del model, opt
-        torch._dynamo.reset()  # compiled code holds the model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -80,11 +80,17 @@ def compile_blocks(model) -> None:
     # the compiled code does not depend on whether the cache was filled yet (a guard, and a second compile).
     with torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    # every kind of block (and every shape a run trains at) is an entry of Block.forward's compile cache, whose
+    # default size (8) a model with many kinds would overflow, falling back to eager without a word
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 8 + len(model.layers)))
     for block in model.layers:
         if getattr(block, "_compiled", False):
             continue
         plain = block.forward
-        compiled = torch.compile(plain, backend=COMPILE_BACKEND)
+        # static shapes: a run trains at one length, and a new one gets kernels specialised to it
+        compiled = torch.compile(plain, backend=COMPILE_BACKEND, dynamic=False)
 
         def forward(*args, _plain=plain, _compiled=compiled, **kwargs):
             return (_compiled if torch.is_grad_enabled() else _plain)(*args, **kwargs)
