@@ -217,7 +217,8 @@ def main(argv=None):
         sizes["chunk"] = args.chunk
     started = time.perf_counter()
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
-    short = device.split()[-1].lower() if DEV == "cuda" else "cpu"
+    known = {"H100": "h100", "H200": "h200", "A100": "a100", "B200": "b200"}
+    short = next((v for k, v in known.items() if k in device), device.split()[-1].lower()) if DEV == "cuda" else "cpu"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"e2e-{short}{'-quick' if args.quick else ''}-{datetime.date.today():%Y%m%d}.json")
     try:
