@@ -339,13 +339,13 @@ def main():
             models = {k: v for k, v in old.get("models", {}).items() if k not in sizes}
             earlier = [c for c in old.get("earlier_commands", []) + [old["command"]] if rows]
 
-    def save():  # after every row: a run cut short still leaves its numbers
+    def save(goals=None):  # after every row: a run cut short still leaves its numbers
         record = {"op": "train", "device": name, **versions, "command": command, "earlier_commands": earlier,
                   "date": today.isoformat(), "peak_bf16_tflops": peak and round(peak / 1e12, 1),
                   "tokens_per_step": tokens, "timed_steps": steps, "warmup_steps": warmup,
                   "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
                   "optimizer": "AdamW (fused on CUDA), clip 1.0", "compile": f"per block, {lm.COMPILE_BACKEND}",
-                  "models": models, "checks_failed": failures, "rows": rows}
+                  "models": models, "checks_failed": failures, "targets": goals, "rows": rows}
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
@@ -385,10 +385,15 @@ def main():
                                                          time.perf_counter() - started)
                 save()
     check_compiled_losses(rows)
-    save()
+    goals = targets(rows)
+    save(goals)
     print(f"wrote {path} ({time.perf_counter() - began:.0f} s)")
     print_table(rows)
     print_profiles(rows)
+    print("\nissue 16 targets (64K memory: compare the peak_GB and errors of the T=65536 rows):")
+    for g in goals:
+        state = "-   " if g["met"] is None else ("met " if g["met"] else "MISS")
+        print(f"  {state} {g['target']}: {g['value']} (goal >= {g['goal']})")
     if failures:
         print("FAILED CHECKS:", failures)
         sys.exit(1)
@@ -449,6 +454,33 @@ def check_compiled_losses(rows):
                   f"vs eager {want:.4f}")
             if not ok:
                 failures.append(f"{r['model']} T={r['T']} {mode_of(r)} loss")
+
+
+def targets(rows) -> list[dict]:
+    """Issue 16's targets, each read from this record: the best of eager and compiled for each model."""
+    def best(model, T, key="tok_s"):
+        got = [r[key] for r in rows if r["model"] == model and r["T"] == T and r.get(key) is not None
+               and not r.get("activation_checkpointing")]
+        return max(got) if got else None
+
+    found = []
+
+    def target(what, value, goal):
+        found.append({"target": what, "value": value, "goal": goal,
+                      "met": None if value is None else value >= goal})
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    for size in sorted({r["size"] for r in rows}):
+        dense, hybrid, peer_ = (f"hyloom-dense-{size}", f"hyloom-hybrid-{size}", f"transformers-llama-{size}")
+        for T in (2048, 8192):
+            target(f"{size} dense / transformers tok/s at T={T}", ratio(best(dense, T), best(peer_, T)), 1.2)
+        target(f"{size} hybrid / dense tok/s at T=8192", ratio(best(hybrid, 8192), best(dense, 8192)), 1.0)
+        target(f"{size} hybrid / dense tok/s at T=32768", ratio(best(hybrid, 32768), best(dense, 32768)), 2.0)
+        if size == "1b":
+            target("1b dense MFU at T=4096", best(dense, 4096, "mfu"), 0.45)
+    return found
 
 
 def print_table(rows):
