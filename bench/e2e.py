@@ -205,7 +205,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes (runs on the CPU in a minute or two)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated blueprints (default: both)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (tokens per row per chunk) at B = 1")
-    p.add_argument("--budget-s", type=float, default=540.0,
+    p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip the rows left after this many seconds (each model gets an equal share)")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
