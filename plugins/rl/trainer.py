@@ -250,7 +250,7 @@ class GrpoTrainer:
             opt.load_state_dict(state["optimizer"])
             order.load_state_dict(state["prompts"])
             _set_rng_state(state["rng"])
-        reference = self._reference(model, out, run, env, fresh=point is None) if cfg.kl_coef else None
+        reference = self._reference(model, out, env, fresh=point is None) if cfg.kl_coef else None
         if env.main:  # forget what a stopped run logged after that point (everything, on a fresh start)
             for name in ("metrics.jsonl", COMPLETIONS):
                 file = out.path / name
@@ -446,7 +446,7 @@ class GrpoTrainer:
         return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                 "grad_norm_max": max(grad_norms), **out}
 
-    def _reference(self, model, out: RunDir, run: TrainRun, env, fresh: bool):
+    def _reference(self, model, out: RunDir, env, fresh: bool):
         """A frozen copy of the weights this run started from (kl_coef > 0): saved beside the run on a fresh start,
         read back on resume."""
         import copy

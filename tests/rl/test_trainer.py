@@ -100,6 +100,20 @@ def test_resume_is_exact(tmp_path, cache):
     assert [r["reward_mean"] for r in halves[1:]] == [r["reward_mean"] for r in whole[1:]]
 
 
+def test_kl_to_the_start_and_entropy_bonus_options(tmp_path, cache):
+    """kl_coef keeps a frozen copy of the starting weights (saved for resume) and logs the KL to it; both options
+    change the update."""
+    run(blueprint(tmp_path / "plain", cache, steps=2, eval_prompts=None))
+    run(blueprint(tmp_path / "kl", cache, steps=1, eval_prompts=None, kl_coef=0.5, entropy_coef=0.01, save_every=1))
+    out = RunDir(tmp_path / "kl" / "run")
+    assert (out.path / "reference.safetensors").exists()
+    first = out.metrics()[-1]["kl_ref"]  # the first update starts at the reference, the second one step away
+    run(blueprint(tmp_path / "kl", cache, steps=2, eval_prompts=None, kl_coef=0.5, entropy_coef=0.01), resume="auto")
+    assert 0 < first < out.metrics()[-1]["kl_ref"]
+    a, b = weights(tmp_path / "plain" / "run"), weights(out.path)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_micro_batches_give_the_same_update(tmp_path, cache):
     """The loss is normalised by the mini-batch's token count, so accumulating micro-batches of any lengths is one
     big batch (up to float summation order)."""
