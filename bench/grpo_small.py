@@ -7,12 +7,14 @@ everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a
 
 1. `sft`: next-token training on generated arithmetic problems of 1..6 operations written as prompt + worked
    solution + \\boxed{answer}. Its steps are set from the time budget (a few optimizer steps are timed first).
-2. Difficulty: each SFT model answers held-out problems of every number of operations (greedy); the number whose
-   accuracy, averaged over the models, is nearest 35% is the RL difficulty (so SFT sits well below the ceiling and
-   above the floor, where GRPO has groups with mixed rewards to learn from).
+2. Difficulty: each SFT model answers held-out problems of every number of operations, sampled at temperature 1
+   (the policy GRPO trains) and greedy; the number whose sampled accuracy, averaged over the models, is nearest 30%
+   is the RL difficulty (well below the ceiling, and above the floor, so that groups have mixed rewards).
 3. `grpo`: the blueprint's GRPO stage (G = 8, 64 prompts a step, 4 mini-batch updates, constant LR after warmup)
-   on problems of that difficulty, stopped by its share of the budget (max_seconds); held-out accuracy (greedy, 256
-   problems) at step 0 (= the SFT model) and every 10 steps.
+   on problems of that difficulty, stopped by its share of the budget (max_seconds). Held-out accuracy is the
+   share of correct completions sampled at temperature 1 (one per problem, 512 problems: JustRL's avg@k with
+   k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same problems is measured
+   before and after.
 
 Writes into --out after every phase (a timeout keeps what finished): results.json (plan, SFT, difficulty sweep,
 per model: GRPO curves, before/after accuracy, rollout tokens/s), accuracy.png, dynamics.png (entropy and response
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
 MODELS = ("dense", "hybrid")
 LABELS = {"dense": "dense (attention, RoPE)", "hybrid": "hybrid (Lightning + 1:3 attention, HyPE)"}
-TARGET_ACCURACY = 0.35
+TARGET_ACCURACY = 0.30  # sampled held-out accuracy of the SFT models at the chosen difficulty
 
 # `overrides`: blueprint overrides as on the command line (per model where the layouts differ). Shares are of the
 # whole budget; GRPO gets what is left after SFT, the sweep and the reserve, split between the models.
@@ -141,28 +143,39 @@ def run_sft(resolved: dict, work: Path, steps: int, device: str) -> dict:
             "curve": [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in metrics]}
 
 
-def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str) -> dict:
-    """Greedy held-out accuracy of the SFT checkpoint for each number of operations, and each level's longest worked
-    solution in tokens (what max_new_tokens must allow)."""
+def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, device) -> dict:
+    """Held-out accuracy of one completion per record, sampled at temperature 1 (seeded) and greedy."""
     import torch
 
     from hyloom.plugins.rl.config import GrpoConfig
-    from hyloom.plugins.rl.prompts import load_prompt_set
     from hyloom.plugins.rl.trainer import Scorer, score_prompts
-    from hyloom.train import open_checkpoint
 
-    _, model, bp, tokenizer, dev = open_checkpoint(work / "sft", device)
     scorer = Scorer(GrpoConfig(verifiers=[{"verifier": {"type": "math"}}], reward_workers=1))
     template = GrpoConfig().prompt_template
+    out = {}
+    for key, temperature in (("accuracy", 1.0), ("greedy_accuracy", 0.0)):
+        with torch.no_grad(), autocast(device):
+            got = score_prompts(model, tokenizer, records, scorer, template=template, max_new_tokens=max_new_tokens,
+                                temperature=temperature)
+        out[key] = got["accuracy"]
+        out["response_length_mean" if temperature else "greedy_length_mean"] = got["response_length_mean"]
+    return out
+
+
+def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str) -> dict:
+    """Held-out accuracy (sampled and greedy) of the SFT checkpoint for each number of operations, and each level's
+    longest worked solution in tokens (what max_new_tokens must allow)."""
+    from hyloom.plugins.rl.prompts import load_prompt_set
+    from hyloom.train import open_checkpoint
+
+    _, model, _, tokenizer, dev = open_checkpoint(work / "sft", device)
     out = {}
     for k in levels:
         records = load_prompt_set({**eval_prompts, "steps": k, "count": count})
         longest = max(len(tokenizer.encode(r["solution"])) + 1 for r in records)
-        with torch.no_grad(), autocast(dev):
-            got = score_prompts(model, tokenizer, records, scorer, template=template, max_new_tokens=longest + 8)
-        out[k] = {"accuracy": got["accuracy"], "solution_tokens_max": longest,
-                  "response_length_mean": got["response_length_mean"]}
-        log(f"  {k} operations: accuracy {got['accuracy']:.3f} (longest solution {longest} tokens)")
+        out[k] = {**accuracies(model, tokenizer, records, longest + 8, dev), "solution_tokens_max": longest}
+        log(f"  {k} operations: accuracy {out[k]['accuracy']:.3f} sampled, {out[k]['greedy_accuracy']:.3f} greedy "
+            f"(longest solution {longest} tokens)")
     del model
     return out
 
@@ -173,6 +186,20 @@ def pick_level(sweep: dict) -> int:
     levels = sorted({int(k) for s in sweep.values() for k in s})
     mean = {k: sum(s[str(k)]["accuracy"] for s in sweep.values()) / len(sweep) for k in levels}
     return min(levels, key=lambda k: (abs(mean[k] - TARGET_ACCURACY), k))
+
+
+def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) -> dict:
+    """Greedy accuracy of the SFT and the GRPO checkpoints on the GRPO stage's own held-out problems."""
+    from hyloom.plugins.rl.trainer import GrpoTrainer
+    from hyloom.train import open_checkpoint
+
+    held = GrpoTrainer(grpo_cfg).records()[1]  # as the trainer evaluates: training prompts left out
+    out = {}
+    for when, folder in (("before", "sft"), ("after", "grpo")):
+        _, model, _, tokenizer, dev = open_checkpoint(work / folder, device)
+        out[f"greedy_accuracy_{when}"] = accuracies(model, tokenizer, held, max_new_tokens, dev)["greedy_accuracy"]
+        del model
+    return out
 
 
 def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tokens: int, seconds: float,
@@ -189,6 +216,8 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tok
     bp, res = validated(staged)
     began = time.perf_counter()
     result = train(bp, res, resume="auto", progress=False)
+    seconds = round(time.perf_counter() - began, 1)
+    greedy = greedy_before_after(bp.stages[1].train, work, max_new_tokens, device)
     metrics = RunDir(work / "grpo").metrics()
     evals = [(r["step"], r["eval/accuracy"]) for r in metrics if "eval/accuracy" in r]
     steps = [r for r in metrics if "reward_mean" in r]
@@ -196,7 +225,7 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tok
             "approx_kl", "clip_high", "clip_low", "grad_norm", "logp_mismatch", "rollout_seconds", "update_seconds",
             "rollout_tokens_per_s", "groups_all_same")
     tok_s = [r["rollout_tokens_per_s"] for r in steps[1:]] or [r["rollout_tokens_per_s"] for r in steps]
-    return {"steps": result["steps"], "seconds": round(time.perf_counter() - began, 1), "level": level,
+    return {"steps": result["steps"], "seconds": seconds, "level": level, **greedy,
             "max_new_tokens": max_new_tokens, "lr": bp.stages[1].train.lr,
             "accuracy_before": evals[0][1] if evals else None, "accuracy_after": evals[-1][1] if evals else None,
             "eval_curve": [{"step": s, "accuracy": a} for s, a in evals],
@@ -216,7 +245,7 @@ def figures(results: dict, out: Path) -> None:
         line_plot(out / "accuracy.png", {LABELS.get(m, m): [(p["step"], p["accuracy"]) for p in g["eval_curve"]]
                                          for m, g in grpo.items()},
                   markers=tuple(LABELS.get(m, m) for m in grpo), xlabel="GRPO step",
-                  ylabel="held-out accuracy (greedy)", title=f"GRPO on {results.get('level', '?')}-operation problems")
+                  ylabel="held-out accuracy (sampled, T = 1)", title=f"GRPO on {results.get('level', '?')}-operation problems")
         series = {}
         for m, g in grpo.items():
             series[f"{m}: entropy (nats/token)"] = [(p["step"], p["entropy"]) for p in g["curve"]]
@@ -226,10 +255,12 @@ def figures(results: dict, out: Path) -> None:
                   title="collapse watch: entropy, response length, share cut at max_new_tokens")
     sweep = results.get("sweep")
     if sweep:
-        line_plot(out / "sweep.png", {LABELS.get(m, m): sorted((int(k), v["accuracy"]) for k, v in s.items())
-                                      for m, s in sweep.items()},
-                  markers=tuple(LABELS.get(m, m) for m in sweep), xlabel="operations per problem",
-                  ylabel="held-out accuracy after SFT (greedy)", title="difficulty sweep of the SFT models")
+        series = {}
+        for m, s in sweep.items():
+            series[f"{m}: sampled (T = 1)"] = sorted((int(k), v["accuracy"]) for k, v in s.items())
+            series[f"{m}: greedy"] = sorted((int(k), v["greedy_accuracy"]) for k, v in s.items())
+        line_plot(out / "sweep.png", series, markers=tuple(series), xlabel="operations per problem",
+                  ylabel="held-out accuracy after SFT", title="difficulty sweep of the SFT models")
 
 
 def summary(results: dict) -> str:
@@ -244,21 +275,28 @@ def summary(results: dict) -> str:
         levels = sorted({int(k) for s in results["sweep"].values() for k in s})
         lines += ["", "SFT held-out accuracy by operations per problem: " + "  ".join(f"{k:>5}" for k in levels)]
         for m, s in results["sweep"].items():
-            lines.append(f"  {m:<46}" + "  ".join(f"{s[str(k)]['accuracy']:>5.2f}" for k in levels))
-        lines.append(f"RL difficulty: {results.get('level')} operations (mean accuracy nearest {TARGET_ACCURACY})")
+            for key, what in (("accuracy", "sampled"), ("greedy_accuracy", "greedy")):
+                lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
+        lines.append(f"RL difficulty: {results.get('level')} operations (mean sampled accuracy nearest {TARGET_ACCURACY})")
     grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
     if grpo:
-        lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'acc before':>12}{'acc after':>11}{'delta':>8}"
-                      f"{'entropy first->last':>22}{'length first->last':>21}{'rollout tok/s':>15}"]
+        lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'sampled acc before -> after':>30}"
+                      f"{'greedy before -> after':>25}{'entropy first->last':>22}{'length first->last':>21}"
+                      f"{'rollout tok/s':>15}"]
+
+        def change(before, after):
+            if before is None or after is None:
+                return f"{'-':>28}"
+            return f"{before:>9.3f} -> {after:.3f} ({100 * (after - before):+5.1f})"
+
         for m, g in grpo.items():
             first, last = g["curve"][0], g["curve"][-1]
-            before, after = g["accuracy_before"], g["accuracy_after"]
-            delta = f"{100 * (after - before):+.1f}" if before is not None and after is not None else "-"
-            lines.append(f"{m:<10}{g['steps']:>7}{g['seconds']:>8}{before or 0:>12.3f}{after or 0:>11.3f}{delta:>8}"
+            lines.append(f"{m:<10}{g['steps']:>7}{g['seconds']:>8}  {change(g['accuracy_before'], g['accuracy_after'])}"
+                         f"{change(g.get('greedy_accuracy_before'), g.get('greedy_accuracy_after'))}"
                          f"{first['entropy']:>11.3f} -> {last['entropy']:<6.3f}"
                          f"{first['response_length_mean']:>11.1f} -> {last['response_length_mean']:<6.1f}"
                          f"{g['rollout_tokens_per_s']:>15,.0f}")
-        lines.append("(delta in accuracy points; entropy of the policy on its samples, nats/token; length in tokens)")
+        lines.append("(changes in accuracy points; entropy of the policy on its samples, nats/token; length in tokens)")
     return "\n".join(lines) + "\n"
 
 
@@ -352,7 +390,8 @@ def main(argv=None) -> int:
         g = results["models"][m]["grpo"] = run_grpo(loaded[m][0], work / m, results["models"][m]["sft"]["steps"],
                                                     level, results["max_new_tokens"], share, str(device))
         log(f"{m}: GRPO {g['steps']} steps in {g['seconds']} s, held-out accuracy {g['accuracy_before']:.3f} -> "
-            f"{g['accuracy_after']:.3f}, {g['rollout_tokens_per_s']:,.0f} rollout tokens/s ({left():.0f} s left)")
+            f"{g['accuracy_after']:.3f} sampled, {g['greedy_accuracy_before']:.3f} -> {g['greedy_accuracy_after']:.3f} "
+            f"greedy, {g['rollout_tokens_per_s']:,.0f} rollout tokens/s ({left():.0f} s left)")
         write(results, out)
     results["seconds"] = round(time.perf_counter() - began, 1)
     write(results, out)

@@ -64,9 +64,10 @@ def test_the_difficulty_nearest_the_target_accuracy():
     bench = script()
     sweep = {"dense": {"1": {"accuracy": 0.9}, "2": {"accuracy": 0.6}, "3": {"accuracy": 0.3}},
              "hybrid": {"1": {"accuracy": 0.8}, "2": {"accuracy": 0.4}, "3": {"accuracy": 0.05}}}
-    assert bench.pick_level(sweep) == 2  # means 0.85, 0.5, 0.175: 0.5 is nearest 0.35
-    sweep["hybrid"]["3"]["accuracy"] = 0.3
-    assert bench.pick_level(sweep) == 3
+    assert bench.TARGET_ACCURACY == 0.30
+    assert bench.pick_level(sweep) == 3  # means 0.85, 0.5, 0.175: 0.175 is nearest 0.30
+    sweep["dense"]["2"]["accuracy"] = 0.2
+    assert bench.pick_level(sweep) == 2  # mean 0.3
 
 
 def test_figures_and_summary_from_a_results_file(tmp_path):
@@ -74,17 +75,20 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
     curve = [{"step": s, "entropy": 1.0 - 0.1 * s, "response_length_mean": 30.0 + s, "clipped": 0.0,
               "reward_mean": -0.5 + 0.1 * s} for s in (1, 2, 3)]
     grpo = {"steps": 3, "seconds": 12.0, "level": 3, "accuracy_before": 0.3, "accuracy_after": 0.55,
+            "greedy_accuracy_before": 0.5, "greedy_accuracy_after": 0.6,
             "eval_curve": [{"step": 0, "accuracy": 0.3}, {"step": 3, "accuracy": 0.55}], "curve": curve,
             "rollout_tokens_per_s": 1234.0}
     results = {"scale": "toy", "device": "cpu", "budget_seconds": 60, "level": 3,
                "models": {m: {"parameters": 1000, "sft": {"steps": 5, "seconds": 2.0, "eval_loss": 1.5},
                               "grpo": grpo} for m in ("dense", "hybrid")},
-               "sweep": {m: {"1": {"accuracy": 0.9}, "3": {"accuracy": 0.3}} for m in ("dense", "hybrid")}}
+               "sweep": {m: {"1": {"accuracy": 0.9, "greedy_accuracy": 0.95}, "3": {"accuracy": 0.3, "greedy_accuracy": 0.5}}
+                         for m in ("dense", "hybrid")}}
     bench.write(json.loads(json.dumps(results)), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "dynamics.png", "results.json",
                                                           "summary.txt", "sweep.png"]
     text = (tmp_path / "summary.txt").read_text()
-    assert "+25.0" in text and "1,234" in text and "RL difficulty: 3 operations" in text
+    assert "0.300 -> 0.550 (+25.0)" in text and "0.500 -> 0.600 (+10.0)" in text and "1,234" in text
+    assert "RL difficulty: 3 operations" in text
 
 
 @pytest.mark.slow
@@ -98,5 +102,6 @@ def test_toy_run_end_to_end(tmp_path):
     for m in ("dense", "hybrid"):
         g = results["models"][m]["grpo"]
         assert g["steps"] >= 1 and g["eval_curve"][0]["step"] == 0 and g["rollout_tokens_per_s"] > 0
+        assert 0 <= g["greedy_accuracy_before"] <= 1 and 0 <= g["greedy_accuracy_after"] <= 1
     assert results["level"] in (1, 2, 3)
     assert (tmp_path / "out" / "accuracy.png").exists() and (tmp_path / "out" / "summary.txt").exists()
