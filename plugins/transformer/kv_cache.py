@@ -41,9 +41,10 @@ class KVCache:
 
     def write_at(self, slot_1: torch.Tensor, k_BH1D: torch.Tensor, v_BH1D: torch.Tensor) -> None:
         """A static decode step's key/value at index slot_1 (a device tensor, so a CUDA graph can replay it);
-        `advance` then moves the host-side length."""
-        self.k.index_copy_(2, slot_1, k_BH1D)
-        self.v.index_copy_(2, slot_1, v_BH1D)
+        `advance` then moves the host-side length. Under autocast the new key/value can be bf16 while the buffers
+        keep the model's dtype: stored in the buffers' dtype, as `append` does."""
+        self.k.index_copy_(2, slot_1, k_BH1D.to(self.k.dtype))
+        self.v.index_copy_(2, slot_1, v_BH1D.to(self.v.dtype))
 
     def advance(self, n: int) -> None:
         self.length += n

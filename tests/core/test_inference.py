@@ -146,3 +146,15 @@ def test_decode_and_chunks_through_the_triton_kernels(monkeypatch):
     logits, cache = model.prefill(ids[:, :20], chunk_size=3, logits_at="all")
     steps = [model.decode_step(ids[:, t], cache) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat([logits, torch.stack(steps[:-1], 1)], 1), full[:, :23], rtol=1e-4, atol=1e-5)
+
+
+def test_a_static_write_stores_in_the_buffers_dtype():
+    """Under autocast a decode step's keys are bf16 while the cache keeps the model's fp32 (as `append` does)."""
+    from hyloom.plugins.transformer.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 4, "cpu", torch.float32)
+    cache.reserve(3)
+    k, v = torch.randn(2, 1, 1, 4).bfloat16(), torch.randn(2, 1, 1, 4).bfloat16()
+    cache.write_at(torch.tensor([1]), k, v)
+    assert cache.k.dtype == torch.float32
+    assert torch.equal(cache.k[:, :, 1:2], k.float()) and torch.equal(cache.v[:, :, 1:2], v.float())

@@ -21,21 +21,30 @@ def test_inductor_compiled_hybrid_matches_eager(autocast):
     model = hyloom.build_model(load_blueprint("builtin:tiny"), device="cuda").train()
     ids = torch.randint(0, 4096, (2, 320), device="cuda")  # past dense_len (128): select + block-sparse kernels
 
-    def step(fn):
+    def step(fn, bf16=autocast):
         model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits = fn(ids)
         torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
         return [logits.float()] + [p.grad.clone() for p in model.parameters()]
 
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    if not autocast:
+        eager = step(model)
+        torch._dynamo.reset()
+        compiled = step(torch.compile(model, fullgraph=True))
+        # inductor reorders sums and its matmuls may use TF32
+        worst = max(zip((rel(c, e) for e, c in zip(eager, compiled)), names))
+        assert worst[0] < 1e-3, f"{worst[1]}: rel err {worst[0]:.2e}"
+        return
+    # bf16 rounds at different places compiled and eager: both are held against the fp32 eager pass, and the
+    # compiled one may not be much further from it than eager bf16 is
+    reference = step(model, bf16=False)
     eager = step(model)
     torch._dynamo.reset()
     compiled = step(torch.compile(model, fullgraph=True))
-    # fp32: inductor reorders sums and its matmuls may use TF32; bf16: rounding at different places
-    tol = 3e-2 if autocast else 1e-3
-    names = ["logits"] + [n for n, _ in model.named_parameters()]
-    worst = max(zip((rel(c, e) for e, c in zip(eager, compiled)), names))
-    assert worst[0] < tol, f"{worst[1]}: rel err {worst[0]:.2e}"
+    for name, r, e, c in zip(names, reference, eager, compiled):
+        assert rel(c, r) <= 2 * rel(e, r) + 5e-3, f"{name}: compiled {rel(c, r):.2e}, eager {rel(e, r):.2e} from fp32"
 
 
 def test_compiled_graph_holds_the_custom_ops():

@@ -76,3 +76,14 @@ def test_bf16_graph_decode_is_close_to_a_full_pass():
     full = model(ids)[:, 255:-1].float()
     rel = (graphed[:, :-1].float() - full).norm() / full.norm()
     assert rel < 3e-2, rel
+
+
+def test_graph_decode_under_bf16_autocast_with_an_fp32_model():
+    """How the trainers and experiments decode: fp32 weights and cache, bf16 autocast (keys arrive in bf16)."""
+    model = hybrid()
+    ids = torch.randint(0, 512, (2, 240), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager, _ = decode(model, ids, 200, graphs=False, capacity=240)
+        graphed, cache = decode(model, ids, 200, graphs=True, capacity=240)
+    assert cache.runner.graphs and cache.layers[2].k.dtype == torch.float32
+    assert (graphed.float() - eager.float()).norm() <= 2e-2 * eager.float().norm()
