@@ -304,11 +304,14 @@ def main():
     sizes = (args.sizes or ("toy" if quick else "150m,1b")).split(",")
     chosen = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     tokens = args.tokens or (512 if quick else 32768)
-    profile = str(LENGTHS["toy"][-1]) if quick and args.profile == "8192" else args.profile  # the toy: its longest
+    # the toy profiles its longest length
+    profile = str(max(chosen or LENGTHS["toy"])) if quick and args.profile == "8192" else args.profile
     profiled = set() if profile == "none" else {int(x) for x in profile.split(",")}
     steps, warmup = args.steps or (2 if quick else 5), (1 if quick else 2)
     if quick:
         lm.COMPILE_BACKEND = "aot_eager"  # tracing and autograd, no code generation: seconds on a CPU
+        # toy tensors gain nothing from threads, and on a busy machine spinning threads make the run 5x slower
+        torch.set_num_threads(1)
     import transformers
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
