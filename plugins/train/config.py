@@ -54,8 +54,8 @@ class LMTrainerConfig(TrainingSettings):
                                                   "logged to metrics.jsonl as eval/<metric>")
     eval_tasks_every: PositiveInt | None = Field(None, description="steps between runs of eval_tasks "
                                                                   "(null: at each evaluation); always at the end")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step (model and loss; "
-                                                                "the Triton kernels are custom ops, no graph "
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block for training steps "
+                                                                "(the Triton kernels are custom ops: no graph "
                                                                 "break); auto: on CUDA only")
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
                                                               "pass instead of keeping them: less memory, about a "
