@@ -407,8 +407,9 @@ def main():
 
 
 def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *, warmup, steps, profiled=False):
-    model = opt = None
+    model = opt = loss_of = batch = None
     try:
+        gc.collect()  # the last row's model: the blocks' forward wrappers make it a cycle
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -439,7 +440,7 @@ def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *
         print(f"  {row['model']:26s} T={T:6d} FAILED {row['error']}", flush=True)
         traceback.print_exc(limit=4)
     finally:
-        del model, opt
+        del model, opt, loss_of, batch
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
