@@ -165,8 +165,8 @@ class GrpoConfig(BaseModel):
                                                  "{type: arithmetic, ...}")
     eval_prompts: PromptSetConfig | None = Field(None, discriminator="type",
                                                  description="held-out prompts scored every eval_every steps "
-                                                             "(records whose prompt is also a training prompt are "
-                                                             "dropped); null: no held-out evaluation")
+                                                             "(training records with the same prompt are left out "
+                                                             "of training); null: no held-out evaluation")
     verifiers: list[WeightedVerifier] = Field(default_factory=lambda: [WeightedVerifier(verifier={"type": "math"})],
                                               min_length=1, description="the reward terms; the first one decides "
                                                                         "`accuracy`")

@@ -194,6 +194,7 @@ class GrpoTrainer:
         self.cfg = cfg
         self.scorer = Scorer(cfg)  # an unregistered verifier has been refused by the config already
         self._records = None
+        self.dropped = 0  # training prompts left out because they are held-out prompts too
 
     def check(self, blueprint) -> None:
         """Refuse, before any data is prepared, a model that cannot sample and a prompt set the verifiers cannot
@@ -204,19 +205,23 @@ class GrpoTrainer:
         self.records()
 
     def records(self) -> tuple[list[dict], list[dict]]:
-        """(training prompts, held-out prompts); held-out records whose prompt is a training prompt are dropped."""
+        """(training prompts, held-out prompts). Training records whose prompt is also a held-out prompt are
+        dropped, so the held-out set stays whole and held out (a small generated problem space overlaps)."""
         if self._records is None:
             cfg = self.cfg
             train = load_prompt_set(cfg.prompts)
             check_records(train, cfg, "train.prompts")
             held = []
             if cfg.eval_prompts is not None:
-                seen = {r["prompt"] for r in train}
-                held = [r for r in load_prompt_set(cfg.eval_prompts) if r["prompt"] not in seen]
+                held = load_prompt_set(cfg.eval_prompts)
                 held = held[:cfg.eval_limit] if cfg.eval_limit else held
-                if not held:
-                    raise PromptSetError("train.eval_prompts: every held-out prompt is also a training prompt")
                 check_records(held, cfg, "train.eval_prompts")
+                seen = {r["prompt"] for r in held}
+                kept = [r for r in train if r["prompt"] not in seen]
+                if not kept:
+                    raise PromptSetError("train.prompts: every training prompt is also a held-out prompt "
+                                         "(train.eval_prompts)")
+                self.dropped, train = len(train) - len(kept), kept
             self._records = (train, held)
         return self._records
 
@@ -487,7 +492,8 @@ class GrpoTrainer:
         terms = " + ".join(f"{v.weight:g} x {n}" for n, v in zip(self.scorer.names, cfg.verifiers))
         print(f"model    {model.num_parameters():,} parameters on {env.device} "
               f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}")
-        print(f"prompts  {n_train:,} for training ({cfg.prompts.type}), {n_held:,} held out")
+        dropped = f" ({self.dropped:,} more left out: also held out)" if self.dropped else ""
+        print(f"prompts  {n_train:,} for training ({cfg.prompts.type}){dropped}, {n_held:,} held out")
         print(f"reward   {terms}")
         print(f"steps    {cfg.steps} x {cfg.prompts_per_step} prompts x G={cfg.group_size}, {cfg.updates_per_step} "
               f"updates a step, lr {cfg.lr:g} (warmup {cfg.warmup}), up to {cfg.max_new_tokens} new tokens")

@@ -271,3 +271,19 @@ def test_two_processes(tmp_path, cache):
     metrics = RunDir(tmp_path / "run").metrics()
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
     assert all(r["prompts"] == 4 * r["step"] for r in metrics[1:])
+
+
+def test_held_out_prompts_are_left_out_of_training():
+    """One-operation problems repeat across seeds: the held-out set stays whole, the training set loses them."""
+    from hyloom.plugins.rl.config import GrpoConfig
+
+    cfg = GrpoConfig(prompts={"type": "arithmetic", "count": 400, "steps": 1},
+                     eval_prompts={"type": "arithmetic", "count": 50, "steps": 1, "seed": 9})
+    trainer = trainer_module.GrpoTrainer(cfg)
+    train_set, held = trainer.records()
+    assert len(held) == 50 and trainer.dropped > 0 and len(train_set) == 400 - trainer.dropped
+    assert not {r["prompt"] for r in train_set} & {r["prompt"] for r in held}
+    everything = GrpoConfig(prompts={"type": "arithmetic", "count": 5, "steps": 1},
+                            eval_prompts={"type": "arithmetic", "count": 5, "steps": 1})
+    with pytest.raises(PromptSetError, match="every training prompt is also a held-out prompt"):
+        trainer_module.GrpoTrainer(everything).records()
