@@ -143,8 +143,9 @@ def run_sft(resolved: dict, work: Path, steps: int, device: str) -> dict:
             "curve": [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in metrics]}
 
 
-def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, device) -> dict:
-    """Held-out accuracy of one completion per record, sampled at temperature 1 (seeded) and greedy."""
+def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, device, sampled: bool = True) -> dict:
+    """Held-out accuracy of one completion per record, sampled at temperature 1 (seeded; unless `sampled` is false)
+    and greedy."""
     import torch
 
     from hyloom.plugins.rl.config import GrpoConfig
@@ -153,7 +154,7 @@ def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, devic
     scorer = Scorer(GrpoConfig(verifiers=[{"verifier": {"type": "math"}}], reward_workers=1))
     template = GrpoConfig().prompt_template
     out = {}
-    for key, temperature in (("accuracy", 1.0), ("greedy_accuracy", 0.0)):
+    for key, temperature in (("accuracy", 1.0), ("greedy_accuracy", 0.0))[0 if sampled else 1:]:
         with torch.no_grad(), autocast(device):
             got = score_prompts(model, tokenizer, records, scorer, template=template, max_new_tokens=max_new_tokens,
                                 temperature=temperature)
@@ -197,7 +198,8 @@ def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) 
     out = {}
     for when, folder in (("before", "sft"), ("after", "grpo")):
         _, model, _, tokenizer, dev = open_checkpoint(work / folder, device)
-        out[f"greedy_accuracy_{when}"] = accuracies(model, tokenizer, held, max_new_tokens, dev)["greedy_accuracy"]
+        out[f"greedy_accuracy_{when}"] = accuracies(model, tokenizer, held, max_new_tokens, dev,
+                                                       sampled=False)["greedy_accuracy"]
         del model
     return out
 
