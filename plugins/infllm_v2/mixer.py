@@ -110,6 +110,12 @@ class InfLLMv2(GroupedQKV):
         return o
 
     def _attend(self, q_RTHD, cache: SparseKVCache, rows: slice, q_offset: int):
+        # under autocast the queries are bf16 while the cache keeps the model's dtype; the kernels take one
+        # dtype, and casting the few queries is cheaper than the whole cache
+        dtype = q_RTHD.dtype
+        return self._attend_cached(q_RTHD.to(cache.k.dtype), cache, rows, q_offset).to(dtype)
+
+    def _attend_cached(self, q_RTHD, cache: SparseKVCache, rows: slice, q_offset: int):
         n = q_offset + q_RTHD.shape[1]
         k_all, v_all = cache.k[rows, :n], cache.v[rows, :n]
         if q_RTHD.shape[1] == 1:
