@@ -1,6 +1,6 @@
 """Speed options of the `lm` trainer: `compile` (torch.compile per block) and `activation_checkpointing`
 (per block) change how a step runs, not what it computes. On CPU the compile backend is aot_eager (tracing and
-autograd without code generation); tests/gpu/test_compile.py checks inductor on CUDA."""
+autograd without code generation); tests/gpu/test_cuda_compile.py checks inductor on CUDA."""
 
 from pathlib import Path
 
