@@ -5,13 +5,16 @@
 For each of blueprints/experiments/grpo-dense.yaml and grpo-hybrid.yaml (the same 7.5M-parameter trunk; attention
 everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a user would run them:
 
-1. `sft`: next-token training on generated arithmetic problems of 1..6 operations written as prompt + worked
-   solution + \\boxed{answer}. Its steps are set from the time budget (a few optimizer steps are timed first).
-2. Difficulty: each SFT model answers held-out problems of every number of operations, sampled at temperature 1
-   (the policy GRPO trains) and greedy; the number whose sampled accuracy, averaged over the models, is nearest 30%
-   is the RL difficulty (well below the ceiling, and above the floor, so that groups have mixed rewards).
+1. `sft`: next-token training on generated arithmetic problems of 1..4 operations written as prompt + worked
+   solution + \\boxed{answer}. Both models get the same number of steps, set from the time budget and the slower
+   model's step time (a few optimizer steps are timed first), at most sft_max_steps.
+2. Difficulty: each SFT model answers held-out problems of 1..8 operations (up to twice what SFT saw), sampled at
+   temperature 1 (the policy GRPO trains) and greedy; the number whose sampled accuracy is nearest 30% for the
+   model furthest from it is the RL difficulty (well below the ceiling, and above the floor, for both models, so
+   that groups have mixed rewards).
 3. `grpo`: the blueprint's GRPO stage (G = 8, 64 prompts a step, 4 mini-batch updates, constant LR after warmup)
-   on problems of that difficulty, stopped by its share of the budget (max_seconds). Held-out accuracy is the
+   on problems of that difficulty, stopped by its share of the budget (max_seconds; the models' shares are equal,
+   fixed before the first one starts). Held-out accuracy is the
    share of correct completions sampled at temperature 1 (one per problem, 512 problems: JustRL's avg@k with
    k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same problems is measured
    before and after.
@@ -43,8 +46,11 @@ TARGET_ACCURACY = 0.30  # sampled held-out accuracy of the SFT models at the cho
 SCALES = {
     "full": {
         "overrides": [], "model_overrides": {"dense": [], "hybrid": []},
-        "sft_share": 0.16, "sft_min_steps": 200, "sft_max_steps": 6000, "reserve_share": 0.04,
-        "sweep": [1, 2, 3, 4, 5, 6], "sweep_prompts": 128,
+        # run 2 (1,413 / 1,088 SFT steps on 1..6 operations): sampled accuracy 0.83 / 0.61 at 6 operations, too
+        # strong for RL to show much; the cap keeps SFT from growing with a larger GPU share
+        "sft_share": 0.12, "sft_min_steps": 200, "sft_max_steps": 1500, "reserve_share": 0.04,
+        "grpo_overhead": 10.0,  # seconds per model outside max_seconds: setup, checkpoint, greedy before/after
+        "sweep": [1, 2, 3, 4, 5, 6, 7, 8], "sweep_prompts": 128,
     },
     "toy": {  # a CPU smoke run of the same pipeline: a tiny model, little data, small RL batches
         "overrides": ["model.d_model=64", "model.vocab_size=320", "model.ffn.hidden=192",
@@ -57,8 +63,8 @@ SCALES = {
                       "stages.1.train.eval_every=4", "stages.1.train.lr=1.0e-4", "stages.1.train.warmup=2"],
         "model_overrides": {"dense": ["model.layout.times=4", "model.n_layers=4"],
                             "hybrid": ["model.layout.times=1", "model.n_layers=4", "model.mixers.L.heads=2", "model.mixers.L.head_dim=32"]},
-        "sft_share": 0.2, "sft_min_steps": 20, "sft_max_steps": 300, "reserve_share": 0.05,
-        "sweep": [1, 2, 3], "sweep_prompts": 16,
+        "sft_share": 0.2, "sft_min_steps": 20, "sft_max_steps": 300, "reserve_share": 0.05, "grpo_overhead": 2.0,
+        "sweep": [1, 2, 3, 4], "sweep_prompts": 16,
     },
 }
 
@@ -166,6 +172,7 @@ def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, devic
 def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str) -> dict:
     """Held-out accuracy (sampled and greedy) of the SFT checkpoint for each number of operations, and each level's
     longest worked solution in tokens (what max_new_tokens must allow)."""
+    from hyloom.plugins.rl.config import GrpoConfig
     from hyloom.plugins.rl.prompts import load_prompt_set
     from hyloom.train import open_checkpoint
 
@@ -174,7 +181,9 @@ def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int
     for k in levels:
         records = load_prompt_set({**eval_prompts, "steps": k, "count": count})
         longest = max(len(tokenizer.encode(r["solution"])) + 1 for r in records)
-        out[k] = {**accuracies(model, tokenizer, records, longest + 8, dev), "solution_tokens_max": longest}
+        prompt = max(len(tokenizer.encode(GrpoConfig().prompt_template.format(prompt=r["prompt"]))) for r in records)
+        out[k] = {**accuracies(model, tokenizer, records, longest + 8, dev), "solution_tokens_max": longest,
+                  "prompt_tokens_max": prompt}
         log(f"  {k} operations: accuracy {out[k]['accuracy']:.3f} sampled, {out[k]['greedy_accuracy']:.3f} greedy "
             f"(longest solution {longest} tokens)")
     del model
@@ -182,11 +191,12 @@ def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int
 
 
 def pick_level(sweep: dict) -> int:
-    """The number of operations whose accuracy, averaged over the models, is nearest TARGET_ACCURACY (the easier
-    one on a tie). `sweep`: {model: {str(level): {"accuracy": ...}}}."""
+    """The number of operations whose accuracy is nearest TARGET_ACCURACY for the model furthest from it (the
+    easier one on a tie): not the mean, which can pick a level one model already solves (run 2: 0.83 and 0.61).
+    `sweep`: {model: {str(level): {"accuracy": ...}}}."""
     levels = sorted({int(k) for s in sweep.values() for k in s})
-    mean = {k: sum(s[str(k)]["accuracy"] for s in sweep.values()) / len(sweep) for k in levels}
-    return min(levels, key=lambda k: (abs(mean[k] - TARGET_ACCURACY), k))
+    worst = {k: max(abs(s[str(k)]["accuracy"] - TARGET_ACCURACY) for s in sweep.values()) for k in levels}
+    return min(levels, key=lambda k: (worst[k], k))
 
 
 def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) -> dict:
@@ -279,7 +289,8 @@ def summary(results: dict) -> str:
         for m, s in results["sweep"].items():
             for key, what in (("accuracy", "sampled"), ("greedy_accuracy", "greedy")):
                 lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
-        lines.append(f"RL difficulty: {results.get('level')} operations (mean sampled accuracy nearest {TARGET_ACCURACY})")
+        lines.append(f"RL difficulty: {results.get('level')} operations (sampled accuracy nearest {TARGET_ACCURACY} for the model furthest from it; "
+                     f"SFT saw {results.get('sft_operations', '?')})")
     grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
     if grpo:
         lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'sampled acc before -> after':>30}"
@@ -360,15 +371,19 @@ def main(argv=None) -> int:
     log(f"{args.scale} scale on {device}, budget {budget:.0f} s; data ...")
     first = next(iter(loaded.values()))[1]
     prepared = prepare(first.data, progress=False)  # the models share the data section: one cache
+    src = first.data.source
+    results["sft_operations"] = f"{src.min_steps or src.steps}..{src.steps}"
     results["data"] = {"train_tokens": prepared.manifest["splits"]["train"]["tokens"],
                        "documents": prepared.manifest["splits"]["train"]["documents"]}
     log(f"data ready: {results['data']['train_tokens']:,} training tokens ({left():.0f} s left)")
 
+    # the same SFT steps for every model (run 2 gave dense 1,413 and hybrid 1,088), from the slower one's step time
+    step_s = {m: sft_step_seconds(bp, device) for m, (_, bp) in loaded.items()}
+    steps = int(min(scale["sft_max_steps"],
+                    max(scale["sft_min_steps"], 0.9 * scale["sft_share"] * budget / max(step_s.values()))))
+    results["sft_steps"] = steps
     for m, (resolved, bp) in loaded.items():
-        step_s = sft_step_seconds(bp, device)
-        sft_seconds = scale["sft_share"] * budget
-        steps = int(min(scale["sft_max_steps"], max(scale["sft_min_steps"], 0.9 * sft_seconds / step_s)))
-        log(f"{m}: SFT {steps} steps ({step_s * 1000:.0f} ms a step)")
+        log(f"{m}: SFT {steps} steps ({step_s[m] * 1000:.0f} ms a step)")
         results["models"][m]["sft"] = run_sft(resolved, work / m, steps, str(device))
         log(f"{m}: SFT done in {results['models'][m]['sft']['seconds']} s, held-out loss "
             f"{results['models'][m]['sft']['eval_loss']:.3f} ({left():.0f} s left)")
@@ -382,12 +397,18 @@ def main(argv=None) -> int:
         results["sweep"][m] = {str(k): v for k, v in got.items()}
     level = pick_level(results["sweep"])
     longest = max(s[str(level)]["solution_tokens_max"] for s in results["sweep"].values())
-    results["level"], results["max_new_tokens"] = level, 2 * longest  # room to ramble, and to see it
-    log(f"RL difficulty: {level} operations, max_new_tokens {2 * longest} ({left():.0f} s left)")
+    prompt = max(s[str(level)]["prompt_tokens_max"] for s in results["sweep"].values())
+    # room to ramble, and to see it; within the model's positions
+    new_tokens = min(2 * longest, first.model.max_seq_len - prompt)
+    results["level"], results["max_new_tokens"] = level, new_tokens
+    log(f"RL difficulty: {level} operations, max_new_tokens {new_tokens} ({left():.0f} s left)")
     write(results, out)
 
+    # equal GRPO time per model, fixed now: the first one's overrun cannot eat the second one's share
+    share = (left() - scale["reserve_share"] * budget) / len(models) - scale["grpo_overhead"]
+    results["grpo_seconds_each"] = round(share, 1)
     for i, m in enumerate(models):
-        share = (left() - scale["reserve_share"] * budget) / (len(models) - i)
+        share = min(share, (left() - scale["reserve_share"] * budget) / (len(models) - i) - scale["grpo_overhead"])
         log(f"{m}: GRPO for {share:.0f} s")
         g = results["models"][m]["grpo"] = run_grpo(loaded[m][0], work / m, results["models"][m]["sft"]["steps"],
                                                     level, results["max_new_tokens"], share, str(device))

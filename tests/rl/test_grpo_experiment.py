@@ -65,9 +65,13 @@ def test_the_difficulty_nearest_the_target_accuracy():
     sweep = {"dense": {"1": {"accuracy": 0.9}, "2": {"accuracy": 0.6}, "3": {"accuracy": 0.3}},
              "hybrid": {"1": {"accuracy": 0.8}, "2": {"accuracy": 0.4}, "3": {"accuracy": 0.05}}}
     assert bench.TARGET_ACCURACY == 0.30
-    assert bench.pick_level(sweep) == 3  # means 0.85, 0.5, 0.175: 0.175 is nearest 0.30
+    assert bench.pick_level(sweep) == 3  # furthest model 0.6, 0.3, 0.25 from 0.30
     sweep["dense"]["2"]["accuracy"] = 0.2
-    assert bench.pick_level(sweep) == 2  # mean 0.3
+    assert bench.pick_level(sweep) == 2  # both 0.1 from 0.30
+    # run 2's case: a mean near 0.30 can hide a model that is already good; the furthest model decides
+    sweep = {"dense": {"6": {"accuracy": 0.55}, "7": {"accuracy": 0.35}},
+             "hybrid": {"6": {"accuracy": 0.05}, "7": {"accuracy": 0.25}}}
+    assert bench.pick_level(sweep) == 7  # means 0.3 and 0.3: the tie would pick 6 by the mean
 
 
 def test_figures_and_summary_from_a_results_file(tmp_path):
