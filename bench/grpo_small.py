@@ -9,15 +9,17 @@ everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a
    solution + \\boxed{answer}. Both models get the same number of steps, set from the time budget and the slower
    model's step time (a few optimizer steps are timed first), at most sft_max_steps.
 2. Difficulty: each SFT model answers held-out problems of 1..8 operations (up to twice what SFT saw), sampled at
-   temperature 1 (the policy GRPO trains) and greedy; the number whose sampled accuracy is nearest 30% for the
-   model furthest from it is the RL difficulty (well below the ceiling, and above the floor, for both models, so
-   that groups have mixed rewards).
+   temperature 1 (the policy GRPO trains) and greedy. RL draws its problems from two levels (pick_levels): the
+   hardest where every model still solves at least FLOOR_ACCURACY of them, and the next one, where some model
+   falls below it. A group of G completions teaches only when its rewards differ; run 3 trained on the first
+   level below the floor alone (5 operations, ~3% solved) and 98% (dense) / 75% (hybrid) of its groups got one
+   reward for all G (mean over the run; at ~3% that is all wrong). The easier level keeps rewarded groups in every batch, the harder one holds what there is to learn.
 3. `grpo`: the blueprint's GRPO stage (G = 8, 64 prompts a step, 4 mini-batch updates, constant LR after warmup)
-   on problems of that difficulty, stopped by its share of the budget (max_seconds; the models' shares are equal,
-   fixed before the first one starts). Held-out accuracy is the
-   share of correct completions sampled at temperature 1 (one per problem, 512 problems: JustRL's avg@k with
-   k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same problems is measured
-   before and after.
+   on problems of those levels (each problem's level drawn uniformly), stopped by its share of the budget
+   (max_seconds; the models' shares are equal, fixed before the first one starts). Held-out accuracy is the
+   share of correct completions sampled at temperature 1 (one per problem, 512 problems of the same mix:
+   JustRL's avg@k with k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same
+   problems is measured before and after, and each level's accuracy after GRPO on the sweep's own problems.
 
 Writes into --out after every phase (a timeout keeps what finished): results.json (plan, SFT, difficulty sweep,
 per model: GRPO curves, before/after accuracy, rollout tokens/s), accuracy.png, dynamics.png (entropy and response
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
 MODELS = ("dense", "hybrid")
 LABELS = {"dense": "dense (attention, RoPE)", "hybrid": "hybrid (Lightning + 1:3 attention, HyPE)"}
-TARGET_ACCURACY = 0.30  # sampled held-out accuracy of the SFT models at the chosen difficulty
+FLOOR_ACCURACY = 0.20  # sampled held-out accuracy every SFT model keeps on the easier RL level (pick_levels)
 
 # `overrides`: blueprint overrides as on the command line (per model where the layouts differ). Shares are of the
 # whole budget; GRPO gets what is left after SFT, the sweep and the reserve, split between the models.
@@ -49,7 +51,7 @@ SCALES = {
         # run 2 (1,413 / 1,088 SFT steps on 1..6 operations): sampled accuracy 0.83 / 0.61 at 6 operations, too
         # strong for RL to show much; the cap keeps SFT from growing with a larger GPU share
         "sft_share": 0.12, "sft_min_steps": 200, "sft_max_steps": 1500, "reserve_share": 0.04,
-        "grpo_overhead": 10.0,  # seconds per model outside max_seconds: setup, checkpoint, greedy before/after
+        "grpo_overhead": 13.0,  # seconds per model outside max_seconds: setup, checkpoint, greedy, levels after
         "sweep": [1, 2, 3, 4, 5, 6, 7, 8], "sweep_prompts": 128,
     },
     "toy": {  # a CPU smoke run of the same pipeline: a tiny model, little data, small RL batches
@@ -63,7 +65,7 @@ SCALES = {
                       "stages.1.train.eval_every=4", "stages.1.train.lr=1.0e-4", "stages.1.train.warmup=2"],
         "model_overrides": {"dense": ["model.layout.times=4", "model.n_layers=4"],
                             "hybrid": ["model.layout.times=1", "model.n_layers=4", "model.mixers.L.heads=2", "model.mixers.L.head_dim=32"]},
-        "sft_share": 0.2, "sft_min_steps": 20, "sft_max_steps": 300, "reserve_share": 0.05, "grpo_overhead": 2.0,
+        "sft_share": 0.2, "sft_min_steps": 20, "sft_max_steps": 300, "reserve_share": 0.05, "grpo_overhead": 3.0,
         "sweep": [1, 2, 3, 4], "sweep_prompts": 16,
     },
 }
@@ -169,17 +171,18 @@ def accuracies(model, tokenizer, records: list[dict], max_new_tokens: int, devic
     return out
 
 
-def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str) -> dict:
-    """Held-out accuracy (sampled and greedy) of the SFT checkpoint for each number of operations, and each level's
-    longest worked solution in tokens (what max_new_tokens must allow)."""
+def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int, device: str,
+                   folder: str = "sft") -> dict:
+    """Held-out accuracy (sampled and greedy) of the `folder` checkpoint for each number of operations, and each
+    level's longest worked solution in tokens (what max_new_tokens must allow)."""
     from hyloom.plugins.rl.config import GrpoConfig
     from hyloom.plugins.rl.prompts import load_prompt_set
     from hyloom.train import open_checkpoint
 
-    _, model, _, tokenizer, dev = open_checkpoint(work / "sft", device)
+    _, model, _, tokenizer, dev = open_checkpoint(work / folder, device)
     out = {}
     for k in levels:
-        records = load_prompt_set({**eval_prompts, "steps": k, "count": count})
+        records = load_prompt_set({**eval_prompts, "min_steps": None, "steps": k, "count": count})
         longest = max(len(tokenizer.encode(r["solution"])) + 1 for r in records)
         prompt = max(len(tokenizer.encode(GrpoConfig().prompt_template.format(prompt=r["prompt"]))) for r in records)
         out[k] = {**accuracies(model, tokenizer, records, longest + 8, dev), "solution_tokens_max": longest,
@@ -190,13 +193,23 @@ def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int
     return out
 
 
-def pick_level(sweep: dict) -> int:
-    """The number of operations whose accuracy is nearest TARGET_ACCURACY for the model furthest from it (the
-    easier one on a tie): not the mean, which can pick a level one model already solves (run 2: 0.83 and 0.61).
+def pick_levels(sweep: dict) -> tuple[int, int]:
+    """(easier, harder) levels for RL: `harder` is the first level where some model's sampled accuracy falls below
+    FLOOR_ACCURACY, `easier` the level before it, where every model is still at or above it. When no level falls
+    below the floor (run 2's sweep ended at 6 operations with 0.83 / 0.61), both are the hardest level measured:
+    the sweep was too short. When the easiest level is already below it, both are that level.
     `sweep`: {model: {str(level): {"accuracy": ...}}}."""
     levels = sorted({int(k) for s in sweep.values() for k in s})
-    worst = {k: max(abs(s[str(k)]["accuracy"] - TARGET_ACCURACY) for s in sweep.values()) for k in levels}
-    return min(levels, key=lambda k: (worst[k], k))
+    below = [k for k in levels if min(s[str(k)]["accuracy"] for s in sweep.values()) < FLOOR_ACCURACY]
+    if not below:
+        return levels[-1], levels[-1]
+    harder = below[0]
+    easier = max((k for k in levels if k < harder), default=harder)
+    return easier, harder
+
+
+def levels_text(levels) -> str:
+    return f"{levels[0]}" if levels[0] == levels[1] else f"{levels[0]}..{levels[1]}"
 
 
 def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) -> dict:
@@ -214,9 +227,10 @@ def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) 
     return out
 
 
-def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tokens: int, seconds: float,
-             device: str) -> dict:
-    """The blueprint's GRPO stage on problems of `level` operations, continuing the SFT run (--resume auto)."""
+def run_grpo(resolved: dict, work: Path, sft_steps: int, levels: tuple[int, int], max_new_tokens: int,
+             seconds: float, device: str) -> dict:
+    """The blueprint's GRPO stage on problems of levels[0]..levels[1] operations, continuing the SFT run
+    (--resume auto)."""
     from hyloom.train import RunDir, train
 
     staged = json.loads(json.dumps(resolved))
@@ -224,7 +238,8 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tok
     staged["stages"][0]["train"].update(steps=sft_steps, device=device)  # as the SFT phase ran it
     grpo = staged["stages"][1]["train"]
     grpo.update(device=device, max_new_tokens=max_new_tokens, max_seconds=max(seconds, 1.0))
-    grpo["prompts"]["steps"] = grpo["eval_prompts"]["steps"] = level
+    for prompts in (grpo["prompts"], grpo["eval_prompts"]):
+        prompts["min_steps"], prompts["steps"] = levels
     bp, res = validated(staged)
     began = time.perf_counter()
     result = train(bp, res, resume="auto", progress=False)
@@ -237,7 +252,7 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, level: int, max_new_tok
             "approx_kl", "clip_high", "clip_low", "grad_norm", "logp_mismatch", "rollout_seconds", "update_seconds",
             "rollout_tokens_per_s", "groups_all_same")
     tok_s = [r["rollout_tokens_per_s"] for r in steps[1:]] or [r["rollout_tokens_per_s"] for r in steps]
-    return {"steps": result["steps"], "seconds": seconds, "level": level, **greedy,
+    return {"steps": result["steps"], "seconds": seconds, "levels": list(levels), **greedy,
             "max_new_tokens": max_new_tokens, "lr": bp.stages[1].train.lr,
             "accuracy_before": evals[0][1] if evals else None, "accuracy_after": evals[-1][1] if evals else None,
             "eval_curve": [{"step": s, "accuracy": a} for s, a in evals],
@@ -257,7 +272,7 @@ def figures(results: dict, out: Path) -> None:
         line_plot(out / "accuracy.png", {LABELS.get(m, m): [(p["step"], p["accuracy"]) for p in g["eval_curve"]]
                                          for m, g in grpo.items()},
                   markers=tuple(LABELS.get(m, m) for m in grpo), xlabel="GRPO step",
-                  ylabel="held-out accuracy (sampled, T = 1)", title=f"GRPO on {results.get('level', '?')}-operation problems")
+                  ylabel="held-out accuracy (sampled, T = 1)", title=f"GRPO on {levels_text(results['levels'])}-operation problems")
         series = {}
         for m, g in grpo.items():
             series[f"{m}: entropy (nats/token)"] = [(p["step"], p["entropy"]) for p in g["curve"]]
@@ -289,8 +304,10 @@ def summary(results: dict) -> str:
         for m, s in results["sweep"].items():
             for key, what in (("accuracy", "sampled"), ("greedy_accuracy", "greedy")):
                 lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
-        lines.append(f"RL difficulty: {results.get('level')} operations (sampled accuracy nearest {TARGET_ACCURACY} for the model furthest from it; "
-                     f"SFT saw {results.get('sft_operations', '?')})")
+        if "levels" in results:
+            lines.append(f"RL difficulty: {levels_text(results['levels'])} operations (the hardest level with every "
+                         f"model's sampled accuracy >= {FLOOR_ACCURACY}, and the next; SFT saw "
+                         f"{results.get('sft_operations', '?')})")
     grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
     if grpo:
         lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'sampled acc before -> after':>30}"
@@ -310,6 +327,12 @@ def summary(results: dict) -> str:
                          f"{first['response_length_mean']:>11.1f} -> {last['response_length_mean']:<6.1f}"
                          f"{g['rollout_tokens_per_s']:>15,.0f}")
         lines.append("(changes in accuracy points; entropy of the policy on its samples, nats/token; length in tokens)")
+        for m, g in grpo.items():
+            for k, after in sorted(g.get("by_level", {}).items(), key=lambda kv: int(kv[0])):
+                before = results["sweep"][m][k]
+                lines.append(f"  {m}, {k} operations (the sweep's problems): sampled "
+                             f"{change(before['accuracy'], after['accuracy']).strip()}, greedy "
+                             f"{change(before['greedy_accuracy'], after['greedy_accuracy']).strip()}")
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +381,7 @@ def main(argv=None) -> int:
 
     loaded = {m: load(m, scale["overrides"] + scale["model_overrides"][m] + args.set) for m in models}
     results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
-               "python": platform.python_version(), "target_accuracy": TARGET_ACCURACY, "overrides": args.set,
+               "python": platform.python_version(), "floor_accuracy": FLOOR_ACCURACY, "overrides": args.set,
                "models": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -395,13 +418,16 @@ def main(argv=None) -> int:
         log(f"{m}: difficulty sweep")
         got = sweep_accuracy(work / m, eval_prompts, scale["sweep"], scale["sweep_prompts"], str(device))
         results["sweep"][m] = {str(k): v for k, v in got.items()}
-    level = pick_level(results["sweep"])
-    longest = max(s[str(level)]["solution_tokens_max"] for s in results["sweep"].values())
-    prompt = max(s[str(level)]["prompt_tokens_max"] for s in results["sweep"].values())
+    levels = pick_levels(results["sweep"])
+    if levels[0] == levels[1]:
+        log(f"warning: the sweep has no pair of levels on both sides of sampled accuracy {FLOOR_ACCURACY}; "
+            f"RL on {levels[0]} operations alone")
+    longest = max(s[str(levels[1])]["solution_tokens_max"] for s in results["sweep"].values())
+    prompt = max(s[str(levels[1])]["prompt_tokens_max"] for s in results["sweep"].values())
     # room to ramble, and to see it; within the model's positions
     new_tokens = min(2 * longest, first.model.max_seq_len - prompt)
-    results["level"], results["max_new_tokens"] = level, new_tokens
-    log(f"RL difficulty: {level} operations, max_new_tokens {new_tokens} ({left():.0f} s left)")
+    results["levels"], results["max_new_tokens"] = list(levels), new_tokens
+    log(f"RL difficulty: {levels_text(levels)} operations, max_new_tokens {new_tokens} ({left():.0f} s left)")
     write(results, out)
 
     # equal GRPO time per model, fixed now: the first one's overrun cannot eat the second one's share
@@ -411,7 +437,11 @@ def main(argv=None) -> int:
         share = min(share, (left() - scale["reserve_share"] * budget) / (len(models) - i) - scale["grpo_overhead"])
         log(f"{m}: GRPO for {share:.0f} s")
         g = results["models"][m]["grpo"] = run_grpo(loaded[m][0], work / m, results["models"][m]["sft"]["steps"],
-                                                    level, results["max_new_tokens"], share, str(device))
+                                                    levels, results["max_new_tokens"], share, str(device))
+        log(f"{m}: accuracy by level after GRPO")
+        got = sweep_accuracy(work / m, eval_prompts, list(range(levels[0], levels[1] + 1)), scale["sweep_prompts"],
+                             str(device), folder="grpo")
+        g["by_level"] = {str(k): v for k, v in got.items()}
         log(f"{m}: GRPO {g['steps']} steps in {g['seconds']} s, held-out accuracy {g['accuracy_before']:.3f} -> "
             f"{g['accuracy_after']:.3f} sampled, {g['greedy_accuracy_before']:.3f} -> {g['greedy_accuracy_after']:.3f} "
             f"greedy, {g['rollout_tokens_per_s']:,.0f} rollout tokens/s ({left():.0f} s left)")

@@ -1,6 +1,6 @@
 """The GRPO experiment (bench/grpo_small.py): its two blueprints validate, differ only in the model and have the
-same size; the toy scale shrinks both alike; the difficulty is picked from the sweep; figures and the summary are
-drawn from a results file alone."""
+same size; the toy scale shrinks both alike; the RL levels are picked from the sweep (on the GPU runs' tables);
+figures and the summary are drawn from a results file alone."""
 
 import importlib.util
 import json
@@ -60,29 +60,40 @@ def test_toy_scale_shrinks_both_models_alike():
     assert {k for k in a if a[k] != b[k]} == {"model"}
 
 
-def test_the_difficulty_nearest_the_target_accuracy():
+def table(rows):
+    """{model: [sampled accuracy at 1, 2, ... operations]} as the script's sweep records it."""
+    return {m: {str(k): {"accuracy": a} for k, a in enumerate(accs, 1)} for m, accs in rows.items()}
+
+
+def test_rl_levels_straddle_the_floor_on_the_gpu_runs_sweeps():
     bench = script()
-    sweep = {"dense": {"1": {"accuracy": 0.9}, "2": {"accuracy": 0.6}, "3": {"accuracy": 0.3}},
-             "hybrid": {"1": {"accuracy": 0.8}, "2": {"accuracy": 0.4}, "3": {"accuracy": 0.05}}}
-    assert bench.TARGET_ACCURACY == 0.30
-    assert bench.pick_level(sweep) == 3  # furthest model 0.6, 0.3, 0.25 from 0.30
-    sweep["dense"]["2"]["accuracy"] = 0.2
-    assert bench.pick_level(sweep) == 2  # both 0.1 from 0.30
-    # run 2's case: a mean near 0.30 can hide a model that is already good; the furthest model decides
-    sweep = {"dense": {"6": {"accuracy": 0.55}, "7": {"accuracy": 0.35}},
-             "hybrid": {"6": {"accuracy": 0.05}, "7": {"accuracy": 0.25}}}
-    assert bench.pick_level(sweep) == 7  # means 0.3 and 0.3: the tie would pick 6 by the mean
+    assert bench.FLOOR_ACCURACY == 0.20
+    # run 3 (SFT on 1..4): a cliff after 4; it trained on 5 alone, where ~98% / 75% of its groups had one reward
+    run3 = table({"dense": [1.00, 0.98, 0.89, 0.77, 0.02, 0.01, 0.01, 0.02],
+                  "hybrid": [0.99, 0.92, 0.85, 0.64, 0.04, 0.00, 0.02, 0.00]})
+    assert bench.pick_levels(run3) == (4, 5)
+    # run 2 (SFT on 1..6, sweep to 6): nothing below the floor, so the hardest measured level alone
+    run2 = table({"dense": [1.00, 1.00, 0.99, 0.96, 0.93, 0.83], "hybrid": [0.99, 0.97, 0.92, 0.79, 0.73, 0.61]})
+    assert bench.pick_levels(run2) == (6, 6)
+    # the weaker model decides: dense would allow 5..6, the hybrid drops below the floor at 5
+    mixed = table({"dense": [1.0, 0.9, 0.8, 0.6, 0.4, 0.1], "hybrid": [1.0, 0.8, 0.5, 0.3, 0.15, 0.0]})
+    assert bench.pick_levels(mixed) == (4, 5)
+    # exactly at the floor still counts as solved; everything below it: the easiest level alone
+    assert bench.pick_levels(table({"dense": [0.5, 0.2, 0.19]})) == (2, 3)
+    assert bench.pick_levels(table({"dense": [0.1, 0.0]})) == (1, 1)
+    assert bench.levels_text((4, 5)) == "4..5" and bench.levels_text((6, 6)) == "6"
 
 
 def test_figures_and_summary_from_a_results_file(tmp_path):
     bench = script()
     curve = [{"step": s, "entropy": 1.0 - 0.1 * s, "response_length_mean": 30.0 + s, "clipped": 0.0,
               "reward_mean": -0.5 + 0.1 * s} for s in (1, 2, 3)]
-    grpo = {"steps": 3, "seconds": 12.0, "level": 3, "accuracy_before": 0.3, "accuracy_after": 0.55,
+    grpo = {"steps": 3, "seconds": 12.0, "levels": [1, 3], "accuracy_before": 0.3, "accuracy_after": 0.55,
             "greedy_accuracy_before": 0.5, "greedy_accuracy_after": 0.6,
+            "by_level": {"3": {"accuracy": 0.45, "greedy_accuracy": 0.5}},
             "eval_curve": [{"step": 0, "accuracy": 0.3}, {"step": 3, "accuracy": 0.55}], "curve": curve,
             "rollout_tokens_per_s": 1234.0}
-    results = {"scale": "toy", "device": "cpu", "budget_seconds": 60, "level": 3,
+    results = {"scale": "toy", "device": "cpu", "budget_seconds": 60, "levels": [1, 3],
                "models": {m: {"parameters": 1000, "sft": {"steps": 5, "seconds": 2.0, "eval_loss": 1.5},
                               "grpo": grpo} for m in ("dense", "hybrid")},
                "sweep": {m: {"1": {"accuracy": 0.9, "greedy_accuracy": 0.95}, "3": {"accuracy": 0.3, "greedy_accuracy": 0.5}}
@@ -92,7 +103,8 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
                                                           "summary.txt", "sweep.png"]
     text = (tmp_path / "summary.txt").read_text()
     assert "0.300 -> 0.550 (+25.0)" in text and "0.500 -> 0.600 (+10.0)" in text and "1,234" in text
-    assert "RL difficulty: 3 operations" in text
+    assert "RL difficulty: 1..3 operations" in text
+    assert "hybrid, 3 operations (the sweep's problems): sampled 0.300 -> 0.450 (+15.0), greedy 0.500 -> 0.500" in text
 
 
 @pytest.mark.slow
@@ -107,5 +119,7 @@ def test_toy_run_end_to_end(tmp_path):
         g = results["models"][m]["grpo"]
         assert g["steps"] >= 1 and g["eval_curve"][0]["step"] == 0 and g["rollout_tokens_per_s"] > 0
         assert 0 <= g["greedy_accuracy_before"] <= 1 and 0 <= g["greedy_accuracy_after"] <= 1
-    assert results["level"] in (1, 2, 3)
+    lo, hi = results["levels"]
+    assert 1 <= lo <= hi <= 4 and hi - lo <= 1
+    assert set(results["models"]["dense"]["grpo"]["by_level"]) == {str(k) for k in range(lo, hi + 1)}
     assert (tmp_path / "out" / "accuracy.png").exists() and (tmp_path / "out" / "summary.txt").exists()
