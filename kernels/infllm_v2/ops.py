@@ -53,9 +53,103 @@ def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
-def compress_keys(k_BTKD: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
-    """[B, n_kernels, Hkv, D]: mean of each full kernel of keys (a strided view and a mean; no Triton needed)."""
-    return naive.compress_keys_ref(k_BTKD, cfg)
+def _before(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sum: where each sequence's share starts."""
+    return torch.cumsum(counts, 0) - counts
+
+
+class _Packed:
+    """Packed sequences (cu_seqlens, batch of 1) as the varlen kernels see them. Each launch gets the sequence
+    table (int64 [N, SEQ_COLS]: start, length, first kernel, first block score, window blocks) and a table of
+    (sequence, index) pairs, one per program. Both are built here with tensor ops on the host from one copy of
+    cu_seqlens, so nothing loops over the sequences in Python. A sequence of >= dense_len tokens is sparse; a
+    shorter one is dense: its window spans all its blocks, so the dense tiles do all of its attention."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, T: int, dense_len: int, block_size: int, win_blocks: int):
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be int offsets [N + 1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.to("cpu", torch.int64)
+        if cu[0] != 0 or cu[-1] != T or (cu[1:] < cu[:-1]).any():
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {T}, got {cu.tolist()}")
+        self.device = cu_seqlens.device
+        self.start, self.length = cu[:-1], cu[1:] - cu[:-1]
+        self.sparse = self.length >= dense_len
+        self.n_blocks = -(-self.length // block_size)
+        self.win = torch.where(self.sparse, win_blocks, self.n_blocks)
+
+    def seqs(self, length=None, kernels=None, scores=None) -> torch.Tensor:
+        """The sequence table on the device; kernels and scores: per-sequence counts, stored as offsets."""
+        zero = torch.zeros_like(self.start)
+        cols = (self.start, self.length if length is None else length,
+                zero if kernels is None else _before(kernels), zero if scores is None else _before(scores), self.win)
+        return torch.stack(cols, 1).to(self.device)
+
+    def table(self, counts: torch.Tensor, longest_first=False):
+        """(entries, int32 [entries, 2] (sequence, index < count) on the device)."""
+        seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        index = torch.arange(seq.numel()) - torch.repeat_interleave(_before(counts), counts)
+        if longest_first:
+            order = torch.argsort(index, descending=True, stable=True)
+            seq, index = seq[order], index[order]
+        return seq.numel(), torch.stack([seq, index], 1).to(self.device, torch.int32)
+
+    def tiles(self, tile: int, length=None, **kw):
+        """Tiles of `tile` tokens of every sequence (of `length` tokens each if given, else all its tokens)."""
+        return self.table(-(-(self.length if length is None else length) // tile), **kw)
+
+    def token_seq(self) -> torch.Tensor:
+        """[T] the sequence of each packed token, on the device."""
+        return torch.repeat_interleave(torch.arange(self.length.numel()), self.length).to(self.device)
+
+
+def _launch(pack, T: int, tile: int, seqs=None, **kw):
+    """(programs along grid axis 0, sequence table, program table): tiles of T tokens, or of each packed sequence."""
+    if pack is None:
+        return triton.cdiv(T, tile), None, None
+    n, tab = pack.tiles(tile, **kw)
+    return n, pack.seqs() if seqs is None else seqs, tab
+
+
+def compress_keys(k_BTKD: torch.Tensor, cfg: SparseConfig, cu_seqlens=None) -> torch.Tensor:
+    """[B, n_kernels, Hkv, D]: mean of each full kernel of keys (a strided view and a mean; no Triton needed).
+
+    cu_seqlens (batch of 1, sequences packed along T): [1, sum of n_kernels(length), Hkv, D], each sequence's
+    kernels from its own first token, the sequences one after another.
+    """
+    if cu_seqlens is None:
+        return naive.compress_keys_ref(k_BTKD, cfg)
+    pack = _Packed(cu_seqlens, k_BTKD.shape[1], 0, cfg.block_size, 0)
+    return _packed_kernels(k_BTKD, pack, cfg)
+
+
+def _kernel_counts(pack: _Packed, size: int, stride: int) -> torch.Tensor:
+    """Kernels of each sparse sequence (config.n_kernels of its length); a dense one needs none."""
+    return torch.where(pack.sparse, torch.clamp(pack.length - size, min=-stride) // stride + 1, 0)
+
+
+def _packed_kernels(k_1TKD, pack: _Packed, cfg: SparseConfig) -> torch.Tensor:
+    """The kernels of the sparse sequences of the pack, as compress_keys_ref makes them for each alone."""
+    counts = _kernel_counts(pack, cfg.kernel_size, cfg.kernel_stride)
+    j = torch.arange(int(counts.sum())) - torch.repeat_interleave(_before(counts), counts)
+    first = torch.repeat_interleave(pack.start, counts) + j * cfg.kernel_stride
+    rows = (first[:, None] + torch.arange(cfg.kernel_size)).to(k_1TKD.device)
+    windows = k_1TKD[:, rows].permute(0, 1, 3, 4, 2)  # [1, n, Hkv, D, kernel_size], like the reference's unfold
+    return windows.to(torch.float32, memory_format=torch.contiguous_format).mean(-1).to(k_1TKD.dtype)
+
+
+def _packed_coarse_keys(kc_1NKD, pack: _Packed, cfg: SparseConfig):
+    """(coarse kernels of each sparse sequence, as naive.coarse_keys makes them from its fine kernels alone,
+    their counts per sequence)."""
+    fine = _kernel_counts(pack, cfg.kernel_size, cfg.kernel_stride)
+    counts = _kernel_counts(pack, cfg.lse_kernel_size, cfg.lse_kernel_stride)
+    j = torch.arange(int(counts.sum())) - torch.repeat_interleave(_before(counts), counts)
+    first = torch.repeat_interleave(_before(fine), counts) + j * (cfg.lse_kernel_stride // cfg.kernel_stride)
+    parts = torch.arange(cfg.lse_kernel_size // cfg.kernel_size) * (cfg.kernel_size // cfg.kernel_stride)
+    Hkv, D = kc_1NKD.shape[2:]
+    rows = (first[:, None] + parts).flatten().to(kc_1NKD.device)
+    coarse = kc_1NKD.float()[:, rows].view(1, -1, parts.numel(), Hkv, D).mean(2).to(kc_1NKD.dtype)
+    return coarse, counts
 
 
 def update_compressed_keys(k_cache, kc_cache, prev_len: int, cache_len: int, cfg: SparseConfig) -> int:
@@ -81,17 +175,75 @@ def select_blocks(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0, ba
 
 
 @torch.library.custom_op("hyloom::infllm_v2_select", mutates_args=())
-def select_op(q: torch.Tensor, kc: torch.Tensor, cfg: list[int], scale: float, q_offset: int) -> torch.Tensor:
-    """select_blocks on the Triton kernels; cfg: the SparseConfig's fields in order (an op takes no dataclass)."""
+def select_op(q: torch.Tensor, kc: torch.Tensor, cfg: list[int], scale: float, q_offset: int,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """select_blocks on the Triton kernels; cfg: the SparseConfig's fields in order (an op takes no dataclass).
+
+    cu_seqlens (batch of 1, q_offset 0): kc is then the packed *keys* [1, T, Hkv, D], compressed here per
+    sequence; every sequence selects on its own (positions, kernels and blocks from its first token); the
+    tokens of a sequence shorter than dense_len get only their init blocks (see sparse_fwd_op).
+    """
     sparse = SparseConfig(*cfg)
+    if cu_seqlens is not None:
+        return _select_packed(q.contiguous(), kc, sparse, scale, cu_seqlens)
     scores = block_scores(q, kc, sparse, scale, q_offset)
     return topk_blocks(scores, sparse.k_total, backend="triton")
 
 
 @select_op.register_fake
-def _(q, kc, cfg, scale, q_offset):
+def _(q, kc, cfg, scale, q_offset, cu_seqlens=None):
     B, T, H, _ = q.shape
     return q.new_empty((B, kc.shape[2], T, SparseConfig(*cfg).k_total), dtype=torch.int32)
+
+
+def _select_packed(q, k, cfg: SparseConfig, scale: float, cu_seqlens) -> torch.Tensor:
+    """Stage 1 and top-k of every packed sequence in one launch each: [1, Hkv, T, k_total] int32."""
+    _, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G, GP = H // Hkv, _pow2(H // Hkv)
+    pack = _Packed(cu_seqlens, T, cfg.dense_len, cfg.block_size, cfg.window // cfg.block_size)
+    kc = _packed_kernels(k, pack, cfg).to(q.dtype).contiguous()
+    n_scores = torch.where(pack.sparse, pack.length * pack.n_blocks, 0)
+    scores = _empty(max(1, Hkv * int(n_scores.sum())), device=q.device, dtype=torch.float32)
+    sparse_len = torch.where(pack.sparse, pack.length, 0)
+    if sparse_len.any():
+        block_t = max(1, min(TUNE["select_rows"] // GP, _pow2(int(sparse_len.max()))))
+        fine = _kernel_counts(pack, cfg.kernel_size, cfg.kernel_stride)
+        seqs = pack.seqs(length=sparse_len, kernels=fine, scores=Hkv * n_scores)
+        if kc.shape[1] == 0:  # no kernel yet anywhere: pass 2 only writes forced / future marks
+            lse = torch.full((1, 1, H, T), float("-inf"), device=q.device)
+        elif not cfg.approx_lse:
+            lse = _kernel_lse(q, kc, cfg.kernel_size, cfg.kernel_stride, 0, scale, block_t,
+                              varlen=(seqs, *pack.tiles(block_t, length=sparse_len)))
+        else:  # as block_scores: the coarse normaliser, the exact one for each sequence's first few queries
+            kcc, coarse = _packed_coarse_keys(kc, pack, cfg)
+            lse = _kernel_lse(q, kcc.contiguous(), cfg.lse_kernel_size, cfg.lse_kernel_stride, 0, scale, block_t,
+                              varlen=(pack.seqs(length=sparse_len, kernels=coarse), *pack.tiles(block_t, length=sparse_len)))
+            early = torch.clamp(sparse_len, max=cfg.lse_kernel_size - 1)
+            _kernel_lse(q, kc, cfg.kernel_size, cfg.kernel_stride, 0, scale, block_t, out=lse[:1],
+                        varlen=(pack.seqs(length=early, kernels=fine), *pack.tiles(block_t, length=early)))
+        n_tiles, tab = pack.tiles(block_t, length=sparse_len, longest_first=True)
+        pow2_stride = (cfg.pool_stride & (cfg.pool_stride - 1)) == 0
+        triton_select._block_scores[(n_tiles, Hkv)](
+            q, kc, lse, scores, T, 0, Hkv, 0, 0, scale * LOG2E, lse.shape[0],
+            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2), 0, 0, 0, seqs, tab,
+            G=G, GP=GP, BLOCK_T=block_t, BLOCK_B=TUNE["select_blocks"], D=D, KSIZE=cfg.kernel_size,
+            KSTRIDE=cfg.kernel_stride, BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride,
+            POOL_P=cfg.pool_padding, CONTIG_W=min(cfg.pool_stride, cfg.pool_window) if pow2_stride else 0,
+            INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, VARLEN=True, **TUNE["scores"])
+    else:
+        seqs = pack.seqs()
+    # top-k of every token (TUNE["triton_topk"] does not apply: the reference has no ragged rows)
+    idx = _empty(1, Hkv, T, cfg.k_total, device=q.device, dtype=torch.int32)
+    n_tok, tab = pack.tiles(1)
+    if n_tok:
+        max_blocks = int(torch.where(pack.sparse, pack.n_blocks, 0).max())
+        triton_select._topk_blocks[(n_tok, Hkv)](
+            scores, idx, 0, 0, idx.stride(2), seqs, tab, idx.stride(1), cfg.dense_len, K=cfg.k_total,
+            K_P=_pow2(cfg.k_total), NB_P=_pow2(max(max_blocks, cfg.init_blocks), 16), VARLEN=True,
+            BS=cfg.block_size, INIT=cfg.init_blocks, **TUNE["topk"])
+    return idx
 
 
 def topk_blocks(scores, k_total: int, backend=None) -> torch.Tensor:
@@ -105,7 +257,7 @@ def topk_blocks(scores, k_total: int, backend=None) -> torch.Tensor:
     idx = _empty(*scores.shape[:-1], k_total, device=scores.device, dtype=torch.int32)
     if rows.shape[0]:
         triton_select._topk_blocks[(rows.shape[0],)](
-            rows, idx, n_blocks, rows.stride(0), k_total, K=k_total, K_P=_pow2(k_total), NB_P=_pow2(n_blocks, 16),
+            rows, idx, n_blocks, rows.stride(0), k_total, None, None, 0, 0, K=k_total, K_P=_pow2(k_total), NB_P=_pow2(n_blocks, 16),
             **TUNE["topk"])
     return idx
 
@@ -138,7 +290,7 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
     triton_select._block_scores[(triton.cdiv(T, block_t), B * Hkv)](
         q, kc, lse, out, T, N, Hkv, n_blocks, q_offset, scale * LOG2E, lse.shape[0],
         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), None, None,
         G=G, GP=GP, BLOCK_T=block_t, BLOCK_B=block_b, D=D, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
         BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride, POOL_P=cfg.pool_padding,
         CONTIG_W=min(cfg.pool_stride, cfg.pool_window) if pow2_stride else 0,
@@ -146,33 +298,37 @@ def block_scores(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0) -> 
     return out
 
 
-def _kernel_lse(q, keys, ksize, kstride, q_offset, scale, block_t, out=None):
+def _kernel_lse(q, keys, ksize, kstride, q_offset, scale, block_t, out=None, varlen=None):
     """Pass 1: [splits, B, H, T] partial LSEs (log2 units) of q·keys*scale over the keys (kernels of ksize,
     kstride) each query sees; pass 2 merges the splits. When the tiles alone would leave most of the GPU idle
     (decode), the kernels are split among programs. out: write one split there instead.
+    varlen = (sequence table, tiles, tile table): packed sequences (see _Packed), each over its own keys.
     """
     B, T, H, D = q.shape
     N, Hkv = keys.shape[1], keys.shape[2]
-    tiles = triton.cdiv(T, block_t) * B * Hkv
+    seqs, n_tiles, tab = varlen if varlen else (None, triton.cdiv(T, block_t), None)
+    tiles = max(1, n_tiles * B * Hkv)
     splits = max(1, min(TUNE["lse_min_programs"] // tiles, triton.cdiv(N, TUNE["lse_kernels"])))
     if out is None:
         out = _empty(splits, B, H, T, device=q.device, dtype=torch.float32)
     else:
         splits = 1
-    triton_select._kernel_lse[(triton.cdiv(T, block_t), B * Hkv, splits)](
-        q, keys, out, T, N, Hkv, q_offset, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        G=H // Hkv, GP=_pow2(H // Hkv), BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=ksize,
-        KSTRIDE=kstride, **TUNE["lse"])
+    if n_tiles:
+        triton_select._kernel_lse[(n_tiles, B * Hkv, splits)](
+            q, keys, out, T, N, Hkv, q_offset, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), seqs, tab,
+            G=H // Hkv, GP=_pow2(H // Hkv), BLOCK_T=block_t, BLOCK_N=TUNE["lse_kernels"], D=D, KSIZE=ksize,
+            KSTRIDE=kstride, VARLEN=varlen is not None, **TUNE["lse"])
     return out
 
 
-def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None):
+def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None, pack=None):
     """Launch the forward kernel(s); returns (o [B,T,H,D], lse [B,H,T] in log2 units).
 
     local = (init_blocks, window_blocks) says that idx holds those forced blocks (as select_blocks makes it):
     they then run as dense tiles in _local_fwd and _sparse_fwd only walks the remaining picks.
+    pack (a _Packed, with local, q_offset 0, one split): every packed sequence attends within itself.
     """
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -192,19 +348,23 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None)
         o_in = _empty(q.shape, device=q.device, dtype=torch.float32)
         gp_local = _pow2(G)
         tm = max(1, TUNE["local_rows"] // gp_local)
-        triton_attn._local_fwd[(triton.cdiv(T, tm), B * Hkv)](
+        n_tiles, seqs, tab = _launch(pack, T, tm)
+        triton_attn._local_fwd[(n_tiles, B * Hkv)](
             q, k, v, o_in, lse, T, Hkv, q_offset, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o_in.stride(0), o_in.stride(1), o_in.stride(2),
-            lse.stride(0), lse.stride(1),
-            G=G, GP=gp_local, D=D, BS=block_size, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local"])
+            lse.stride(0), lse.stride(1), seqs, tab,
+            G=G, GP=gp_local, D=D, BS=block_size, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks,
+            VARLEN=pack is not None, **TUNE["local"])
         extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
-    triton_attn._sparse_fwd[(T, B * Hkv, splits)](
+    n_tok, seqs, tab = _launch(pack, T, 1)
+    triton_attn._sparse_fwd[(n_tok, B * Hkv, splits)](
         q, k, v, idx, o_in, o_s, lse_s, Hkv, q_offset, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), o_s.stride(3), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
-        G=G, GP=GP, D=D, BS=block_size, KSEL=ksel, KSEL_P=_pow2(ksel), SPLITS=splits, **extra, **TUNE["fwd"])
+        seqs, tab, G=G, GP=GP, D=D, BS=block_size, KSEL=ksel, KSEL_P=_pow2(ksel), SPLITS=splits,
+        VARLEN=pack is not None, **extra, **TUNE["fwd"])
     if splits > 1:
         o = _empty(q.shape, device=q.device, dtype=q.dtype)
         lse = _empty(B, H, T, device=q.device, dtype=torch.float32)
@@ -215,12 +375,22 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None)
     return o, lse
 
 
-def _dkdv_work(idx, n_blocks: int, chunk: int, valid):
-    """Reverse the block lists: for each (b*Hkv+kvh, block), the query tokens whose valid picks hold it, in chunks."""
+def _dkdv_work(idx, n_blocks: int, chunk: int, valid, pack=None):
+    """Reverse the block lists: for each (b*Hkv+kvh, block), the query tokens whose valid picks hold it, in chunks.
+
+    pack: the blocks of all packed sequences are numbered one after another (n_blocks is ignored); the work's
+    blocks come back as (sequence, block in it) pairs and its tokens as positions in their sequence."""
     B, Hkv, T, S = idx.shape
     bk = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
-    key = (bk * n_blocks + idx.long())[valid]
-    tok = torch.arange(T, device=idx.device, dtype=torch.int32).view(1, 1, T, 1).expand(B, Hkv, T, S)[valid]
+    tok_T = torch.arange(T, device=idx.device)
+    block_idx = idx.long()
+    if pack is not None:
+        n_blocks = int(pack.n_blocks.sum())
+        tok_seq = pack.token_seq()
+        tok_T = tok_T - pack.start.to(idx.device)[tok_seq]
+        block_idx = block_idx + _before(pack.n_blocks).to(idx.device)[tok_seq].view(1, 1, T, 1)
+    key = (bk * n_blocks + block_idx)[valid]
+    tok = tok_T.to(torch.int32).view(1, 1, T, 1).expand(B, Hkv, T, S)[valid]
     key_sorted, order = torch.sort(key, stable=True)
     tok_list = tok[order].contiguous()
     counts = torch.bincount(key_sorted, minlength=B * Hkv * n_blocks)
@@ -232,10 +402,15 @@ def _dkdv_work(idx, n_blocks: int, chunk: int, valid):
     lo = starts[work_key] + chunk_no * chunk
     hi = torch.minimum(lo + chunk, starts[work_key] + counts[work_key])
     as32 = lambda x: x.to(torch.int32).contiguous()
-    return as32(work_key // n_blocks), as32(work_key % n_blocks), as32(lo), as32(hi), tok_list
+    work_blk = work_key % n_blocks
+    if pack is not None:  # global block -> (sequence, block in it)
+        block_seq = torch.repeat_interleave(torch.arange(pack.n_blocks.numel()), pack.n_blocks).to(idx.device)
+        seq = block_seq[work_blk]
+        work_blk = torch.stack([seq, work_blk - _before(pack.n_blocks).to(idx.device)[seq]], 1)
+    return as32(work_key // n_blocks), as32(work_blk), as32(lo), as32(hi), tok_list
 
 
-def _sparse_bwd(q, k, v, idx, o, lse, do, bs, scale, q_offset, local):
+def _sparse_bwd(q, k, v, idx, o, lse, do, bs, scale, q_offset, local, pack=None):
     B, T, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G, GP = H // Hkv, _pow2(H // Hkv, 16)
@@ -252,46 +427,73 @@ def _sparse_bwd(q, k, v, idx, o, lse, do, bs, scale, q_offset, local):
         dq_in = _empty(q.shape, device=q.device, dtype=torch.float32)
         gp_local = _pow2(G)
         tm = max(1, TUNE["local_rows"] // gp_local)
-        triton_attn._local_bwd_dq[(triton.cdiv(T, tm), B * Hkv)](
+        n_tiles, seqs, tab = _launch(pack, T, tm)
+        triton_attn._local_bwd_dq[(n_tiles, B * Hkv)](
             q, k, v, do, lse, delta, dq_in, T, Hkv, q_offset, scale * LOG2E, *strides, lse.stride(0), lse.stride(1),
-            G=G, GP=gp_local, D=D, BS=bs, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks, **TUNE["local_dq"])
-        n_key_blocks = -(-Tk // bs)
-        if n_key_blocks > init_blocks:
+            seqs, tab, G=G, GP=gp_local, D=D, BS=bs, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks,
+            VARLEN=pack is not None, **TUNE["local_dq"])
+        if pack is None:
+            n_key_blocks, seqs, tab = -(-Tk // bs) - init_blocks, None, None
+        else:
+            n_key_blocks, tab = pack.table(torch.clamp(pack.n_blocks - init_blocks, min=0))
+        if n_key_blocks > 0:
             tq = max(1, TUNE["local_dkdv_rows"] // gp_local)
-            triton_attn._local_bwd_dkdv[(n_key_blocks - init_blocks, B * Hkv)](
+            triton_attn._local_bwd_dkdv[(n_key_blocks, B * Hkv)](
                 q, k, v, do, lse, delta, dk, dv, T, Tk, Hkv, q_offset, scale * LOG2E, scale, *strides,
-                lse.stride(0), lse.stride(1),
+                lse.stride(0), lse.stride(1), seqs, tab,
                 G=G, GP=gp_local, D=D, BS=bs, TQ=tq, INIT=init_blocks, WIN_BLOCKS=win_blocks,
-                **TUNE["local_dkdv"])
-        qblk = (torch.arange(T, device=idx.device) + q_offset) // bs
-        window_lo = (qblk - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
+                VARLEN=pack is not None, **TUNE["local_dkdv"])
+        pos_T = torch.arange(T, device=idx.device) + q_offset
+        win_T = win_blocks
+        if pack is not None:  # positions and windows of each token's own sequence
+            tok_seq = pack.token_seq()
+            pos_T = pos_T - pack.start.to(idx.device)[tok_seq]
+            win_T = pack.win.to(idx.device)[tok_seq]
+        window_lo = (pos_T // bs - win_T).clamp_min(init_blocks).view(1, 1, T, 1)
         picks = picks & (idx < window_lo)
         extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
     ksel = idx.shape[-1]
-    triton_attn._sparse_bwd_dq[(T, B * Hkv)](
+    n_tok, seqs, tab = _launch(pack, T, 1)
+    triton_attn._sparse_bwd_dq[(n_tok, B * Hkv)](
         q, k, v, do, lse, delta, idx, dq_in, dq, Hkv, q_offset, scale * LOG2E, scale, *strides,
-        idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1),
-        G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), **extra, **TUNE["dq"])
+        idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), seqs, tab,
+        G=G, GP=GP, D=D, BS=bs, KSEL=ksel, KSEL_P=_pow2(ksel), VARLEN=pack is not None, **extra, **TUNE["dq"])
     tq = max(1, TUNE["dkdv_rows"] // GP)
-    work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks)
+    work_bk, work_blk, lo, hi, tok_list = _dkdv_work(idx, -(-Tk // bs), TUNE["dkdv_chunk"] * tq, picks, pack)
     if work_bk.numel():
         triton_attn._sparse_bwd_dkdv[(work_bk.numel(),)](
             q, k, v, do, lse, delta, dk, dv, work_bk, work_blk, lo, hi, tok_list, Hkv, Tk, q_offset,
-            scale * LOG2E, scale, *strides, lse.stride(0), lse.stride(1),
-            G=G, GP=GP, D=D, BS=bs, TQ=tq, **TUNE["dkdv"])
+            scale * LOG2E, scale, *strides, lse.stride(0), lse.stride(1), seqs,
+            G=G, GP=GP, D=D, BS=bs, TQ=tq, VARLEN=pack is not None, **TUNE["dkdv"])
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _attn_pack(q, idx, block_size, q_offset, local, cu_seqlens, dense_len):
+    """The _Packed of a varlen attention op (None without cu_seqlens), after checking its arguments."""
+    if cu_seqlens is None:
+        return None
+    if q.shape[0] != 1 or q_offset or not local or idx.shape[1] and idx.shape[-1] < local[0]:
+        raise ValueError("varlen attention needs a batch of 1, q_offset 0 and local=(init_blocks, window_blocks)")
+    return _Packed(cu_seqlens, q.shape[1], dense_len, block_size, local[1])
 
 
 @torch.library.custom_op("hyloom::infllm_v2_sparse_fwd", mutates_args=())
 def sparse_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
-                  q_offset: int, local: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, D], lse [B, H, T] fp32 in log2 units); local: (init_blocks, window_blocks) or None."""
+                  q_offset: int, local: Optional[list[int]], cu_seqlens: Optional[torch.Tensor] = None,
+                  dense_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, D], lse [B, H, T] fp32 in log2 units); local: (init_blocks, window_blocks) or None.
+
+    cu_seqlens (batch of 1, needs local): each packed sequence attends within itself, its blocks and positions
+    counted from its first token; one of fewer than dense_len tokens attends densely (causal, all its keys),
+    and its rows of idx need only hold its init blocks (as select_op makes them).
+    """
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
-    return _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=tuple(local) if local else None)
+    pack = _attn_pack(q, idx, block_size, q_offset, local, cu_seqlens, dense_len)
+    return _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, local=tuple(local) if local else None, pack=pack)
 
 
 @sparse_fwd_op.register_fake
-def _(q, k, v, idx, block_size, scale, q_offset, local):
+def _(q, k, v, idx, block_size, scale, q_offset, local, cu_seqlens=None, dense_len=0):
     B, T, H, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
 
@@ -299,29 +501,32 @@ def _(q, k, v, idx, block_size, scale, q_offset, local):
 @torch.library.custom_op("hyloom::infllm_v2_sparse_bwd", mutates_args=())
 def sparse_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, do: torch.Tensor, block_size: int, scale: float, q_offset: int,
-                  local: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of the block-sparse attention whose forward gave o and lse."""
+                  local: Optional[list[int]], cu_seqlens: Optional[torch.Tensor] = None,
+                  dense_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the block-sparse attention whose forward gave o and lse (cu_seqlens: as sparse_fwd_op)."""
     q, k, v, idx, o, do = (x.contiguous() for x in (q, k, v, idx, o, do.to(q.dtype)))
+    pack = _attn_pack(q, idx, block_size, q_offset, local, cu_seqlens, dense_len)
     return _sparse_bwd(q, k, v, idx, o, lse.contiguous(), do, block_size, scale, q_offset,
-                       tuple(local) if local else None)
+                       tuple(local) if local else None, pack)
 
 
 @sparse_bwd_op.register_fake
-def _(q, k, v, idx, o, lse, do, block_size, scale, q_offset, local):
+def _(q, k, v, idx, o, lse, do, block_size, scale, q_offset, local, cu_seqlens=None, dense_len=0):
     like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
     return like(q), like(k), like(v)
 
 
 def _sparse_setup(ctx, inputs, output):
-    q, k, v, idx, block_size, scale, q_offset, local = inputs
-    ctx.save_for_backward(q, k, v, idx, *output)
+    q, k, v, idx, block_size, scale, q_offset, local, cu_seqlens, dense_len = inputs
+    ctx.save_for_backward(q, k, v, idx, *output, cu_seqlens)
     ctx.args = (block_size, scale, q_offset, local)
+    ctx.dense_len = dense_len
 
 
 def _sparse_backward(ctx, do, _dlse):
-    q, k, v, idx, o, lse = ctx.saved_tensors
-    dq, dk, dv = sparse_bwd_op(q, k, v, idx, o, lse, do, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, idx, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = sparse_bwd_op(q, k, v, idx, o, lse, do, *ctx.args, cu_seqlens, ctx.dense_len)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 sparse_fwd_op.register_autograd(_sparse_backward, setup_context=_sparse_setup)
@@ -365,26 +570,20 @@ def infllm_v2_attn(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None, cu_seq
     """The whole layer. Dense causal attention when the key length is < dense_len, else compress -> select -> attend.
 
     cu_seqlens (int tensor [N+1], batch of 1, sequences packed along T): each sequence decides dense or sparse
-    by its own length. A sparse one (>= dense_len keys) runs on its own; the dense ones run as a few padded
-    batches, one per power-of-two length bucket.
+    by its own length and runs as if alone. On Triton all sequences run together, two launches for selection
+    and two for attention (each sequence's programs find their sequence in a table); the dense ones attend as
+    dense tiles. Without Triton, per_sequence_attn.
     """
     if cu_seqlens is not None:
         if q_BTHD.shape[0] != 1:
             raise ValueError("cu_seqlens needs a batch of 1 with the sequences packed along T")
-        bounds = cu_seqlens.tolist()
-        spans = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        out = {}
-        for s, e in spans:
-            if e - s >= cfg.dense_len:
-                out[s] = infllm_v2_attn(q_BTHD[:, s:e], k_BTKD[:, s:e], v_BTKD[:, s:e], cfg, scale, None, backend)
-        buckets = {}
-        for s, e in spans:
-            if e - s < cfg.dense_len:
-                buckets.setdefault(_pow2(e - s), []).append((s, e))
-        for length, group in buckets.items():
-            o = _padded_dense(q_BTHD, k_BTKD, v_BTKD, group, length, scale, backend)
-            out.update({s: o[i:i + 1, :e - s] for i, (s, e) in enumerate(group)})
-        return torch.cat([out[s] for s, _ in spans], dim=1) if spans else q_BTHD[:, :0].clone()
+        if not _use_triton(q_BTHD, backend):
+            return per_sequence_attn(q_BTHD, k_BTKD, v_BTKD, cfg, scale, cu_seqlens, backend)
+        scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
+        idx = select_op(q_BTHD.detach(), k_BTKD.detach(), list(dataclasses.astuple(cfg)), scale, 0, cu_seqlens)
+        o, _ = sparse_fwd_op(q_BTHD, k_BTKD, v_BTKD, idx, cfg.block_size, scale, 0,
+                             [cfg.init_blocks, cfg.window // cfg.block_size], cu_seqlens, cfg.dense_len)
+        return o
     if k_BTKD.shape[1] < cfg.dense_len:
         if backend == "torch":
             return naive.dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale)
@@ -393,6 +592,26 @@ def infllm_v2_attn(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None, cu_seq
     idx = select_blocks(q_BTHD, kc, cfg, scale, backend=backend)
     return block_sparse_attn(q_BTHD, k_BTKD, v_BTKD, idx, cfg.block_size, scale, backend,
                              forced=(cfg.init_blocks, cfg.window // cfg.block_size))
+
+
+def per_sequence_attn(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None, cu_seqlens=None, backend=None):
+    """infllm_v2_attn of packed sequences (batch of 1), one sequence at a time: each sparse one (>= dense_len
+    keys) on its own, the dense ones as a few padded batches, one per power-of-two length bucket. The torch
+    path of varlen, and the baseline the varlen kernels are checked and timed against."""
+    bounds = cu_seqlens.tolist()
+    spans = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    out = {}
+    for s, e in spans:
+        if e - s >= cfg.dense_len:
+            out[s] = infllm_v2_attn(q_BTHD[:, s:e], k_BTKD[:, s:e], v_BTKD[:, s:e], cfg, scale, None, backend)
+    buckets = {}
+    for s, e in spans:
+        if e - s < cfg.dense_len:
+            buckets.setdefault(_pow2(e - s), []).append((s, e))
+    for length, group in buckets.items():
+        o = _padded_dense(q_BTHD, k_BTKD, v_BTKD, group, length, scale, backend)
+        out.update({s: o[i:i + 1, :e - s] for i, (s, e) in enumerate(group)})
+    return torch.cat([out[s] for s, _ in spans], dim=1) if spans else q_BTHD[:, :0].clone()
 
 
 def infllm_v2_decode(q_BHD, k_cache, v_cache, kc_cache, cache_len: int, cfg: SparseConfig, scale=None,

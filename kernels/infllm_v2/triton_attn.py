@@ -7,17 +7,21 @@ its first n_valid entries. Logits are in log2 units (scale * log2 e); the saved 
 The dK/dV pass runs per (KV head, key block) over the reversed lists (the query tokens that picked the block),
 in chunks that each add their partial dK/dV atomically, so a block picked by every token (init, local) is
 spread over many programs instead of one.
+Varlen (VARLEN, packed sequences in a batch of 1): program_id(0) is an entry of a launch table of (sequence,
+index) pairs (triton_select.packed_seq); the program shifts its pointers to the sequence's first token and then
+runs as if that sequence were the whole problem. The window is then per sequence: a dense one (shorter than
+dense_len) has a window over all its blocks, so the dense tiles do all of its attention.
 """
 import triton
 import triton.language as tl
 
-from .triton_select import group_tile, load_group_queries, merge_lse
+from .triton_select import group_tile, load_group_queries, merge_lse, packed_seq
 
 
 @triton.jit
 def token_setup(pid_t, pid_bk, q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP: tl.constexpr, G: tl.constexpr,
                 KSEL: tl.constexpr, KSEL_P: tl.constexpr, BS: tl.constexpr, FROM_LOCAL: tl.constexpr,
-                INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+                INIT: tl.constexpr, win_blocks):
     """A per-token program: token pid_t, its G heads of KV group pid_bk as GP rows, and the picks it walks,
     [lo, hi) of its ascending block list idx_row: every valid pick, or with FROM_LOCAL only those between
     the init blocks and the local window (the dense tiles took the rest). Returns b, kvh, tok, g, row_ok, pos,
@@ -28,7 +32,7 @@ def token_setup(pid_t, pid_bk, q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP: tl.
     sel = tl.load(idx_row + tl.arange(0, KSEL_P), mask=tl.arange(0, KSEL_P) < KSEL, other=-1)
     if FROM_LOCAL:
         lo = tl.sum(((sel >= 0) & (sel < INIT)).to(tl.int32), 0)
-        hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - WIN_BLOCKS, INIT))).to(tl.int32), 0)
+        hi = tl.sum(((sel >= 0) & (sel < tl.maximum(pos // BS - win_blocks, INIT))).to(tl.int32), 0)
     else:
         lo = tl.zeros([], tl.int32)
         hi = tl.sum((sel >= 0).to(tl.int32), 0)
@@ -36,21 +40,21 @@ def token_setup(pid_t, pid_bk, q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP: tl.
 
 
 @triton.jit
-def forced_span(pid_t, T, q_offset, BS: tl.constexpr, TM: tl.constexpr, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+def forced_span(pid_t, T, q_offset, BS: tl.constexpr, TM: tl.constexpr, INIT: tl.constexpr, win_blocks):
     """Key blocks forced for some token of tile pid_t (TM tokens): step s < n_steps walks block
     s (s < n_init, the init blocks) then win_lo + s - n_init (the window), none twice. Also the tile's last position."""
     first_pos = pid_t * TM + q_offset
     last_pos = tl.minimum(pid_t * TM + TM - 1, T - 1) + q_offset
-    win_lo = tl.maximum(first_pos // BS - WIN_BLOCKS, INIT)
+    win_lo = tl.maximum(first_pos // BS - win_blocks, INIT)
     hi = last_pos // BS + 1
     n_init = tl.minimum(INIT, hi)
     return n_init, win_lo, n_init + tl.maximum(hi - win_lo, 0), last_pos
 
 
 @triton.jit
-def is_forced(kb, qblk, INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+def is_forced(kb, qblk, INIT: tl.constexpr, win_blocks):
     """[rows, BS]-ready mask of key block kb being forced for query block qblk (init, own or window block)."""
-    return (kb < INIT) | ((kb <= qblk) & (kb >= qblk - WIN_BLOCKS))
+    return (kb < INIT) | ((kb <= qblk) & (kb >= qblk - win_blocks))
 
 
 @triton.jit
@@ -110,13 +114,25 @@ def dkdv_step(k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, b, kvh, tok, g, ok,
 @triton.jit
 def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_offset, qk_scale,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it,
-                s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh,
+                s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lh, seqs_ptr, tab_ptr,
                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                 KSEL: tl.constexpr, KSEL_P: tl.constexpr, SPLITS: tl.constexpr,
-                FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
+                FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0,
+                VARLEN: tl.constexpr = False):
+    pid_t = tl.program_id(0)
+    win = WIN_BLOCKS
+    if VARLEN:  # o, oin: the same strides
+        pid_t, start, _, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
+        q_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        idx_ptr += start * s_it
+        oin_ptr += start * s_ot
+        o_ptr += start * s_ot
+        lse_ptr += start
     b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
-        tl.program_id(0), tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
-        FROM_LOCAL, INIT, WIN_BLOCKS)
+        pid_t, tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
+        FROM_LOCAL, INIT, win)
     heads = kvh * G + g
     d = tl.arange(0, D)
     q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
@@ -175,14 +191,29 @@ def _merge_splits(o_ptr, lse_ptr, out_ptr, lse_out_ptr, n_splits, s_os, s_ob, s_
 def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqin_ptr, dq_ptr, Hkv, q_offset,
                    qk_scale, scale,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_ih, s_it, s_lb, s_lh,
+                   seqs_ptr, tab_ptr,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    KSEL: tl.constexpr, KSEL_P: tl.constexpr,
-                   FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0):
+                   FROM_LOCAL: tl.constexpr = False, INIT: tl.constexpr = 0, WIN_BLOCKS: tl.constexpr = 0,
+                   VARLEN: tl.constexpr = False):
     # q, do, dq and the fp32 dqin (_local_bwd_dq's unscaled sum over the forced blocks) share one layout
     # (strides s_q*); lse and delta share theirs (s_l*)
+    pid_t = tl.program_id(0)
+    win = WIN_BLOCKS
+    if VARLEN:
+        pid_t, start, _, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
+        q_ptr += start * s_qt
+        do_ptr += start * s_qt
+        dqin_ptr += start * s_qt
+        dq_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        idx_ptr += start * s_it
+        lse_ptr += start
+        delta_ptr += start
     b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
-        tl.program_id(0), tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
-        FROM_LOCAL, INIT, WIN_BLOCKS)
+        pid_t, tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
+        FROM_LOCAL, INIT, win)
     heads = kvh * G + g
     row_off = b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + tl.arange(0, D)[None, :]
     q = tl.load(q_ptr + row_off, mask=row_ok[:, None], other=0.0)
@@ -204,13 +235,25 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
 @triton.jit
 def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                      work_bk_ptr, work_blk_ptr, work_lo_ptr, work_hi_ptr, tok_list_ptr, Hkv, Tk, q_offset, qk_scale, scale,
-                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh, seqs_ptr,
                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr,
-                     KEYS_AS_M: tl.constexpr):
-    # dk/dv are fp32 accumulators with k's strides; q/do share strides; lse/delta share strides
+                     KEYS_AS_M: tl.constexpr, VARLEN: tl.constexpr = False):
+    # dk/dv are fp32 accumulators with k's strides; q/do share strides; lse/delta share strides.
+    # VARLEN: work_blk holds (sequence, key block in it) pairs, tok_list tokens inside the sequence
     w = tl.program_id(0)
     pid_bk = tl.load(work_bk_ptr + w)
-    blk = tl.load(work_blk_ptr + w)
+    if VARLEN:
+        blk, start, Tk, _, _, _ = packed_seq(seqs_ptr, work_blk_ptr, w)
+        q_ptr += start * s_qt
+        do_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        lse_ptr += start
+        delta_ptr += start
+        dk_ptr += start * s_kt
+        dv_ptr += start * s_kt
+    else:
+        blk = tl.load(work_blk_ptr + w)
     lo = tl.load(work_lo_ptr + w)
     hi = tl.load(work_hi_ptr + w)
     b = pid_bk // Hkv
@@ -238,9 +281,9 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
 
 @triton.jit
 def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
-               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh, s_lb, s_lh,
+               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh, s_lb, s_lh, seqs_ptr, tab_ptr,
                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TM: tl.constexpr,
-               INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+               INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, VARLEN: tl.constexpr = False):
     """Attention over the forced blocks only (init blocks + the query's own block and WIN_BLOCKS before it).
 
     Every token of a query block has the same forced blocks, so a tile of TM consecutive tokens × GP heads
@@ -250,13 +293,21 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
     counts for a row only if it is forced for that row's own block.
     """
     pid_t = tl.program_id(0)
+    win = WIN_BLOCKS
+    if VARLEN:
+        pid_t, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
+        q_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        o_ptr += start * s_ot
+        lse_ptr += start
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
     heads = kvh * G + g
     pos = tok + q_offset
     qblk = pos // BS
     d = tl.arange(0, D)
     q = load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
-    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, WIN_BLOCKS)
+    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, win)
     m = tl.full([TM * GP], float("-inf"), tl.float32)
     l = tl.zeros([TM * GP], tl.float32)
     acc = tl.zeros([TM * GP, D], tl.float32)
@@ -265,7 +316,7 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
         kpos = kb * BS + tl.arange(0, BS)
         in_keys = kpos <= last_pos
         k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, in_keys, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
-        seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
+        seen = is_forced(kb, qblk, INIT, win)[:, None] & (kpos[None, :] <= pos[:, None])
         m, l, acc = attend_step(q, k, v, seen, m, l, acc, qk_scale)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(o_ptr + b * s_ob + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], acc / l_safe[:, None],
@@ -275,12 +326,22 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
 
 @triton.jit
 def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hkv, q_offset, qk_scale,
-                  s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                  s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh, seqs_ptr, tab_ptr,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TM: tl.constexpr,
-                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, VARLEN: tl.constexpr = False):
     """dq over the forced blocks, as dense tiles of TM tokens × GP heads like _local_fwd. q, do and the fp32
     dq (left unscaled for _sparse_bwd_dq to finish over the other picks) share strides; lse, delta share theirs."""
     pid_t = tl.program_id(0)
+    win = WIN_BLOCKS
+    if VARLEN:
+        pid_t, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
+        q_ptr += start * s_qt
+        do_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        lse_ptr += start
+        delta_ptr += start
+        dq_ptr += start * s_qt
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
     heads = kvh * G + g
     pos = tok + q_offset
@@ -290,14 +351,14 @@ def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hk
     do = load_group_queries(do_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh, G, D)
     lse = tl.load(lse_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + b * s_lb + heads * s_lh + tok, mask=row_ok, other=0.0)
-    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, WIN_BLOCKS)
+    n_init, win_lo, n_steps, last_pos = forced_span(pid_t, T, q_offset, BS, TM, INIT, win)
     dq = tl.zeros([TM * GP, D], tl.float32)
     for step in range(0, n_steps):
         kb = tl.where(step < n_init, step, win_lo + step - n_init)
         kpos = kb * BS + tl.arange(0, BS)
         in_keys = kpos <= last_pos
         k, v = load_kv(k_ptr, v_ptr, b, kvh, kpos, in_keys, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, D)
-        seen = is_forced(kb, qblk, INIT, WIN_BLOCKS)[:, None] & (kpos[None, :] <= pos[:, None])
+        seen = is_forced(kb, qblk, INIT, win)[:, None] & (kpos[None, :] <= pos[:, None])
         dq += dq_step(q, do, k, v, lse, delta, seen, qk_scale)
     tl.store(dq_ptr + b * s_qb + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], dq, mask=row_ok[:, None])
 
@@ -305,14 +366,28 @@ def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hk
 @triton.jit
 def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, Tk, Hkv, q_offset,
                     qk_scale, scale,
-                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh,
+                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_lb, s_lh, seqs_ptr, tab_ptr,
                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TQ: tl.constexpr,
-                    INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, KEYS_AS_M: tl.constexpr):
+                    INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, KEYS_AS_M: tl.constexpr,
+                    VARLEN: tl.constexpr = False):
     """dK/dV of key block INIT + program_id(0) from the queries whose local window holds it: the tokens of
     query blocks kb .. kb + WIN_BLOCKS, a contiguous range walked in tiles of TQ tokens × GP heads. Stores
     into the fp32 dk/dv (k's strides): it runs first, the per-token picks are added atomically after it; the
-    init blocks are left to those."""
+    init blocks are left to those. VARLEN: the table's index is the key block's number after INIT."""
     kb = INIT + tl.program_id(0)
+    win = WIN_BLOCKS
+    if VARLEN:
+        kb, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, tl.program_id(0))
+        kb += INIT
+        Tk = T
+        q_ptr += start * s_qt
+        do_ptr += start * s_qt
+        k_ptr += start * s_kt
+        v_ptr += start * s_vt
+        lse_ptr += start
+        delta_ptr += start
+        dk_ptr += start * s_kt
+        dv_ptr += start * s_kt
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
     kvh = pid_bk % Hkv
@@ -323,7 +398,7 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     rows = tl.arange(0, TQ * GP)  # row = (token in tile) * GP + head
     g = rows % GP
     t_lo = tl.maximum(kb * BS - q_offset, 0)
-    t_hi = tl.minimum((kb + WIN_BLOCKS + 1) * BS - q_offset, T)
+    t_hi = tl.minimum((kb + win + 1) * BS - q_offset, T)
     dk = tl.zeros([BS, D], tl.float32)
     dv = tl.zeros([BS, D], tl.float32)
     for t0 in range(t_lo, t_hi, TQ):

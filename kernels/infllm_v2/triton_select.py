@@ -11,6 +11,24 @@ Logits are kept in log2 units (scale * log2 e) so exp2 can be used.
 import triton
 import triton.language as tl
 
+SEQ_COLS = 5  # varlen: a row of the sequence table: start, length, first kernel, first block score, window blocks
+
+
+@triton.jit
+def packed_seq(seqs_ptr, tab_ptr, pid):
+    """Varlen (packed sequences, batch of 1): program pid's entry of its launch table of (sequence, index) pairs:
+    its index inside the sequence (tile, token or key block), then the sequence's start, length, first compressed
+    kernel, first block score and window blocks (a dense sequence's window spans all its blocks)."""
+    row = seqs_ptr + tl.load(tab_ptr + 2 * pid) * SEQ_COLS
+    return (tl.load(tab_ptr + 2 * pid + 1), tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4))
+
+
+@triton.jit
+def n_kernels(T, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """Kernels (of KSIZE keys, KSTRIDE apart) that exist after T keys: full ones only (config.n_kernels)."""
+    return tl.maximum(T - KSIZE + KSTRIDE, 0) // KSTRIDE
+
 
 @triton.jit
 def group_tile(pid_t, pid_bk, T, Hkv, BLOCK_T: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
@@ -32,12 +50,19 @@ def load_group_queries(q_ptr, b, kvh, tok, g, row_ok, s_qb, s_qt, s_qh,
 
 @triton.jit
 def _kernel_lse(q_ptr, kc_ptr, lse_ptr, T, N, Hkv, q_offset, qk_scale,
-                s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh,
+                s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh, seqs_ptr, tab_ptr,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, VARLEN: tl.constexpr = False):
     """Split program_id(2) of num_programs(2) takes one share of the visible kernels and writes its partial
-    LSE at lse_ptr + split * s_ls (decode: a handful of tokens, thousands of kernels, so split the kernels)."""
+    LSE at lse_ptr + split * s_ls (decode: a handful of tokens, thousands of kernels, so split the kernels).
+    VARLEN: program_id(0) is an entry of the tile table; the tile's sequence is then the whole problem."""
     pid_t = tl.program_id(0)
+    if VARLEN:
+        pid_t, start, T, kc0, _, _ = packed_seq(seqs_ptr, tab_ptr, pid_t)
+        N = n_kernels(T, KSIZE, KSTRIDE)
+        q_ptr += start * s_qt
+        kc_ptr += kc0 * s_kn
+        lse_ptr += start
     split = tl.program_id(2)
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, BLOCK_T, GP, G)
     pos = tok + q_offset
@@ -78,15 +103,27 @@ def merge_lse(ptrs, mask, n_splits, s_split):
 
 @triton.jit
 def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk_scale, LSE_SPLITS,
-                  s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh, s_ob, s_oh, s_ot,
+                  s_qb, s_qt, s_qh, s_kb, s_kn, s_kh, s_ls, s_lb, s_lh, s_ob, s_oh, s_ot, seqs_ptr, tab_ptr,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BS: tl.constexpr,
                   POOL_W: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr, CONTIG_W: tl.constexpr,
-                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr):
+                  INIT: tl.constexpr, WIN_BLOCKS: tl.constexpr, VARLEN: tl.constexpr = False):
     """One tile of tokens walks every block, BLOCK_B at a time. Block i pools kernels i*POOL_S - POOL_P + w,
     w < POOL_W: the first CONTIG_W offsets of all BLOCK_B blocks are one contiguous run of kernels (one wide
-    product; POOL_S a power of two), the remaining offsets are strided runs of BLOCK_B kernels each."""
+    product; POOL_S a power of two), the remaining offsets are strided runs of BLOCK_B kernels each.
+    VARLEN: program_id(0) is an entry of the tile table (ordered longest rows first); the sequence's scores
+    are a [Hkv, T, NBLK] block at its offset in the flat out."""
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: less of a tail
+    if VARLEN:
+        pid_t, start, T, kc0, out0, _ = packed_seq(seqs_ptr, tab_ptr, tl.program_id(0))
+        N = n_kernels(T, KSIZE, KSTRIDE)
+        NBLK = tl.cdiv(T, BS)
+        s_ot = NBLK
+        s_oh = T * NBLK
+        q_ptr += start * s_qt
+        kc_ptr += kc0 * s_kn
+        lse_ptr += start
+        out_ptr += out0
     b, kvh, tok_r, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, BLOCK_T, GP, G)
     pos_r = tok_r + q_offset
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -132,17 +169,29 @@ def _kernel_probs(q, kc_ptr, j, b, kvh, pos_r, row_ok, lse, N, qk_scale, s_kb, s
 
 
 @triton.jit
-def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow,
-                 K: tl.constexpr, K_P: tl.constexpr, NB_P: tl.constexpr):
+def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow, seqs_ptr, tab_ptr, s_ih, dense_len,
+                 K: tl.constexpr, K_P: tl.constexpr, NB_P: tl.constexpr, VARLEN: tl.constexpr = False,
+                 BS: tl.constexpr = 1, INIT: tl.constexpr = 0):
     """One row of block scores -> its K best block indices, ascending, -1 last (same picks as naive.topk_blocks).
 
     Scores are >= 0 or ±inf, so their float bits order like the floats: bisect the int32 bits for the K-th
     largest value, take everything above it, and among the blocks tied at it the latest ones (ties go to the
     block nearer the query). Taken blocks are written in index order, so no sort is needed.
+    VARLEN: program (token-table entry, KV head program_id(1)); a token of a sequence shorter than dense_len has
+    no scores and takes its init blocks only (the dense tiles attend to the rest).
     """
     row = tl.program_id(0)
     b = tl.arange(0, NB_P)
-    x = tl.load(scores_ptr + row * s_row + b, mask=b < NBLK, other=float("-inf"))
+    if VARLEN:
+        tok, start, T, _, scores0, _ = packed_seq(seqs_ptr, tab_ptr, row)
+        NBLK = tl.where(T >= dense_len, tl.cdiv(T, BS), 0)
+        scores_ptr += scores0 + tl.program_id(1) * T * NBLK + tok * NBLK
+        idx_ptr += tl.program_id(1) * s_ih + (start + tok) * s_irow
+        x = tl.load(scores_ptr + b, mask=b < NBLK, other=float("-inf"))
+        x = tl.where((T < dense_len) & (b < INIT) & (b <= tok // BS), float("inf"), x)
+        row = 0
+    else:
+        x = tl.load(scores_ptr + row * s_row + b, mask=b < NBLK, other=float("-inf"))
     bits = tl.where(x == float("-inf"), -1, x.to(tl.int32, bitcast=True))  # future / missing blocks: never taken
     k = tl.minimum(tl.sum((bits >= 0).to(tl.int32), 0), K)
     lo = tl.zeros([], tl.int32)  # invariant: count(bits >= lo) >= k
