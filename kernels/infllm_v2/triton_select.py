@@ -128,7 +128,6 @@ def _block_scores(q_ptr, kc_ptr, lse_ptr, out_ptr, T, N, Hkv, NBLK, q_offset, qk
     pos_r = tok_r + q_offset
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     qblk = (tok + q_offset) // BS
-    d = tl.arange(0, D)
     q = load_group_queries(q_ptr, b, kvh, tok_r, g, row_ok, s_qb, s_qt, s_qh, G, D)
     lse = merge_lse(lse_ptr + b * s_lb + (kvh * G + g) * s_lh + tok_r, row_ok, LSE_SPLITS, s_ls)
     # Blocks from the local window of the tile's last token on are forced or future for every token: no scoring.
@@ -182,6 +181,7 @@ def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow, seqs_ptr, tab_ptr, s_
     """
     row = tl.program_id(0)
     b = tl.arange(0, NB_P)
+    steps = 31  # of the bisection
     if VARLEN:
         tok, start, T, _, scores0, _ = packed_seq(seqs_ptr, tab_ptr, row)
         NBLK = tl.where(T >= dense_len, tl.cdiv(T, BS), 0)
@@ -189,6 +189,7 @@ def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow, seqs_ptr, tab_ptr, s_
         idx_ptr += tl.program_id(1) * s_ih + (start + tok) * s_irow
         x = tl.load(scores_ptr + b, mask=b < NBLK, other=float("-inf"))
         x = tl.where((T < dense_len) & (b < INIT) & (b <= tok // BS), float("inf"), x)
+        steps = tl.where(T < dense_len, 0, steps)  # only +inf and -inf: lo = 0 takes the +inf ones
         row = 0
     else:
         x = tl.load(scores_ptr + row * s_row + b, mask=b < NBLK, other=float("-inf"))
@@ -196,7 +197,7 @@ def _topk_blocks(scores_ptr, idx_ptr, NBLK, s_row, s_irow, seqs_ptr, tab_ptr, s_
     k = tl.minimum(tl.sum((bits >= 0).to(tl.int32), 0), K)
     lo = tl.zeros([], tl.int32)  # invariant: count(bits >= lo) >= k
     hi = tl.full([], 0x7F800000, tl.int32)  # bits of +inf, the largest score
-    for _ in range(31):
+    for _ in range(steps):
         mid = lo + (hi - lo + 1) // 2
         enough = tl.sum((bits >= mid).to(tl.int32), 0) >= k
         lo = tl.where(enough, mid, lo)

@@ -251,8 +251,8 @@ def test_prefill_then_decode_equals_one_full_pass(lse_kernels, monkeypatch, devi
 
 
 def test_varlen_equals_per_sequence_runs(device, dtype, matches):
-    """Two sequences run sparse (>= dense_len 64), the dense ones share padded batches by length bucket (9 and 20
-    pad to 32, 33 and 40 to 64), an empty one is skipped; outputs and gradients match per-sequence references."""
+    """The varlen kernels on a pack of two sparse sequences (>= dense_len 64), dense ones and an empty one: outputs
+    and gradients match per-sequence references (tests/kernels/test_infllm_v2_varlen.py checks more)."""
     lengths = [40, 70, 20, 9, 0, 33, 64]
     q, k, v = qkv(1, sum(lengths), 4, 1, 16, seed=11, requires_grad=True, device=device, dtype=dtype)
     q32, k32, v32 = fp32(q, k, v)
