@@ -1,6 +1,7 @@
 """InfLLM-V2 on a GPU: bf16 correctness against the reference, then timings against SDPA and fla's parallel_nsa.
 
     python bench/infllm_v2.py [--out DIR] [--lengths 16384,32768,65536,131072] [--sweep [--sweep-length T]]
+                              [--varlen-length T]   # packed documents of T tokens in all (default: the longest)
     python bench/infllm_v2.py --smoke   # CPU, Triton interpreter, tiny shapes: checks that the script runs
 
 Writes bench/results/infllm_v2-<device>-<yyyymmdd>.json (or into --out) and prints a short table last.
@@ -244,9 +245,6 @@ def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
             log(f"fla.parallel_nsa failed: {type(e).__name__}: {str(e)[:300]}")
         log(f"T={T} peers", json.dumps({k_: round(v_, 3) for k_, v_ in peers.items()}))
     res["peers"] = peers
-    del q, k, v, do, idx, kc
-    if dev == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
@@ -280,6 +278,43 @@ def time_decode(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
             except Exception as e:
                 log(f"decode {name} failed: {type(e).__name__}: {str(e)[:200]}")
     log("decode", json.dumps({k_: round(v_, 4) for k_, v_ in out.items()}))
+    return out
+
+
+def varlen_lengths(T, cfg, seed=0):
+    """A pack of T tokens: one document of T/4, one of exactly dense_len, one just below, an empty one, then
+    documents of 16 .. 2 * dense_len tokens (a few sparse, most dense) until T is filled."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [T // 4, cfg.dense_len, cfg.dense_len - 1, 0]
+    while sum(lengths) < T:
+        lengths.append(min(int(torch.randint(16, 2 * cfg.dense_len, (1,), generator=gen)), T - sum(lengths)))
+    return lengths
+
+
+def time_varlen(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
+    """varlen_fwd / varlen_fwd_bwd: the packed-sequence kernels (one launch per stage) against the per-sequence
+    loop they replace (ops.per_sequence_attn: one launch set per sparse document, padded SDPA batches for the
+    dense ones), on the same pack; also their difference (rel err of the outputs and gradients)."""
+    torch.manual_seed(T + 1)
+    lengths = varlen_lengths(T, cfg)
+    cu = torch.tensor([0] + lengths, device=dev).cumsum(0).to(torch.int32)
+    q, k, v = random_qkv(sum(lengths), H, Hkv, D, dev, dtype)
+    do = torch.randn_like(q)
+    packed = lambda q_, k_, v_: infllm_v2_attn(q_, k_, v_, cfg, cu_seqlens=cu)
+    loop = lambda q_, k_, v_: ops.per_sequence_attn(q_, k_, v_, cfg, cu_seqlens=cu)
+    out = {"T": sum(lengths), "docs": len(lengths), "sparse_docs": sum(n >= cfg.dense_len for n in lengths),
+           "shape": dict(H=H, Hkv=Hkv, D=D)}
+    got, want = packed(q, k, v), loop(q, k, v)
+    grads = torch.autograd.grad(got, (q, k, v), do)
+    ref_grads = torch.autograd.grad(want, (q, k, v), do)
+    out["rel_err_vs_loop"] = max([rel_err(got, want)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)])
+    del got, want, grads, ref_grads
+    for name, fn in (("ours", packed), ("loop", loop)):
+        out[f"{name}_fwd_ms"] = bench(lambda: fn(q.detach(), k.detach(), v.detach()), smoke)
+        out[f"{name}_fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), smoke)
+    log("varlen", json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in out.items()}))
+    if not smoke and out["rel_err_vs_loop"] > 1e-2:
+        log(f"varlen: rel err vs the per-sequence loop {out['rel_err_vs_loop']:.1e} > 1e-2")
     return out
 
 
@@ -360,6 +395,7 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--varlen-length", type=int, default=0, help="tokens of the varlen pack (0: the longest length)")
     args = ap.parse_args()
     smoke = args.smoke
     ops.TRITON_ON_CPU = smoke  # the smoke run checks the kernels under the interpreter, not the reference
@@ -382,7 +418,7 @@ def main():
     tuned = sweep(cfg, dev, dtype, args.sweep_length) if args.sweep and not smoke else {}
     log("TUNE", json.dumps(ops.TUNE))
 
-    def write_record(timings, decode):
+    def write_record(timings, decode, varlen=None):
         import triton
         rows = []
         base = {"B": 1, "H": 32, "Hkv": 2, "D": 128, "dtype": str(dtype).replace("torch.", "")}
@@ -410,6 +446,12 @@ def main():
             rows.append(dict(base, case="decode", T=decode["T"], ours_ms=decode["ours_ms"],
                              update_kc_ms=decode["update_kc_ms"], select_ms=decode["select_ms"], attend_ms=decode["attend_ms"],
                              peers={k_: v_ for k_, v_ in decode.items() if k_.startswith("sdpa")}))
+        if varlen:
+            common = dict(base, T=varlen["T"], docs=varlen["docs"], sparse_docs=varlen["sparse_docs"], **varlen["shape"],
+                          rel_err_vs_loop=varlen["rel_err_vs_loop"])
+            for case in ("fwd", "fwd_bwd"):
+                rows.append(dict(common, case=f"varlen_{case}", ours_ms=varlen[f"ours_{case}_ms"],
+                                 peers={"per_sequence_loop": varlen[f"loop_{case}_ms"]}))
         today = datetime.date.today()
         short = next((v for k, v in {"H100": "h100", "H200": "h200"}.items() if k in device_name),
                      device_name.split()[-1].lower()) if dev == "cuda" else "cpu"
@@ -428,17 +470,25 @@ def main():
             timings.append(time_length(T, cfg, dev, dtype, smoke))
         except Exception:
             log(f"T={T} failed:\n{traceback.format_exc()[-1500:]}")
+        if dev == "cuda":  # the run's tensors died with time_length's frame
+            torch.cuda.empty_cache()
         write_record(timings, decode)  # a run cut short still leaves its record
     try:
         decode = time_decode(max(lengths), cfg, dev, dtype, smoke)
     except Exception:
         log(f"decode failed:\n{traceback.format_exc()[-1500:]}")
-    rows, path = write_record(timings, decode)
+    varlen = None
+    try:
+        shape = dict(H=4, Hkv=1, D=16) if smoke else {}  # the interpreter runs programs one by one
+        varlen = time_varlen(320 if smoke else (args.varlen_length or max(lengths)), cfg, dev, dtype, smoke, **shape)
+    except Exception:
+        log(f"varlen failed:\n{traceback.format_exc()[-1500:]}")
+    rows, path = write_record(timings, decode, varlen)
     log(f"wrote {path}")
 
     log(f"\n{device_name}, bf16 matmul {MATMUL_TFLOPS:.0f} TFLOP/s; B=1 H=32 Hkv=2 D=128, {cfg.k_total} blocks of 64")
     log(f"{'T':>7} {'case':8} {'ours ms':>9} {'cudnn':>9} {'flash':>9} {'fla nsa':>9} {'x cudnn':>8} {'x flash':>8} {'x nsa':>7}")
-    table = [(r, r["case"], r["ours_ms"]) for r in rows]
+    table = [(r, r["case"], r["ours_ms"]) for r in rows if not r["case"].startswith("varlen")]
     table += [(r, r["case"] + "~", r["coarse_lse_ms"]) for r in rows if "coarse_lse_ms" in r]
     for r, case, ours in table:
         p = r["peers"]
@@ -447,6 +497,12 @@ def main():
         log(f"{r['T']:>7} {case:8} {ours:>9.2f} {cell('sdpa.cudnn'):>9} {cell('sdpa.flash'):>9} "
             f"{cell('fla.parallel_nsa'):>9} {ratio('sdpa.cudnn'):>8} {ratio('sdpa.flash'):>8} {ratio('fla.parallel_nsa'):>7}")
     log("(case~: with the paper's coarse-kernel LSE approximation, kernels 128 / stride 64)")
+    for r in rows:
+        if r["case"].startswith("varlen"):
+            loop_ms = r["peers"]["per_sequence_loop"]
+            log(f"{r['T']:>7} {r['case']:15} {r['ours_ms']:>9.2f} ms, per-sequence loop {loop_ms:.2f} ms "
+                f"(x {loop_ms / r['ours_ms']:.2f}); {r['docs']} docs, {r['sparse_docs']} sparse; "
+                f"rel err vs loop {r['rel_err_vs_loop']:.1e}")
     bad = [c for c in checks if not c["ok"]]
     log(f"correctness: {len(checks) - len(bad)}/{len(checks)} shapes within 1e-2")
 

@@ -472,7 +472,7 @@ def _attn_pack(q, idx, block_size, q_offset, local, cu_seqlens, dense_len):
     """The _Packed of a varlen attention op (None without cu_seqlens), after checking its arguments."""
     if cu_seqlens is None:
         return None
-    if q.shape[0] != 1 or q_offset or not local or idx.shape[1] and idx.shape[-1] < local[0]:
+    if q.shape[0] != 1 or q_offset or not local:
         raise ValueError("varlen attention needs a batch of 1, q_offset 0 and local=(init_blocks, window_blocks)")
     return _Packed(cu_seqlens, q.shape[1], dense_len, block_size, local[1])
 
