@@ -71,7 +71,8 @@ class _Packed:
                              f"{tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.to("cpu", torch.int64)
         if cu[0] != 0 or cu[-1] != T or (cu[1:] < cu[:-1]).any():
-            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {T}, got {cu.tolist()}")
+            shown = cu.tolist() if cu.numel() <= 12 else cu[:6].tolist() + ["..."] + cu[-6:].tolist()
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {T}, got {shown}")
         self.device = cu_seqlens.device
         self.start, self.length = cu[:-1], cu[1:] - cu[:-1]
         self.sparse = self.length >= dense_len
@@ -94,21 +95,21 @@ class _Packed:
             seq, index = seq[order], index[order]
         return seq.numel(), torch.stack([seq, index], 1).to(self.device, torch.int32)
 
-    def tiles(self, tile: int, length=None, **kw):
+    def tiles(self, tile: int, length=None, longest_first=False):
         """Tiles of `tile` tokens of every sequence (of `length` tokens each if given, else all its tokens)."""
-        return self.table(-(-(self.length if length is None else length) // tile), **kw)
+        return self.table(-(-(self.length if length is None else length) // tile), longest_first)
 
     def token_seq(self) -> torch.Tensor:
         """[T] the sequence of each packed token, on the device."""
         return torch.repeat_interleave(torch.arange(self.length.numel()), self.length).to(self.device)
 
 
-def _launch(pack, T: int, tile: int, seqs=None, **kw):
+def _launch(pack, T: int, tile: int):
     """(programs along grid axis 0, sequence table, program table): tiles of T tokens, or of each packed sequence."""
     if pack is None:
         return triton.cdiv(T, tile), None, None
-    n, tab = pack.tiles(tile, **kw)
-    return n, pack.seqs() if seqs is None else seqs, tab
+    n, tab = pack.tiles(tile)
+    return n, pack.seqs(), tab
 
 
 def compress_keys(k_BTKD: torch.Tensor, cfg: SparseConfig, cu_seqlens=None) -> torch.Tensor:
