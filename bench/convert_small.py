@@ -23,16 +23,19 @@ Checkpoints go to --work (default: a temporary folder, deleted at the end), neve
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
+from experiment import autocast, make_log, sync, timed_train_steps, write_json  # noqa: E402
+
+log = make_log("convert-small")
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
@@ -71,33 +74,10 @@ SCALES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[convert-small {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def load(path: Path, overrides: list[str]):
     from hyloom.blueprint import load_blueprint
 
     return load_blueprint(str(path), list(overrides))
-
-
-def autocast(device):
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # a timeout never leaves half a file
 
 
 def _median(times: list[float]) -> float:
@@ -111,7 +91,7 @@ def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, ste
     import torch
 
     from hyloom.model import build_model
-    from hyloom.plugins.train.lm import compile_blocks, lm_loss, use_compile
+    from hyloom.plugins.train.lm import compile_blocks, use_compile
 
     seq_len, vocab = teacher_bp.data.seq_len, teacher_bp.model.vocab_size
     conv_batch = student_bp.stages[2].train.batch_size
@@ -120,16 +100,7 @@ def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, ste
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         batch = torch.randint(2, vocab, (batch_size, seq_len + 1), device=device)
         warm = 2 if device.type == "cuda" else 1  # the first steps compile (Triton kernels, torch.compile)
-        times = []
-        for _ in range(warm + steps):
-            began = time.perf_counter()
-            with autocast(device):
-                loss = lm_loss(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync(device)
-            times.append(time.perf_counter() - began)
+        times = timed_train_steps(model, opt, batch, warm + steps, device)
         return _median(times[warm:])
 
     def forward_time(model, batch_size, length, repeats):

@@ -29,13 +29,17 @@ length), sweep.png and summary.txt. Runs (checkpoints) go to --work (default: OU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
+from experiment import autocast, make_log, timed_train_steps  # noqa: E402
+
+log = make_log("grpo-small")
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
@@ -71,10 +75,6 @@ SCALES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[grpo-small {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def load(model: str, overrides: list[str]):
     """(resolved dict, validated blueprint) of grpo-<model>.yaml with overrides."""
     from hyloom.blueprint import load as load_yaml
@@ -91,42 +91,19 @@ def validated(resolved: dict):
     return bp, bp.model_dump(mode="json")
 
 
-def autocast(device):
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def sft_step_seconds(bp, device, steps: int = 3) -> float:
     """Seconds per SFT optimizer step: a random batch of the stage's shape, after two warm-up steps (which also
     compile the Triton kernels)."""
     import torch
 
     from hyloom.model import build_model
-    from hyloom.plugins.train.lm import lm_loss
 
     train = bp.stages[0].train
     torch.manual_seed(0)
     model = build_model(bp, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.randint(2, bp.model.vocab_size, (train.batch_size, bp.data.seq_len + 1), device=device)
-    times = []
-    for _ in range(2 + steps):
-        began = time.perf_counter()
-        with autocast(device):
-            loss = lm_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - began)
+    times = timed_train_steps(model, opt, batch, 2 + steps, device)
     del model, opt
     return sum(times[2:]) / steps
 

@@ -23,14 +23,16 @@ training.png and summary.txt (the tables). Runs (checkpoints) go to --work, not 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
+from experiment import autocast, make_log, sync, timed_train_steps, write_json  # noqa: E402
+
+log = make_log("hype-length")
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
@@ -60,10 +62,6 @@ SCALES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[hype-length {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def load(variant: str, overrides: list[str]):
     from hyloom.blueprint import load as load_yaml
     from hyloom.blueprint import validate
@@ -72,41 +70,18 @@ def load(variant: str, overrides: list[str]):
     return validate(loaded)
 
 
-def autocast(device):
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibrate(bp, device, longest: int, eval_batch: int, steps: int = 5) -> dict:
     """Seconds per optimizer step (a random batch of the blueprint's shape, bf16 autocast on CUDA, after two warm-up
     steps that also compile the Triton kernels) and per forward of `eval_batch` sequences of the longest length."""
     import torch
 
     from hyloom.model import build_model
-    from hyloom.plugins.train.lm import lm_loss
 
     torch.manual_seed(0)
     model = build_model(bp, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.randint(2, bp.model.vocab_size, (bp.train.batch_size, bp.data.seq_len + 1), device=device)
-    times = []
-    for i in range(2 + steps):
-        began = time.perf_counter()
-        with autocast(device):
-            loss = lm_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - began)
+    times = timed_train_steps(model, opt, batch, 2 + steps, device)
     model.eval()
     ids = torch.randint(2, bp.model.vocab_size, (eval_batch, longest), device=device)
     with torch.no_grad(), autocast(device):
@@ -170,12 +145,6 @@ def train_variant(variant: str, overrides: list[str], work: Path) -> tuple[dict,
     curve = [{k: r[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in r}
              for r in RunDir(work / variant).metrics()]
     return bp, {**result, "curve": curve}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # a timeout never leaves half a file
 
 
 # ---- figures and the text summary ------------------------------------------------------------------------------

@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
+from experiment import autocast, make_log, sync, timed_train_steps, write_json  # noqa: E402
+
+log = make_log("mdm-small")
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINTS = ROOT / "blueprints" / "experiments"
@@ -71,28 +74,11 @@ SCALES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[mdm-small {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def load(name: str, overrides: list[str]):
     from hyloom.blueprint import load as load_yaml
     from hyloom.blueprint import validate
 
     return validate(load_yaml(str(BLUEPRINTS / f"mdm-{name}.yaml"), overrides))
-
-
-def autocast(device):
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def objective_of(bp, mask_id: int):
@@ -119,16 +105,7 @@ def calibrate(bp, device, eval_batch: int, steps: int = 5) -> dict:
     objective = objective_of(bp, mask_id=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.randint(2, bp.model.vocab_size, (bp.train.batch_size, bp.data.seq_len + 1), device=device)
-    times = []
-    for _ in range(2 + steps):
-        began = time.perf_counter()
-        with autocast(device):
-            loss = objective(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - began)
+    times = timed_train_steps(model, opt, batch, 2 + steps, device, objective)
     model.eval()
     with torch.no_grad(), autocast(device):
         model(batch[:1, :16])  # compile the inference paths first
@@ -164,12 +141,6 @@ def steps_that_fit(left: float, step_s: dict, eval_s: dict, budget: float) -> in
     clipping, logging, held-out evaluations, the checkpoint)."""
     reserve = sum(eval_s.values()) + 0.05 * budget + 3 * len(step_s)
     return int((left - reserve) / (1.1 * sum(step_s.values())))
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # a timeout never leaves half a file
 
 
 # ---- measurements ------------------------------------------------------------------------------------------------
