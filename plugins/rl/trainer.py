@@ -26,6 +26,7 @@ from hyloom.plugins.rl.config import GrpoConfig
 from hyloom.plugins.rl.prompts import PromptSetError, load_prompt_set
 from hyloom.plugins.rl.rollout import completion_logits, sample_completions
 from hyloom.plugins.rl.verifiers import build_verifier
+from hyloom.plugins.train.lm import _param_groups, _rng_state, _set_rng_state
 from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point
 
 COMPLETIONS = "completions.jsonl"
@@ -168,26 +169,6 @@ def score_prompts(model, tokenizer, records: list[dict], scorer: Scorer, *, temp
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
-
-def _param_groups(model, weight_decay):
-    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
-
-
-def _rng_state() -> dict:
-    import random
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
 
 class GrpoTrainer:
     def __init__(self, cfg: GrpoConfig):
