@@ -37,6 +37,11 @@ _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN
 TRITON_ON_CPU = False  # let backend=None run the interpreter on CPU tensors too (bench --smoke sets it)
 
 
+def uses_reference(x: torch.Tensor) -> bool:
+    """Whether the layer's calls on tensors like `x` run the PyTorch reference of naive.py (no Triton for them)."""
+    return not _use_triton(x, None)
+
+
 def _use_triton(x: torch.Tensor, backend) -> bool:
     if backend == "torch":
         return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, infllm_v2_attn,
-                                      infllm_v2_decode, select_blocks, update_compressed_keys)
+                                      infllm_v2_decode, select_blocks, update_compressed_keys, uses_reference)
 from hyloom.mixer import MixerContext
 from hyloom.plugins.infllm_v2 import CAPABILITIES, InfLLMv2Config
 from hyloom.plugins.transformer.attention import GroupedQKV
@@ -137,8 +137,12 @@ class InfLLMv2(GroupedQKV):
 
     def prefill_scratch_bytes(self, batch, chunk, total, dtype_bytes):
         """Memory one prefill chunk needs besides its activations (hyloom.inference): dense, K/V repeated over
-        the query groups; sparse, the fp32 block scores of every chunk token against every block, and the picks."""
+        the query groups; sparse, the fp32 block scores of every chunk token against every block, and the picks.
+        The PyTorch reference (CPU) materialises every query-key pair of the chunk, dense or sparse: the bool
+        mask and three fp32 score tensors [B, H, chunk, total]."""
         sp = self.sparse
+        if uses_reference(self.q_proj.weight):
+            return batch * self.heads * chunk * total * 13
         if total < sp.dense_len:
             return 2 * batch * self.heads * total * self.head_dim * dtype_bytes
         return batch * self.kv_heads * chunk * (sp.n_blocks(total) + sp.k_total) * 4

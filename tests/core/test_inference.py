@@ -158,3 +158,17 @@ def test_a_static_write_stores_in_the_buffers_dtype():
     cache.write_at(torch.tensor([1]), k, v)
     assert cache.k.dtype == torch.float32
     assert torch.equal(cache.k[:, :, 1:2], k.float()) and torch.equal(cache.v[:, :, 1:2], v.float())
+
+
+def test_the_estimate_counts_the_infllm_v2_reference_on_the_cpu():
+    """On the CPU InfLLM-V2 runs its PyTorch reference, which holds every query-key pair of a chunk: a 16K
+    prefill of builtin:tiny measured 13.5 GiB, which the estimate must cover (or a long --context is killed
+    instead of refused)."""
+    from hyloom.blueprint import load_blueprint
+
+    model = hyloom.build_model(load_blueprint("builtin:tiny"))
+    sparse = [block.mixer for block in model.layers if block.mixer.__class__.__name__ == "InfLLMv2"]
+    assert sparse
+    need = estimate(model, batch=1, tokens=16384, chunk_size=16384)
+    assert need.activations >= sparse[0].heads * 16384 * 16384 * 13
+    assert estimate(model, batch=1, tokens=32768, chunk_size=16384).total > 1.9 * need.total
