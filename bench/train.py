@@ -425,6 +425,7 @@ def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *
         opt = lm.make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
         row.update(train_row(model, loss_of, opt, batch, device, warmup=warmup, steps=steps))
         row["mfu"] = round(row["flops_per_token"] * row["tok_s"] / peak, 4) if peak else None
+        row["peak_bf16_tflops"] = peak and round(peak / 1e12, 1)  # runs merged into one record measure their own
         row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
         if profiled:
             row["profile"] = profile_step(model, loss_of, opt, batch)
@@ -482,7 +483,7 @@ def targets(rows) -> list[dict]:
 
     for size in sorted({r["size"] for r in rows}):
         dense, hybrid, peer_ = (f"hyloom-dense-{size}", f"hyloom-hybrid-{size}", f"transformers-llama-{size}")
-        for T in (2048, 8192):
+        for T in sorted({r["T"] for r in rows if r["size"] == size} & {2048, 8192}):
             target(f"{size} dense / transformers tok/s at T={T}", ratio(best(dense, T), best(peer_, T)), 1.2)
         target(f"{size} hybrid / dense tok/s at T=8192", ratio(best(hybrid, 8192), best(dense, 8192)), 1.0)
         target(f"{size} hybrid / dense tok/s at T=32768", ratio(best(hybrid, 32768), best(dense, 32768)), 2.0)
