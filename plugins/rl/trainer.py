@@ -297,7 +297,14 @@ class GrpoTrainer:
             mask = roll.mask_NT
             adv_NT = grpo.token_advantages(adv_BG.to(env.device), mask)
             old, entropy, ref = self._old_logprobs(model, roll, reference, autocast)
-            stats = self._update(net, opt, roll, old, ref, adv_NT, step, env, autocast)
+            # every group of every process with one reward for all G: the loss and its gradient are exactly zero
+            # (unless a KL or entropy term adds one), and an AdamW step would still move the weights by its
+            # momentum and weight decay, so there is no step at all
+            signal = _sum_over_ranks([float(bool((adv_BG != 0).any()))], env)[0] > 0
+            if signal or cfg.kl_coef or cfg.entropy_coef:
+                stats = {**self._update(net, opt, roll, old, ref, adv_NT, step, env, autocast), "skipped_update": 0.0}
+            else:
+                stats = {"loss": 0.0, "grad_norm": 0.0, "grad_norm_max": 0.0, "skipped_update": 1.0}
             update_s = time.perf_counter() - update_began
             done = step + 1
 

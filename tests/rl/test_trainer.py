@@ -287,3 +287,15 @@ def test_held_out_prompts_are_left_out_of_training():
                             eval_prompts={"type": "arithmetic", "count": 5, "steps": 1})
     with pytest.raises(PromptSetError, match="every training prompt is also a held-out prompt"):
         trainer_module.GrpoTrainer(everything).records()
+
+
+def test_a_batch_without_mixed_rewards_takes_no_optimizer_step(tmp_path, cache):
+    """Every completion earns the same reward: no group carries a gradient, and AdamW's momentum and weight decay
+    must not move the weights anyway."""
+    same = {"verifier": {"type": "regex", "pattern": "^", "correct": 1.0, "wrong": 0.0}, "name": "always"}
+    run(blueprint(tmp_path, cache, steps=2, save_every=1, eval_prompts=None, verifiers=[same], weight_decay=0.1))
+    out = RunDir(tmp_path / "run")
+    first, second = (load_safetensors(out.path / f"checkpoint-00000{i}") for i in (1, 2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert [r["skipped_update"] for r in out.metrics()] == [1.0, 1.0]
+    assert all(r["groups_all_same"] == 1.0 and r["grad_norm"] == 0.0 for r in out.metrics())
