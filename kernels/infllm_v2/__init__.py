@@ -5,7 +5,9 @@ without triton everything falls back to the PyTorch reference in naive.py.
 """
 from .config import SparseConfig
 from .ops import (block_scores, block_sparse_attn, compress_keys, dense_causal_attn, infllm_v2_attn,
-                  infllm_v2_decode, select_blocks, topk_blocks, update_compressed_keys, uses_reference)
+                  infllm_v2_decode, infllm_v2_decode_static, select_blocks, topk_blocks, update_compressed_keys,
+                  uses_reference, write_decode_kv)
 
 __all__ = ["SparseConfig", "compress_keys", "select_blocks", "block_scores", "block_sparse_attn", "infllm_v2_attn",
-           "infllm_v2_decode", "update_compressed_keys", "dense_causal_attn", "topk_blocks", "uses_reference"]
+           "infllm_v2_decode", "infllm_v2_decode_static", "write_decode_kv", "update_compressed_keys",
+           "dense_causal_attn", "topk_blocks", "uses_reference"]

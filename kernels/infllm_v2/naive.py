@@ -41,7 +41,7 @@ def coarse_keys(kc_BNKD, cfg: SparseConfig) -> torch.Tensor:
     first = torch.arange(n, device=kc_BNKD.device) * (cfg.lse_kernel_stride // cfg.kernel_stride)
     parts = torch.arange(cfg.lse_kernel_size // cfg.kernel_size, device=kc_BNKD.device) * (cfg.kernel_size // cfg.kernel_stride)
     fine = kc_BNKD.float()[:, (first[:, None] + parts[None, :]).flatten()]  # [B, n * parts, Hkv, D]
-    return fine.view(B, n, -1, Hkv, D).mean(2).to(kc_BNKD.dtype)
+    return fine.view(B, n, parts.numel(), Hkv, D).mean(2).to(kc_BNKD.dtype)  # n may be 0
 
 
 def _masked_logits(q_BKGTD, keys_BNKD, size: int, stride: int, q_offset: int, scale: float) -> torch.Tensor:
@@ -68,18 +68,28 @@ def kernel_scores_ref(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0
     return probs.sum(2)
 
 
+def pool_blocks(kernel_scores_N, cfg: SparseConfig, n_blocks: int) -> torch.Tensor:
+    """Max-pool kernel scores (last dim) onto n_blocks blocks (missing kernels count 0)."""
+    N = kernel_scores_N.shape[-1]
+    need = (n_blocks - 1) * cfg.pool_stride + cfg.pool_window
+    padded = F.pad(kernel_scores_N, (cfg.pool_padding, max(0, need - N - cfg.pool_padding)))[..., :need]
+    return padded.unfold(-1, cfg.pool_window, cfg.pool_stride).amax(-1)
+
+
+def mark_blocks(scores_NB, query_block, cfg: SparseConfig) -> torch.Tensor:
+    """Forced blocks (init, the query's own and the window before it) to +inf, future ones to -inf;
+    query_block broadcasts against scores_NB[..., :1]."""
+    b = torch.arange(scores_NB.shape[-1], device=scores_NB.device)
+    forced = (b < cfg.init_blocks) | ((b <= query_block) & (b >= query_block - cfg.window // cfg.block_size))
+    return scores_NB.masked_fill(forced, float("inf")).masked_fill(b > query_block, float("-inf"))
+
+
 def block_scores_ref(kernel_scores_BKTN, cfg: SparseConfig, n_blocks: int, q_offset=0) -> torch.Tensor:
     """Max-pool kernel scores onto blocks, then force init/local blocks (+inf) and drop future ones (-inf)."""
-    T, N = kernel_scores_BKTN.shape[-2:]
-    need = (n_blocks - 1) * cfg.pool_stride + cfg.pool_window
-    padded = F.pad(kernel_scores_BKTN, (cfg.pool_padding, max(0, need - N - cfg.pool_padding)))[..., :need]
-    scores = padded.unfold(-1, cfg.pool_window, cfg.pool_stride).amax(-1)  # [B, Hkv, T, n_blocks]
+    T = kernel_scores_BKTN.shape[-2]
+    scores = pool_blocks(kernel_scores_BKTN, cfg, n_blocks)  # [B, Hkv, T, n_blocks]
     block_T = (torch.arange(T, device=scores.device) + q_offset) // cfg.block_size
-    b = torch.arange(n_blocks, device=scores.device)
-    forced = (b[None, :] < cfg.init_blocks) | (
-        (b[None, :] <= block_T[:, None]) & (b[None, :] >= block_T[:, None] - cfg.window // cfg.block_size))
-    scores = scores.masked_fill(forced, float("inf"))
-    return scores.masked_fill(b[None, :] > block_T[:, None], float("-inf"))
+    return mark_blocks(scores, block_T[:, None], cfg)
 
 
 def topk_blocks(block_scores, k_total: int) -> torch.Tensor:
@@ -159,3 +169,77 @@ def infllm_v2_attn_varlen_ref(q_1THD, k_1TKD, v_1TKD, cfg: SparseConfig, cu_seql
     outs = [infllm_v2_attn_ref(q_1THD[:, s:e], k_1TKD[:, s:e], v_1TKD[:, s:e], cfg, scale)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=1) if outs else q_1THD.clone()
+
+
+# ---- a static decode step: one query per row, caches of a fixed capacity, the lengths as a tensor ----------------
+# Every shape is set by the capacity and nothing is read back to the host, so the same code (and the Triton path
+# in ops.infllm_v2_decode_static) can be captured in a CUDA graph. lens_B: the keys each row holds, its query
+# (the newest key) at position lens_B - 1; slots past a row's length are masked, whatever they hold.
+
+def decode_width(cfg: SparseConfig, capacity: int) -> int:
+    """Picks per (row, KV head) in a static decode step: k_total for a sparse row, every block of up to
+    dense_len - 1 keys for a dense one."""
+    return max(cfg.k_total, cfg.n_blocks(min(cfg.dense_len - 1, capacity)))
+
+
+def decode_picks(topk_BKS, lens_B, cfg: SparseConfig, capacity: int) -> torch.Tensor:
+    """[B, Hkv, decode_width] int32: a row below dense_len takes every block it has (dense attention), the others
+    their top-k picks; -1 pads."""
+    width = decode_width(cfg, capacity)
+    every = torch.arange(width, device=lens_B.device)
+    dense_BW = torch.where(every < (lens_B[:, None] + cfg.block_size - 1) // cfg.block_size, every, -1)
+    picks = F.pad(topk_BKS, (0, width - topk_BKS.shape[-1]), value=-1)
+    return torch.where((lens_B < cfg.dense_len)[:, None, None], dense_BW[:, None], picks).to(torch.int32)
+
+
+def complete_at(pos_B, n: int, size: int, stride: int) -> torch.Tensor:
+    """[B, n]: whether kernel j (keys j*stride .. j*stride + size - 1) is complete at each row's position."""
+    last_key = torch.arange(n, device=pos_B.device) * stride + size - 1
+    return last_key[None, :] <= pos_B[:, None]
+
+
+def decode_select_ref(q_BHD, kc_BNKD, lens_B, cfg: SparseConfig, capacity: int, scale=None) -> torch.Tensor:
+    """The blocks each row's query attends to: [B, Hkv, decode_width(cfg, capacity)] int32 (see decode_picks);
+    kc_BNKD: the kernels of a cache of `capacity` keys (those past a row's length are not looked at)."""
+    B, H, D = q_BHD.shape
+    Hkv = kc_BNKD.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    pos_B = lens_B.long() - 1
+    q_BKGD = q_BHD.float().view(B, Hkv, H // Hkv, D)
+
+    def logits(keys_BNKD, size, stride):  # [B, Hkv, G, N]; -inf for kernels not complete at the row's position
+        s = torch.einsum("bkgd,bnkd->bkgn", q_BKGD, keys_BNKD.float()) * scale
+        return s.masked_fill(~complete_at(pos_B, keys_BNKD.shape[1], size, stride)[:, None, None], float("-inf"))
+
+    fine = logits(kc_BNKD, cfg.kernel_size, cfg.kernel_stride)
+    lse = fine.logsumexp(-1, keepdim=True)
+    if cfg.approx_lse:
+        coarse = logits(coarse_keys(kc_BNKD, cfg), cfg.lse_kernel_size, cfg.lse_kernel_stride)
+        coarse = coarse.logsumexp(-1, keepdim=True)
+        lse = torch.where(coarse.isfinite(), coarse, lse)
+    probs_BKN = (fine - lse).exp().nan_to_num(0.0).sum(2)
+    scores = pool_blocks(probs_BKN, cfg, cfg.n_blocks(capacity))
+    scores = mark_blocks(scores, (pos_B // cfg.block_size).view(B, 1, 1), cfg)
+    return decode_picks(topk_blocks(scores, cfg.k_total), lens_B, cfg, capacity)
+
+
+def decode_attn_ref(q_BHD, k_BSKD, v_BSKD, idx_BKW, lens_B, block_size: int, scale=None) -> torch.Tensor:
+    """[B, H, D]: each row's query over the keys of its picked blocks that it holds (index < lens_B)."""
+    B, H, D = q_BHD.shape
+    S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+    G = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    n_blocks = -(-S // block_size)
+    chosen = torch.zeros(B, Hkv, n_blocks + 1, dtype=torch.bool, device=q_BHD.device)
+    chosen.scatter_(-1, idx_BKW.long().masked_fill(idx_BKW < 0, n_blocks), True)
+    held_BS = torch.arange(S, device=q_BHD.device)[None, :] < lens_B[:, None]
+    mask_BKS = chosen[..., :n_blocks].repeat_interleave(block_size, dim=-1)[..., :S] & held_BS[:, None]
+    logits = torch.einsum("bhd,bshd->bhs", q_BHD.float(), k_BSKD.float().repeat_interleave(G, dim=2)) * scale
+    probs = torch.softmax(logits.masked_fill(~mask_BKS.repeat_interleave(G, dim=1), float("-inf")), dim=-1)
+    return torch.einsum("bhs,bshd->bhd", probs, v_BSKD.float().repeat_interleave(G, dim=2)).to(q_BHD.dtype)
+
+
+def infllm_v2_decode_static_ref(q_BHD, k_BSKD, v_BSKD, kc_BNKD, lens_B, cfg: SparseConfig, scale=None):
+    """A static decode step over caches of capacity S = k_BSKD.shape[1]: selection, then attention."""
+    idx = decode_select_ref(q_BHD, kc_BNKD, lens_B, cfg, k_BSKD.shape[1], scale)
+    return decode_attn_ref(q_BHD, k_BSKD, v_BSKD, idx, lens_B, cfg.block_size, scale)

@@ -16,7 +16,7 @@ from .config import SparseConfig
 
 try:
     import triton
-    from . import triton_attn, triton_select
+    from . import triton_attn, triton_decode, triton_select
 except ImportError:  # the package must import without triton; the reference path still works
     triton = None
 
@@ -169,6 +169,33 @@ def update_compressed_keys(k_cache, kc_cache, prev_len: int, cache_len: int, cfg
         stop = (n_new - 1) * cfg.kernel_stride + cfg.kernel_size
         kc_cache[:, n_old:n_new] = naive.compress_keys_ref(k_cache[:, start:stop], cfg)
     return n_new
+
+
+def update_compressed_keys_at(k_cache, kc_cache, lens_B, cfg: SparseConfig) -> None:
+    """A static decode step's update_compressed_keys: the kernel ending at each row's last key (lens_B - 1), if one
+    completes there, into kc_cache. It is computed for every row and written only where it completes (a masked
+    write), so no host branch and no length on the host: a CUDA graph can replay it."""
+    if kc_cache.shape[1] == 0:  # the capacity holds no whole kernel
+        return
+    rows = torch.arange(k_cache.shape[0], device=k_cache.device)
+    first = lens_B.long() - cfg.kernel_size  # the first key of the kernel that would end at the last key
+    completes = (first >= 0) & (first % cfg.kernel_stride == 0)
+    first = first.clamp(min=0)
+    keys_BWKD = k_cache[rows[:, None], first[:, None] + torch.arange(cfg.kernel_size, device=k_cache.device)]
+    j = (first // cfg.kernel_stride).clamp(max=kc_cache.shape[1] - 1)
+    mean = keys_BWKD.float().mean(1).to(kc_cache.dtype)
+    kc_cache[rows, j] = torch.where(completes[:, None, None], mean, kc_cache[rows, j])
+
+
+def write_decode_kv(k_cache, v_cache, kc_cache, lens_B, k_BKD, v_BKD, cfg: SparseConfig) -> None:
+    """A static decode step's append: each row's new key and value at index lens_B[row] of the caches (which must
+    have room), lens_B += 1 in place, then the compressed keys (update_compressed_keys_at)."""
+    rows = torch.arange(k_cache.shape[0], device=k_cache.device)
+    at = lens_B.long()
+    k_cache[rows, at] = k_BKD.to(k_cache.dtype)  # under autocast the new keys may be bf16, the cache fp32
+    v_cache[rows, at] = v_BKD.to(v_cache.dtype)
+    lens_B.add_(1)
+    update_compressed_keys_at(k_cache, kc_cache, lens_B, cfg)
 
 
 def select_blocks(q_BTHD, kc_BNKD, cfg: SparseConfig, scale=None, q_offset=0, backend=None) -> torch.Tensor:
@@ -642,4 +669,91 @@ def infllm_v2_decode(q_BHD, k_cache, v_cache, kc_cache, cache_len: int, cfg: Spa
     if not _use_triton(q, backend):
         return naive.sparse_attn_ref(q, k, v, idx, cfg.block_size, scale, q_offset)[:, 0]
     o, _ = _sparse_fwd(q.contiguous(), k, v, idx.contiguous(), cfg.block_size, scale, q_offset, splits)
+    return o[:, 0]
+
+
+def infllm_v2_decode_static(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg: SparseConfig, scale=None,
+                            backend=None, splits=16):
+    """One query per row over caches of a fixed capacity S = k_cache.shape[1], with the lengths on the device:
+    lens_B (int32 [B]) holds the keys of each row, its query the newest (position lens_B - 1); rows may differ.
+    kc_cache holds the kernels of k_cache (write_decode_kv keeps it). A row below dense_len attends to all of its
+    keys, the others select (over all kernel slots, those past the row's length masked; top-k with the forced
+    blocks) and attend to their picks, split-K. Every shape is set by the capacity and nothing reaches the host,
+    so a CUDA graph can replay it; naive.infllm_v2_decode_static_ref is the reference. Returns [B, H, D]."""
+    scale = q_BHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _use_triton(q_BHD, backend):
+        return naive.infllm_v2_decode_static_ref(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg, scale)
+    q, lens = q_BHD.contiguous(), lens_B.to(torch.int32)
+    idx = _decode_select(q, kc_cache.to(q.dtype).contiguous(), lens, cfg, scale, k_cache.shape[1])
+    return _decode_attn(q, k_cache, v_cache, idx, lens, cfg.block_size, scale, splits)
+
+
+def _decode_lse(q, kc, lens, cfg: SparseConfig, scale: float, GP: int) -> torch.Tensor:
+    """[splits, B, H] partial LSEs of the static decode's normaliser (the coarse one with cfg.approx_lse)."""
+    B, H, D = q.shape
+    Hkv = kc.shape[2]
+    fine = dict(n=kc.shape[1], size=cfg.kernel_size, stride=cfg.kernel_stride, parts=1, cstep=1, pstep=1,
+                pos_limit=1 << 30)
+    passes = [fine]
+    if cfg.approx_lse:  # coarse kernel j: the mean of fine kernels j * cstep + p * pstep, p < parts
+        n_coarse = cfg.n_coarse_kernels(cfg.kernel_stride * (kc.shape[1] - 1) + cfg.kernel_size) if kc.shape[1] else 0
+        coarse = dict(n=n_coarse, size=cfg.lse_kernel_size, stride=cfg.lse_kernel_stride,
+                      parts=cfg.lse_kernel_size // cfg.kernel_size, cstep=cfg.lse_kernel_stride // cfg.kernel_stride,
+                      pstep=cfg.kernel_size // cfg.kernel_stride, pos_limit=1 << 30)
+        # a sparse row that sees no coarse kernel yet keeps the exact normaliser (possible only with a dense_len
+        # that short): its fine partials join the coarse ones, which are all -inf for it
+        early = [dict(fine, pos_limit=cfg.lse_kernel_size - 1)] if cfg.dense_len < cfg.lse_kernel_size else []
+        passes = [coarse] + early
+    counts = [max(1, min(TUNE["lse_min_programs"] // (B * Hkv), triton.cdiv(p["n"], TUNE["lse_kernels"])))
+              for p in passes]
+    lse = _empty(sum(counts), B, H, device=q.device, dtype=torch.float32)
+    first = 0
+    for p, count in zip(passes, counts):
+        out = lse[first:first + count]
+        first += count
+        triton_decode._decode_lse[(B * Hkv, count)](
+            q, kc, lens, out, p["n"], Hkv, scale * LOG2E, p["pos_limit"], q.stride(0), q.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            G=H // Hkv, GP=GP, BLOCK_N=TUNE["lse_kernels"], D=D, SIZE=p["size"], STRIDE=p["stride"],
+            PARTS=p["parts"], CSTEP=p["cstep"], PSTEP=p["pstep"], **TUNE["lse"])
+    return lse
+
+
+def _decode_select(q, kc, lens, cfg: SparseConfig, scale: float, capacity: int) -> torch.Tensor:
+    """Stage 1 and top-k of the static decode on the Triton kernels: [B, Hkv, decode_width] int32."""
+    B, H, D = q.shape
+    Hkv = kc.shape[2]
+    G, GP = H // Hkv, _pow2(H // Hkv, 16)
+    n_blocks = cfg.n_blocks(capacity)
+    lse = _decode_lse(q, kc, lens, cfg, scale, GP)
+    scores = _empty(B, Hkv, 1, n_blocks, device=q.device, dtype=torch.float32)
+    block_b = TUNE["select_blocks"]
+    triton_decode._decode_block_scores[(triton.cdiv(n_blocks, block_b), B * Hkv)](
+        q, kc, lens, lse, scores, kc.shape[1], Hkv, n_blocks, scale * LOG2E, lse.shape[0], q.stride(0), q.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        scores.stride(0), scores.stride(1), G=G, GP=GP, BLOCK_B=block_b, D=D, KSIZE=cfg.kernel_size,
+        KSTRIDE=cfg.kernel_stride, BS=cfg.block_size, POOL_W=cfg.pool_window, POOL_S=cfg.pool_stride,
+        POOL_P=cfg.pool_padding, INIT=cfg.init_blocks, WIN_BLOCKS=cfg.window // cfg.block_size, **TUNE["scores"])
+    picks = topk_blocks(scores, cfg.k_total, backend="triton")[:, :, 0]
+    return naive.decode_picks(picks, lens, cfg, capacity).contiguous()
+
+
+def _decode_attn(q, k, v, idx, lens, block_size: int, scale: float, splits: int) -> torch.Tensor:
+    """Split-K attention of the static decode over the picks idx [B, Hkv, W]; [B, H, D] in q's dtype."""
+    B, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    o_s = _empty(splits, B, 1, H, D, device=q.device, dtype=torch.float32)  # [splits, B, T=1, H, D]
+    lse_s = _empty(splits, B, H, 1, device=q.device, dtype=torch.float32)
+    triton_decode._decode_attn[(B * Hkv, splits)](
+        q, k, v, idx, lens, o_s, lse_s, Hkv, scale * LOG2E, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
+        o_s.stride(0), o_s.stride(1), o_s.stride(3), lse_s.stride(0), lse_s.stride(1), lse_s.stride(2),
+        G=G, GP=_pow2(G, 16), D=D, BS=block_size, KSEL=idx.shape[-1], KSEL_P=_pow2(idx.shape[-1]), **TUNE["fwd"])
+    o = _empty(B, 1, H, D, device=q.device, dtype=q.dtype)
+    lse = _empty(B, H, 1, device=q.device, dtype=torch.float32)
+    triton_attn._merge_splits[(1, B)](
+        o_s, lse_s, o, lse, splits, o_s.stride(0), o_s.stride(1), o_s.stride(2), o_s.stride(3),
+        lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1), H=H, HP=_pow2(H), D=D)
     return o[:, 0]
