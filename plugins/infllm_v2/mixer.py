@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, infllm_v2_attn,
-                                      infllm_v2_decode, select_blocks, update_compressed_keys, uses_reference)
+from hyloom.kernels.infllm_v2 import (SparseConfig, block_sparse_attn, infllm_v2_attn, infllm_v2_decode,
+                                      infllm_v2_decode_static, select_blocks, update_compressed_keys, uses_reference,
+                                      write_decode_kv)
 from hyloom.mixer import MixerContext
 from hyloom.plugins.infllm_v2 import CAPABILITIES, InfLLMv2Config
 from hyloom.plugins.transformer.attention import GroupedQKV
@@ -15,7 +16,9 @@ class SparseKVCache:
     """Per-row keys, values and compressed keys in preallocated buffers [B, capacity, Hkv, D] (compressed:
     [B, n_kernels(capacity), Hkv, D]); rows may hold different numbers of real tokens (left-padded prompts),
     since block boundaries count real tokens only. `reserve` sizes the buffers up front; `append` grows them by
-    doubling when it must."""
+    doubling when it must. The lengths are kept twice: `lengths` on the host for prefill, `lens_B` (int32 [B])
+    on the device for static decode steps (`write_step`), which a CUDA graph replays without Python; `advance`
+    brings the host's copy along after them."""
 
     def __init__(self, batch, kv_heads, head_dim, cfg: SparseConfig, device, dtype):
         self.cfg = cfg
@@ -23,6 +26,7 @@ class SparseKVCache:
         self.v = torch.zeros_like(self.k)
         self.kc = torch.zeros_like(self.k)
         self.lengths = [0] * batch
+        self.lens_B = torch.zeros(batch, dtype=torch.int32, device=device)
 
     @property
     def capacity(self) -> int:
@@ -49,11 +53,22 @@ class SparseKVCache:
         update_compressed_keys(self.k[rows], self.kc[rows], start, end, self.cfg)
         for row in range(*rows.indices(len(self.lengths))):
             self.lengths[row] = end
+        self.lens_B[rows] = end
         return start
+
+    def write_step(self, k_BKD, v_BKD) -> None:
+        """A static decode step's new key and value of every row, at its own length (the capacity has room:
+        ModelCache.reserve runs before the step); lens_B moves on by one on the device."""
+        write_decode_kv(self.k, self.v, self.kc, self.lens_B, k_BKD, v_BKD, self.cfg)
+
+    def advance(self, n: int) -> None:
+        """The host's lengths after n static decode steps (hyloom.decode calls it after each step)."""
+        self.lengths = [length + n for length in self.lengths]
 
 
 class InfLLMv2(GroupedQKV):
     capabilities = CAPABILITIES
+    static_decode = True  # a decode step keeps its lengths on the device: see _step
 
     def __init__(self, cfg: InfLLMv2Config, d_model: int):
         super().__init__(d_model, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.gate, cfg.norm_eps)
@@ -63,12 +78,14 @@ class InfLLMv2(GroupedQKV):
     def forward(self, x_BTD, ctx: MixerContext):
         return self.decode_post(self.decode_core(*self.decode_pre(x_BTD, ctx), ctx), x_BTD)
 
-    # The three parts of a call, which hyloom.decode runs apart in a decode step: the projections and the output
-    # go into its CUDA graphs, the attention over the cache (host-side lengths, shapes that grow) runs between.
+    # The three parts of a call (hyloom.decode's hook for a mixer whose decode step is not static; this one's is,
+    # so its whole layer goes into the decode step's CUDA graph).
     def decode_pre(self, x_BTD, ctx: MixerContext):
         return self.project(x_BTD, ctx)
 
     def decode_core(self, q, k, v, ctx: MixerContext):
+        if ctx.slot_1 is not None:  # a static decode step (T == 1, every row's token real)
+            return self._step(q, k, v, ctx.cache)
         if ctx.cache is None and ctx.valid_BS is None:
             return infllm_v2_attn(q, k, v, self.sparse, cu_seqlens=ctx.cu_seqlens)
         if ctx.valid_BS is None or q.shape[1] == 1:
@@ -78,9 +95,18 @@ class InfLLMv2(GroupedQKV):
     def decode_post(self, o_BTHD, x_BTD):
         return self.output(o_BTHD, x_BTD)
 
+    def _step(self, q_B1HD, k_B1KD, v_B1KD, cache: SparseKVCache):
+        """The decode step in static shapes: each row appends at its own device-side length, selects over all the
+        capacity's kernels (those past its length masked) and attends; nothing is read back to the host."""
+        cache.write_step(k_B1KD[:, 0], v_B1KD[:, 0])
+        q_BHD = q_B1HD[:, 0].to(cache.k.dtype)  # as in _attend: the kernels take the cache's dtype
+        o_BHD = infllm_v2_decode_static(q_BHD, cache.k, cache.v, cache.kc, cache.lens_B, self.sparse)
+        return o_BHD[:, None].to(q_B1HD.dtype)
+
     def _runs(self, q, k, v, cache: SparseKVCache):
-        """Every new token real (no padding in this call, or a decode step): runs of neighbouring rows that hold
-        the same number of tokens attend in one call (the whole batch, unless prompts were left-padded)."""
+        """Every new token real (no padding in this call, or T == 1 outside a decode step): runs of neighbouring
+        rows that hold the same number of tokens attend in one call (the whole batch, unless prompts were
+        left-padded)."""
         B = q.shape[0]
         runs, first = [], 0
         for row in range(1, B + 1):
