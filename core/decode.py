@@ -1,11 +1,12 @@
 """The decode step of a HybridLM without per-step host overhead: on CUDA, captured in CUDA graphs.
 
 A step is a list of pieces over a carry of tensors: the embedding, each layer, the head. A layer whose mixer
-sets `static_decode` (see hyloom.mixer.Mixer) is one piece run with static shapes (`ctx.slot_1`); a layer whose
-mixer does not is cut in three: its norm, the mixer itself, which runs eagerly (an "island": its shapes or
-host-side state change from step to step, as InfLLM-V2's block selection does), and the rest of the block.
-A mixer with `decode_pre(x, ctx) -> tensors`, `decode_core(*tensors, ctx) -> o` and `decode_post(o, x) -> y`
-(InfLLM-V2: projections, attention over the cache, output) keeps only its core as the island.
+sets `static_decode` (see hyloom.mixer.Mixer) is one piece run with static shapes (`ctx.slot_1`); every built-in
+mixer does (InfLLM-V2 too: its lengths live on the device), so a model of them decodes as one CUDA graph. A
+layer whose mixer does not (a plugin's) is cut in three: its norm, the mixer itself, which runs eagerly (an
+"island": its shapes or host-side state change from step to step), and the rest of the block. A mixer with
+`decode_pre(x, ctx) -> tensors`, `decode_core(*tensors, ctx) -> o` and `decode_post(o, x) -> y` (projections,
+the part over the cache, output) keeps only its core as the island.
 Neighbouring static pieces form one CUDA graph; islands run between the graphs. Without graphs (CPU, graphs
 turned off, or a capture that failed) the same pieces run one after another, so both ways compute the same.
 
