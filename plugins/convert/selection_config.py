@@ -41,12 +41,16 @@ class FixedConfig(SelectorConfig):
 class HaloConfig(SelectorConfig):
     """HALO (SPEC §5): swap one layer at a time for its linear twin; measure recall R_i with the `recall` task and
     quality C_i with the `quality` task; score s_i = (max_j R_j - R_i) / (max_j C_j - C_i + eps), capped at `cap`;
-    keep the top-scored layers (ties: the lower index)."""
+    keep the top-scored layers (ties: the lower index). Where a task gives per-case values, each R_i and C_i is
+    recorded with its standard error and that of its drop (R_se, dR_se, C_se, dC_se)."""
 
     recall: dict[str, Any] = Field(
-        {"type": "passkey", "lengths": [256], "depths": [0.0, 0.5, 1.0], "cases": 2},
+        {"type": "passkey", "lengths": [256], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "cases": 8,
+         "score": "answer_logprob"},
         description="the eval_task that measures recall R_i: passkey or niah at lengths the teacher was trained "
-                    "at, or mqar for tiny synthetic models")
+                    "at, or mqar for tiny synthetic models; score: answer_logprob (teacher-forced log-probability "
+                    "of the answer) moves with every swap, where exact-match accuracy of a near-perfect teacher "
+                    "moves by whole cases")
     recall_metric: str | None = Field(None, description="which of the recall task's metrics is R_i (default: its "
                                                         "first, the task's headline)")
     quality: dict[str, Any] = Field(
@@ -59,6 +63,11 @@ class HaloConfig(SelectorConfig):
                                                "not divide by zero")
     cap: float = Field(50.0, gt=0, description="scores are capped here (a recall drop with almost no quality drop "
                                                "would otherwise dwarf every other layer)")
+    noise_sigmas: float = Field(0.0, ge=0, description="0: SPEC §5's score as it stands. k > 0 (an option, not "
+                                "the paper's): a recall drop within k standard errors (paired over the recall "
+                                "task's cases) counts as none, and a quality drop counts as at least k standard "
+                                "errors; needs tasks that give per-case values (passkey, niah, mqar, "
+                                "loss_by_position)")
 
 
 class KlConfig(SelectorConfig):

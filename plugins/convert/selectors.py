@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from hyloom.plugins.convert.selection import (Selection, SelectionContext, SelectionError, check_budget,
-                                              even_layers, halo_scores, resolve_pins, table, top_layers)
+                                              drop_errors, even_layers, halo_scores, resolve_pins, standard_error,
+                                              table, top_layers)
 
 
 @contextlib.contextmanager
@@ -126,19 +127,32 @@ class _Measuring(_Selector):
 
 
 class Halo(_Measuring):
-    """SPEC §5: R_i and C_i are eval tasks' metrics on the teacher with only layer i swapped for its twin."""
+    """SPEC §5: R_i and C_i are eval tasks' metrics on the teacher with only layer i swapped for its twin. Where a
+    task gives per-case values (its `metric_cases`, or held-out sequences for loss_by_position), each R_i and C_i
+    gets its standard error, and each drop max_j X_j - X_i the standard error of the paired difference."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         from hyloom.blueprint.errors import dotted
         from hyloom.eval import validate_tasks
+        from hyloom.registry import registry
 
         # task configs are checked when the selector is built, before any teacher is loaded
         self.tasks = {role: validate_tasks([getattr(cfg, role)], lambda i, loc, role=role: dotted(("selector", role,
                                                                                                   *loc)))[0]
                       for role in ("recall", "quality")}
+        self.task_objects = {role: registry().get("eval_task", t.type).build(t) for role, t in self.tasks.items()}
+        lacking = [f"selector.{role}: {t.type}" for role, t in self.tasks.items() if not self._gives_cases(role)]
+        if cfg.noise_sigmas > 0 and lacking:
+            raise SelectionError(f"selector.noise_sigmas {cfg.noise_sigmas} reads each drop against its standard "
+                                 f"error, which needs per-case values; these tasks give none: {', '.join(lacking)} "
+                                 f"(use passkey, niah, mqar or loss_by_position, or noise_sigmas 0)")
 
-    def _metric(self, role: str, report: dict) -> float:
+    def _gives_cases(self, role: str) -> bool:
+        return hasattr(self.task_objects[role], "metric_cases") or self.tasks[role].type == "loss_by_position"
+
+    def _metric(self, role: str, report: dict) -> tuple[str, float, float]:
+        """(metric name, its value, the sign that makes higher better: -1 for a loss as C_i)."""
         task = self.tasks[role].type
         metrics = report["tasks"][task]["metrics"]
         name = getattr(self.cfg, f"{role}_metric") or next(iter(metrics))
@@ -148,24 +162,76 @@ class Halo(_Measuring):
         value = metrics[name]
         if value is None:
             raise SelectionError(f"task {task!r} gave no number for {name!r} (not finite)")
-        return -value if role == "quality" and name.startswith("loss") else value  # C_i: higher is better
+        sign = -1.0 if role == "quality" and name.startswith("loss") else 1.0  # C_i: higher is better
+        return name, value, sign
 
-    def _measure_once(self, ectx) -> tuple[float, float]:
+    def _cases(self, role: str, report: dict, name: str, ectx) -> list[float] | None:
+        """The metric's per-case values (their mean is the metric), or None where the task gives none."""
+        task, cfg = self.task_objects[role], self.tasks[role]
+        if hasattr(task, "metric_cases"):
+            return task.metric_cases(report["tasks"][cfg.type]["rows"]).get(name)
+        if cfg.type == "loss_by_position":
+            return sequence_losses(ectx, cfg, name)
+        return None
+
+    def _measure_once(self, ectx) -> dict[str, tuple[float, list[float] | None]]:
+        """Each role's (value, per-case values or None), both oriented so that higher is better."""
         from hyloom.eval import run_tasks
 
-        return tuple(self._metric(role, run_tasks([cfg], ectx)) for role, cfg in self.tasks.items())
+        out = {}
+        for role, cfg in self.tasks.items():
+            report = run_tasks([cfg], ectx)
+            name, value, sign = self._metric(role, report)
+            cases = self._cases(role, report, name, ectx)
+            out[role] = (sign * value, None if cases is None else [sign * v for v in cases])
+        return out
 
     def measure(self, ctx, twins):
         ectx = dataclasses.replace(ctx.eval, model=ctx.teacher)
-        teacher_r, teacher_c = self._measure_once(ectx)
-        recall, quality = [], []
+        teacher = self._measure_once(ectx)
+        runs = []
         for i, twin in enumerate(twins):
             with swapped(ctx.teacher, i, twin):
-                r, c = self._measure_once(ectx)
-            recall.append(r)
-            quality.append(c)
-        scores = halo_scores(recall, quality, self.cfg.eps, self.cfg.cap)
-        return scores, {"R": recall, "C": quality}, {"teacher": {"R": teacher_r, "C": teacher_c}}
+                runs.append(self._measure_once(ectx))
+        measured, errors = {}, {}
+        for role, key in (("recall", "R"), ("quality", "C")):
+            cases = [run[role][1] for run in runs]
+            measured[key] = [run[role][0] for run in runs]
+            measured[f"{key}_se"] = [standard_error(c) for c in cases]
+            measured[f"d{key}_se"] = errors[key] = drop_errors(cases)
+        scores = halo_scores(measured["R"], measured["C"], self.cfg.eps, self.cfg.cap,
+                             noise_sigmas=self.cfg.noise_sigmas, recall_drop_se=errors["R"],
+                             quality_drop_se=errors["C"])
+        info = {"teacher": {"R": teacher["recall"][0], "C": teacher["quality"][0],
+                            "R_se": standard_error(teacher["recall"][1]),
+                            "C_se": standard_error(teacher["quality"][1])},
+                "cases": {key: None if runs[0][role][1] is None else len(runs[0][role][1])
+                          for role, key in (("recall", "R"), ("quality", "C"))}}
+        return scores, measured, info
+
+
+def sequence_losses(ectx, cfg, metric: str) -> list[float] | None:
+    """Per-sequence values of loss_by_position's `loss/nll@T`: that task reports position buckets, not sequences,
+    so its sequences (held-out tokens [k*T, k*T + T + 1) for k < min(sequences, what the split holds)) are read
+    again here, each one's mean next-token NLL; their mean is the task's metric. None for another metric."""
+    from hyloom.plugins.eval.loss import LOGITS_BUDGET
+
+    if not metric.startswith("loss/nll@") or not metric[len("loss/nll@"):].isdigit():
+        return None
+    length = int(metric[len("loss/nll@"):])
+    heldout = np.asarray(ectx.heldout_ids())
+    n = min(cfg.sequences, (len(heldout) - 1) // length)
+    vocab = getattr(getattr(ectx.model, "spec", None), "vocab_size", 1)
+    per_forward = max(1, min(ectx.batch_size, LOGITS_BUDGET // (length * vocab)))
+    losses = []
+    with torch.no_grad():
+        for start in range(0, n, per_forward):
+            rows = [heldout[k * length:k * length + length + 1] for k in range(start, min(n, start + per_forward))]
+            ids_BT = torch.from_numpy(np.stack(rows).astype(np.int64)).to(ectx.device)
+            logits_BTV = ectx.model(ids_BT[:, :-1]).float()
+            nll_BT = F.cross_entropy(logits_BTV.transpose(1, 2), ids_BT[:, 1:], reduction="none")
+            losses += nll_BT.mean(1).double().cpu().tolist()
+    return losses
 
 
 class Kl(_Measuring):

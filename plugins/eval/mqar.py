@@ -95,22 +95,44 @@ class MqarTask:
         for seq_len, num_kv in self.cells():
             ids, queries = examples(cfg, rng, cfg.cases, seq_len, num_kv)
             hits = np.zeros((cfg.cases, num_kv), dtype=bool)
+            logprobs = np.zeros((cfg.cases, num_kv))
             for start in range(0, cfg.cases, ctx.batch_size):
                 batch = torch.from_numpy(ids[start:start + ctx.batch_size] + offset).to(ctx.device)
                 q = torch.from_numpy(queries[start:start + ctx.batch_size]).to(ctx.device)
                 with torch.no_grad():
                     logits = ctx.model(batch)
-                predicted = logits.argmax(-1).gather(1, q)
-                hits[start:start + len(batch)] = (predicted == batch.gather(1, q + 1)).cpu().numpy()
+                values = batch.gather(1, q + 1)
+                hits[start:start + len(batch)] = (logits.argmax(-1).gather(1, q) == values).cpu().numpy()
+                if cfg.score == "answer_logprob":
+                    at_query = logits.gather(1, q[..., None].expand(-1, -1, logits.shape[-1])).float()
+                    logprobs[start:start + len(batch)] = (
+                        torch.log_softmax(at_query, -1).gather(2, values[..., None])[..., 0].cpu().numpy())
             correct_by_cell[seq_len, num_kv] = hits
             for case, row_hits in enumerate(hits):
-                rows.append({"length": seq_len, "num_kv_pairs": num_kv, "case": case, "correct": int(row_hits.sum()),
-                             "queries": num_kv, "score": float(row_hits.mean()),
-                             "extrapolated": seq_len > ctx.train_len})
-        metrics = {"mqar/acc": float(np.mean(np.concatenate([h.ravel() for h in correct_by_cell.values()])))}
-        for (seq_len, num_kv), hits in correct_by_cell.items():
-            metrics[f"mqar/acc@{seq_len}/kv{num_kv}"] = float(hits.mean())
+                row = {"length": seq_len, "num_kv_pairs": num_kv, "case": case, "correct": int(row_hits.sum()),
+                       "queries": num_kv, "score": float(row_hits.mean()), "extrapolated": seq_len > ctx.train_len,
+                       "query_hits": row_hits.astype(int).tolist()}
+                if cfg.score == "answer_logprob":
+                    row.update(score=float(logprobs[case].mean()), answer_logprob=float(logprobs[case].mean()),
+                               query_logprobs=logprobs[case].tolist())
+                rows.append(row)
+        metrics = {k: float(np.mean(v)) for k, v in self.metric_cases(rows).items()}
         return EvalResult(metrics, rows, plot=lambda path: self.plot(path, correct_by_cell))
+
+    def metric_cases(self, rows) -> dict[str, list[float]]:
+        """Each metric's per-query values (a metric is their mean), in the task's fixed order, so two models'
+        values pair up. The queries of one example are not independent cases: a standard error over them is a
+        lower bound."""
+        stats = ([("acc", "query_hits")] if self.cfg.score == "exact" else
+                 [("answer_logprob", "query_logprobs"), ("answer_token_acc", "query_hits")])
+        cases = {}
+        for stat, field in stats:  # the headline (every query) first: what a caller takes when it names no metric
+            cases[f"mqar/{stat}"] = [float(v) for r in rows for v in r[field]]
+        for stat, field in stats:
+            for seq_len, num_kv in self.cells():
+                cases[f"mqar/{stat}@{seq_len}/kv{num_kv}"] = [
+                    float(v) for r in rows if (r["length"], r["num_kv_pairs"]) == (seq_len, num_kv) for v in r[field]]
+        return cases
 
     def plot(self, path, correct_by_cell):
         from hyloom.plot import heatmap

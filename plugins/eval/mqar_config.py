@@ -4,6 +4,8 @@ The generator, task and source are in `hyloom.plugins.eval.mqar`."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
 
@@ -27,8 +29,8 @@ class MqarShape(BaseModel):
 
 
 class MqarTaskConfig(MqarShape):
-    """Multi-query associative recall (Zoology): N key-value pairs, then each key asked again; accuracy of the
-    teacher-forced prediction of the value at every query."""
+    """Multi-query associative recall (Zoology): N key-value pairs, then each key asked again; accuracy (or, with
+    `score: answer_logprob`, log-probability) of the teacher-forced prediction of the value at every query."""
 
     seq_lens: list[PositiveInt] = Field([64, 128, 256, 512], min_length=1, description="example lengths in tokens")
     num_kv_pairs: list[PositiveInt] = Field([4, 8, 16, 32, 64], min_length=1,
@@ -37,6 +39,10 @@ class MqarTaskConfig(MqarShape):
     cases: PositiveInt = Field(32, description="examples per (seq_len, num_kv_pairs) cell")
     seed: int = Field(1234, description="same seed, same examples (differs from the source's default seed 0, so "
                                         "the examples evaluated are not the ones trained on)")
+    score: Literal["exact", "answer_logprob"] = Field(
+        "exact", description="exact: accuracy of the argmax value at each query (mqar/acc...); answer_logprob: the "
+                             "log-probability of the paired value at each query (mqar/answer_logprob..., continuous, "
+                             "<= 0) and the same argmax accuracy (mqar/answer_token_acc...)")
 
     @model_validator(mode="after")
     def _some_cell(self):

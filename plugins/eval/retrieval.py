@@ -175,6 +175,38 @@ def niah_score(answer: str, case: Case) -> float:
     return sum(v in found for v in case.values) / len(case.values)
 
 
+# Floats of logits per teacher-forced forward (1 GiB in fp32): a batch of 16 prompts of 512 tokens and a 16K vocabulary
+# (HALO's recall probe in blueprints/experiments/convert-100m.yaml) runs in one forward; long prompts run fewer rows.
+FORCED_LOGITS_BUDGET = 1 << 28
+
+
+def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, vocab: int):
+    """Teacher forcing, no generation: for each prompt, the log-probability of each answer token given the prompt
+    and the answer tokens before it, and whether that token is the model's argmax; as ([A], [A]) float arrays.
+    One forward per group of rows (prompt + answer[:-1], right-padded: a causal model's earlier positions never
+    see the padding); groups are cut so their logits stay within FORCED_LOGITS_BUDGET floats."""
+    import torch
+
+    out = []
+    width = max(len(p) + len(a) - 1 for p, a in zip(prompts, answers))
+    per_forward = max(1, FORCED_LOGITS_BUDGET // (width * vocab))
+    for start in range(0, len(prompts), per_forward):
+        group = list(zip(prompts[start:start + per_forward], answers[start:start + per_forward]))
+        ids_BT = torch.zeros(len(group), max(len(p) + len(a) - 1 for p, a in group), dtype=torch.long)
+        for b, (prompt, answer) in enumerate(group):
+            ids_BT[b, :len(prompt) + len(answer) - 1] = torch.tensor(prompt + answer[:-1])
+        with torch.no_grad():
+            logits_BTV = model(ids_BT.to(device))
+        for b, (prompt, answer) in enumerate(group):
+            at_A = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1)  # the positions that predict it
+            logits_AV = logits_BTV[b, at_A.to(logits_BTV.device)].float()
+            answer_A = torch.tensor(answer, device=logits_AV.device)
+            logprob_A = torch.log_softmax(logits_AV, -1).gather(1, answer_A[:, None])[:, 0]
+            hit_A = logits_AV.argmax(-1) == answer_A
+            out.append((logprob_A.cpu().numpy(), hit_A.cpu().numpy().astype(np.float64)))
+    return out
+
+
 # ---- eval tasks --------------------------------------------------------------------------------------------
 
 def _rng(*parts) -> np.random.Generator:
@@ -183,7 +215,8 @@ def _rng(*parts) -> np.random.Generator:
 
 class RetrievalTask:
     """Runs a grid of lengths x depths (x variants) x cases: every prompt of one length is exactly that many tokens
-    (held-out filler, needles, question), answered greedily in batches of `ctx.batch_size`."""
+    (held-out filler, needles, question), answered greedily in batches of `ctx.batch_size` (score: exact), or its
+    answer teacher-forced after it (score: answer_logprob)."""
 
     name = ""
 
@@ -220,7 +253,7 @@ class RetrievalTask:
                     case = self.make_case(rng, group, depth)
                     made.append((group, depth, c, case, *encode_case(case, tok), rng.random()))
         answer_tokens = max(len(tok.encode(m[3].answer)) for m in made)
-        if answer_tokens > cfg.max_new_tokens:
+        if cfg.score == "exact" and answer_tokens > cfg.max_new_tokens:
             raise ValueError(f"{name}: max_new_tokens {cfg.max_new_tokens} cannot hold the answers (up to "
                              f"{answer_tokens} tokens); raise max_new_tokens")
         fixed = max(fixed_tokens(needles, question) for *_, needles, question, _ in made)
@@ -245,15 +278,37 @@ class RetrievalTask:
                 batch = todo[start:start + ctx.batch_size]
                 prompts = [splice(filler[off:off + n], needles, case.depths, question)
                            for _, _, _, _, case, needles, question, off, n in batch]
-                outs = ctx.model.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0,
-                                          stop_tokens=[tok.eos_id], stop_strings=[ANSWER_STOP], decode=tok.decode)
-                for (_, group, depth, c, case, *_), out in zip(batch, outs):
-                    answer = tok.decode(out).split(ANSWER_STOP)[0]
-                    score = self.score(answer, case)
+                cases = [cell[4] for cell in batch]
+                scored = (self._generated(ctx, prompts, cases) if cfg.score == "exact" else
+                          self._forced(ctx, prompts, cases))
+                for (_, group, depth, c, case, *_), fields in zip(batch, scored):
                     rows.append({"task": name, "variant": group, "length": length, "depth": depth, "case": c,
-                                 "key": case.key, "expected": " ".join(case.values), "answer": answer[:80],
-                                 "score": score, "correct": score == 1.0, "extrapolated": length > ctx.train_len})
+                                 "key": case.key, "expected": " ".join(case.values), **fields,
+                                 "extrapolated": length > ctx.train_len})
         return EvalResult(self._metrics(rows), rows, lambda path: self._plot(path, rows, ctx.train_len))
+
+    def _generated(self, ctx, prompts, cases) -> list[dict]:
+        """score: exact — the greedy answers, scored."""
+        tok = ctx.tokenizer
+        outs = ctx.model.generate(prompts, max_new_tokens=self.cfg.max_new_tokens, temperature=0,
+                                  stop_tokens=[tok.eos_id], stop_strings=[ANSWER_STOP], decode=tok.decode)
+        fields = []
+        for case, out in zip(cases, outs):
+            answer = tok.decode(out).split(ANSWER_STOP)[0]
+            score = self.score(answer, case)
+            fields.append({"answer": answer[:80], "score": score, "correct": score == 1.0})
+        return fields
+
+    def _forced(self, ctx, prompts, cases) -> list[dict]:
+        """score: answer_logprob — the answer's tokens (its text without the closing period) teacher-forced after
+        each prompt: their mean log-probability and the share that are the model's argmax."""
+        answers = [ctx.tokenizer.encode(case.answer.rstrip(".")) for case in cases]
+        vocab = getattr(getattr(ctx.model, "spec", None), "vocab_size", ctx.tokenizer.vocab_size)
+        fields = []
+        for logprob_A, hit_A in answer_logprobs(ctx.model, prompts, answers, ctx.device, vocab):
+            fields.append({"answer_tokens": len(logprob_A), "answer_logprob": float(logprob_A.mean()),
+                           "answer_token_acc": float(hit_A.mean()), "score": float(logprob_A.mean())})
+        return fields
 
     def _filler(self, ctx) -> np.ndarray:
         """The held-out documents joined without end-of-text tokens (a document boundary mid-prompt would tell the
@@ -274,29 +329,44 @@ class RetrievalTask:
                 f"bigger data.source)")
         return filler
 
-    def _metrics(self, rows) -> dict[str, float]:
-        def mean(rs):
-            return float(np.mean([r["score"] for r in rs]))
+    def _stats(self) -> list[tuple[str, str]]:
+        """(metric name, row field) of each statistic: the headline first."""
+        if self.cfg.score == "exact":
+            return [("acc", "score")]
+        return [("answer_logprob", "answer_logprob"), ("answer_token_acc", "answer_token_acc")]
 
-        metrics = {f"{self.name}/acc": mean(rows)}
-        metrics.update({f"{self.name}/acc@{n}": mean([r for r in rows if r["length"] == n]) for n in self.cfg.lengths})
-        if self.groups() != [self.name]:
-            for group in self.groups():
-                mine = [r for r in rows if r["variant"] == group]
-                metrics[f"{self.metric_prefix(group)}/acc"] = mean(mine)
-                metrics.update({f"{self.metric_prefix(group)}/acc@{n}": mean([r for r in mine if r["length"] == n])
-                                for n in self.cfg.lengths})
-        return metrics
+    def metric_cases(self, rows) -> dict[str, list[float]]:
+        """Each metric's per-case values, in the task's fixed case order (the same cases for every model, so two
+        models' values pair up); a metric is the mean of its list."""
+        groups = self.groups()
+        selections = [(self.name, None)] + ([] if groups == [self.name] else
+                                            [(self.metric_prefix(g), g) for g in groups])
+        cases = {}
+        for prefix, group in selections:
+            mine = [r for r in rows if group is None or r["variant"] == group]
+            for stat, field in self._stats():
+                cases[f"{prefix}/{stat}"] = [r[field] for r in mine]
+                cases.update({f"{prefix}/{stat}@{n}": [r[field] for r in mine if r["length"] == n]
+                              for n in self.cfg.lengths})
+        return cases
+
+    def _metrics(self, rows) -> dict[str, float]:
+        # the headline statistic over every row first: what a caller takes when it names no metric
+        names = [f"{self.name}/{stat}" for stat, _ in self._stats()]
+        cases = self.metric_cases(rows)
+        return {k: float(np.mean(cases[k])) for k in names + [k for k in cases if k not in names]}
 
     def _plot(self, path, rows, train_len: int) -> None:
         from hyloom.plot import heatmap
 
         lengths, depths = self.cfg.lengths, self.cfg.depths
-        grid = [[float(np.mean([r["score"] for r in rows if r["length"] == n and r["depth"] == d])) for n in lengths]
+        field, what = ("score", "accuracy") if self.cfg.score == "exact" else ("answer_token_acc",
+                                                                               "answer token accuracy")
+        grid = [[float(np.mean([r[field] for r in rows if r["length"] == n and r["depth"] == d])) for n in lengths]
                 for d in depths]
         over = "" if self.groups() == [self.name] else f", mean over {', '.join(self.groups())}"
         heatmap(path, grid, xlabel="context length (tokens; * = beyond the training length)", ylabel="needle depth",
-                title=f"{self.name} accuracy (trained at {train_len}{over})", colorbar="accuracy",
+                title=f"{self.name} {what} (trained at {train_len}{over})", colorbar=what,
                 xticklabels=[f"{n}*" if n > train_len else str(n) for n in lengths],
                 yticklabels=[f"{d:.0%}" for d in depths], vmin=0.0, vmax=1.0)
 

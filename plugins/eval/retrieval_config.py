@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
 Variant = Literal["single", "multikey", "multivalue", "multiquery"]
+Scoring = Literal["exact", "answer_logprob"]
 VARIANTS: tuple[str, ...] = ("single", "multikey", "multivalue", "multiquery")
 
 
@@ -20,7 +21,8 @@ def _no_repeats(values: list, what: str) -> list:
 
 class PasskeyTaskConfig(BaseModel):
     """Passkey retrieval (Mohtashami & Jaggi): a random number hidden at a depth of held-out filler text, asked
-    for at the end; greedy answer, exact match of the digits."""
+    for at the end; greedy answer, exact match of the digits (or, with `score: answer_logprob`, the teacher-forced
+    log-probability of the answer)."""
 
     lengths: list[PositiveInt] = Field([512, 1024, 2048, 4096], min_length=1,
                                        description="prompt lengths in tokens (filler + needle + question)")
@@ -31,6 +33,10 @@ class PasskeyTaskConfig(BaseModel):
     digits: int = Field(5, ge=1, le=30, description="digits of the pass key")
     max_new_tokens: PositiveInt = Field(16, description="greedy tokens generated per answer (refused when fewer "
                                                         "than the answer needs)")
+    score: Scoring = Field("exact", description="exact: greedy answer, scored 0/1 (passkey) or by the share of the "
+                                                "asked values found (niah); answer_logprob: no generation, one "
+                                                "forward of prompt + answer: the mean log-probability of the answer's "
+                                                "tokens (continuous, <= 0) and the share of them that are the argmax")
 
     @field_validator("lengths", "depths")
     @classmethod

@@ -80,8 +80,8 @@ def test_the_toy_scale_shrinks_teacher_and_student_alike():
 def test_the_plan_keeps_conversions_within_their_share():
     bench = script()
     cal = {"teacher_step_s": 0.1, "teacher_forward_s": 0.02, "student_step_s": 0.05}
-    # per teacher step: 1.1 x 0.1 + 2 x 0.1 x (64 / 32) x 1.15 x 0.07 = 0.1422 s
-    assert bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100) == int(200 / (0.11 + 0.4 * 1.15 * 0.07))
+    # per teacher step: 1.2 x 0.1 + 2 x 0.1 x (64 / 32) x 1.25 x 0.07 = 0.155 s
+    assert bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100) == int(200 / (0.12 + 0.4 * 1.25 * 0.07))
     assert bench.plan_steps(50, cal, (0.03, 0.07), (64, 32), 100) < 0  # nothing fits: min_steps applies
     for steps in (1, 7, 100, 1234):
         align = bench.conversion_steps(steps, 0.025, (64, 32))
@@ -89,6 +89,7 @@ def test_the_plan_keeps_conversions_within_their_share():
         assert align >= 1 and distill >= 1
         if steps >= 100:
             assert (align + distill) * 32 <= 0.095 * steps * 64
+    assert sum(bench.SHARES) <= 0.0995  # the defaults: within the issue's 10% of the teacher's tokens
 
 
 def _retrieval(prefix, lengths, score):
@@ -108,7 +109,8 @@ def _model(loss, recall, lengths, share=None, kept=None):
     else:
         m["conversion"] = {"tokens": int(share * 10000), "token_share": share, "seconds": 1.0}
         m["selection"] = {"n_layers": 4, "kept": kept, "layers": [
-            {"layer": i, "score": float(i == kept[0]), "R": 0.5, "C": -loss} for i in range(4)]}
+            {"layer": i, "kept": i in kept, "score": float(i == kept[0]), "R": -0.5 - i / 10, "dR_se": 0.01 * i,
+             "C": -loss, "dC_se": 0.0} for i in range(4)]}
         m["stages"] = {"align": {"curve": [{"step": 1, "loss": 0.01, "eval_loss": 0.02}]},
                        "distill": {"curve": [{"step": 1, "loss": 0.1, "eval_lm_loss": loss,
                                               "eval_teacher_lm_loss": 2.0}]}}
@@ -147,6 +149,23 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
     assert "halo keeps layers [0] of 4" in text and "even keeps layers [3] of 4" in text
     assert "goal halo_recall_at_least_even: NOT MET" in text and "512*" in text
     assert "nan" not in text.split("model")[0]
+    assert "    3   -0.8000 +-0.0300  " in text  # HALO's R_i of layer 3 with the standard error of its drop
+
+
+def test_halo_recall_is_a_continuous_probe_and_its_selection_fits_the_budget():
+    bench = script()
+    sel = resolved("convert-100m.yaml")["stages"][1]["train"]["selector"]
+    recall = sel["recall"]
+    assert recall["type"] == "niah" and recall["variants"] == ["multikey"] and recall["needles"] >= 3
+    assert recall["score"] == "answer_logprob" and recall["lengths"] == [512]  # the teacher's training length
+    assert len(recall["depths"]) * recall["cases"] >= 200 and sel["noise_sigmas"] == 0  # SPEC's score
+    # the teacher is taught the probe's format: multikey documents among its NIAH examples
+    niah = resolved("convert-teacher.yaml")["data"]["source"]["sources"][2]["source"]
+    assert "multikey" in niah["variants"] and niah["needles"] == recall["needles"]
+    # run 3's calibration: the estimate for 13 passes of 240 forced prompts + 2 x 16 sequences stays ~20 s
+    cal = {"forward_longest_s": 0.1665}
+    student = load_blueprint(str(FOLDER / "convert-100m.yaml"))
+    assert 10 < bench.select_estimate(cal, student, bench.SCALES["full"]) < 25
 
 
 @pytest.mark.slow

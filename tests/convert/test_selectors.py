@@ -4,6 +4,7 @@ the right answer is known."""
 
 import copy
 import json
+from dataclasses import replace as dataclasses_replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,9 +16,9 @@ from hyloom.blueprint import BlueprintError
 from hyloom.eval import EvalContext, EvalResult
 from hyloom.hookspecs import hookimpl
 from hyloom.mixer import Mixer, MixerCapabilities
-from hyloom.plugins.convert.selection import (SelectionContext, SelectionError, even_layers, halo_scores,
-                                              resolve_pins, top_layers)
-from hyloom.plugins.convert.selectors import swapped
+from hyloom.plugins.convert.selection import (SelectionContext, SelectionError, drop_errors, even_layers,
+                                              halo_scores, resolve_pins, standard_error, top_layers)
+from hyloom.plugins.convert.selectors import sequence_losses, swapped
 from hyloom.registry import register_plugin, registry, unregister_plugin
 from hyloom.testing import tiny_model
 
@@ -84,6 +85,33 @@ def test_halo_score_formula_cap_and_eps():
     assert halo_scores([0.3] * 3, [-1.0, -2.0, -3.0], 1e-3, 50.0) == [0.0] * 3  # no recall anywhere
     with pytest.raises(SelectionError, match="recall of layer 1"):
         halo_scores([1.0, None], [0.0, 0.0], 1e-3, 50.0)
+
+
+def test_halo_noise_option_reads_each_drop_against_its_standard_error():
+    recall, quality = [1.0, 0.95, 0.5, 1.0], [-2.0, -2.0, -2.3, -2.001]
+    spec = halo_scores(recall, quality, eps=0.01, cap=50.0)  # the default: SPEC's formula, noise and all
+    assert spec == pytest.approx([0.0, 0.05 / 0.01, 0.5 / 0.31, 0.0])
+    assert halo_scores(recall, quality, 0.01, 50.0, noise_sigmas=0.0, recall_drop_se=[None] * 4,
+                       quality_drop_se=[None] * 4) == spec  # k = 0 ignores the errors
+    # layer 1's recall drop (0.05) is within 2 s.e. (0.03 each): none; layer 2's quality drop is raised to 2 s.e.
+    noisy = halo_scores(recall, quality, 0.01, 50.0, noise_sigmas=2.0, recall_drop_se=[0.0, 0.03, 0.03, 0.0],
+                        quality_drop_se=[0.0, 0.01, 0.2, 0.01])
+    assert noisy == pytest.approx([0.0, 0.0, 0.5 / (0.4 + 0.01), 0.0])
+    with pytest.raises(SelectionError, match="noise_sigmas 2.0 needs the standard error of every quality drop"):
+        halo_scores(recall, quality, 0.01, 50.0, noise_sigmas=2.0, recall_drop_se=[0.0] * 4,
+                    quality_drop_se=[0.0, None, 0.0, 0.0])
+
+
+def test_standard_errors_of_values_and_of_paired_drops():
+    assert standard_error([1.0, 3.0]) == pytest.approx(1.0)  # sd sqrt(2), over sqrt(2)
+    assert standard_error([2.0]) is None and standard_error(None) is None
+    # layer 1 is layer 0 shifted down by 0.5 on every case: a drop of exactly 0.5, no noise once paired
+    cases = [[1.0, 3.0, 5.0], [0.5, 2.5, 4.5], [3.0, 1.0, 5.0]]
+    assert drop_errors(cases) == pytest.approx([0.0, 0.0, standard_error([-2.0, 2.0, 0.0])])
+    assert standard_error(cases[1]) == pytest.approx(2 / 3 ** 0.5)  # unpaired: the spread between cases
+    assert drop_errors([[1.0], None]) == [None, None]
+    with pytest.raises(SelectionError, match="different numbers of cases"):
+        drop_errors([[1.0, 2.0], [1.0]])
 
 
 def test_even_spacing_ends_on_the_last_layer_and_spreads_around_pins():
@@ -266,7 +294,8 @@ def test_halo_scores_recall_lost_per_quality_lost(probes, tmp_path):
     assert [r["C"] for r in rows] == pytest.approx([-2.5, -2.1, -2.0, -2.1])  # loss/...: C is minus the loss
     assert [r["score"] for r in rows] == pytest.approx([0.1 / 0.501, 5.0, 0.0, 5.0])  # 0.6 / 0.101 capped at 5
     assert selection.kept == [1]  # tied with layer 3 at the cap: the lower index
-    assert selection.info["teacher"] == {"R": 1.0, "C": -2.0}
+    assert selection.info["teacher"] == {"R": 1.0, "C": -2.0, "R_se": None, "C_se": None}  # no per-case values
+    assert all(r["R_se"] is None and r["dC_se"] is None for r in rows)
     assert halo.select(SelectionContext(L, 2, teacher=teacher(), twin=twins.__getitem__,
                                         eval=eval_ctx(HELDOUT))).kept == [1, 3]
 
@@ -280,6 +309,13 @@ def test_halo_scores_recall_lost_per_quality_lost(probes, tmp_path):
     assert written["kept"] == [1] and written["selector"] == "halo" and written["config"]["cap"] == 5.0
     assert [r["score"] for r in written["layers"]] == pytest.approx([r["score"] for r in rows])
     assert (tmp_path / "selection.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_halo_noise_option_is_refused_for_tasks_without_per_case_values(probes):
+    with pytest.raises(SelectionError, match="needs per-case values; these tasks give none: selector.recall: "
+                                             "probe_recall, selector.quality: probe_loss"):
+        selector("halo", recall={"type": "probe_recall"}, quality={"type": "probe_loss"}, noise_sigmas=2.0)
+    selector("halo", noise_sigmas=2.0)  # the defaults (passkey, loss_by_position) give them
 
 
 def test_halo_refuses_a_metric_its_task_does_not_report(probes):
@@ -299,8 +335,53 @@ def test_halo_with_the_builtin_tasks_on_a_tiny_teacher():
                     quality={"type": "loss_by_position", "lengths": [32], "sequences": 4})
     selection = halo.select(SelectionContext(L, 2, teacher=model, twin=twin.__getitem__, eval=eval_ctx(HELDOUT)))
     row, teacher_scores = selection.layers[same], selection.info["teacher"]
-    assert (row["R"], row["C"]) == (teacher_scores["R"], teacher_scores["C"])
+    assert [row[k] for k in ("R", "C", "R_se", "C_se")] == [teacher_scores[k] for k in ("R", "C", "R_se", "C_se")]
     assert all(np.isfinite([r["C"] for r in selection.layers])) and len(selection.kept) == 2
+    assert selection.info["cases"] == {"R": 4 * 4, "C": 4}  # mqar: one case per query; the loss: per sequence
+    assert all(r["R_se"] >= 0 and r["C_se"] > 0 and r["dC_se"] >= 0 for r in selection.layers)  # a random teacher's
+    # mqar hits may all be 0 (no spread); its held-out losses differ by sequence
+    best = max(range(L), key=lambda i: selection.layers[i]["C"])
+    assert selection.layers[best]["dC_se"] == 0.0  # the best layer's drop from itself
+
+
+def test_halo_with_answer_logprob_recall_and_the_noise_option(tmp_path):
+    """mqar scored by answer log-probability: R moves continuously; with noise_sigmas each drop is read against its
+    paired standard error, and the figure shows the drops with their error bars."""
+    model = teacher()
+    twin = {i: copy.deepcopy(model.layers[i].mixer) if i == 1 else Zero() for i in range(L)}.__getitem__
+    recall = {"type": "mqar", "seq_lens": [32], "num_kv_pairs": [4], "cases": 8, "vocab_size": 64,
+              "score": "answer_logprob"}
+    quality = {"type": "loss_by_position", "lengths": [32], "sequences": 6}
+    plain = selector("halo", recall=recall, quality=quality).select(
+        SelectionContext(L, 1, teacher=model, twin=twin, eval=eval_ctx(HELDOUT)))
+    assert all(r["R"] <= 0 for r in plain.layers)  # a mean log-probability
+    same = plain.layers[1]  # the twin that is the teacher's own mixer measures as the teacher, exactly
+    assert (same["R"], same["C"]) == (plain.info["teacher"]["R"], plain.info["teacher"]["C"])
+    noisy = selector("halo", recall=recall, quality=quality, noise_sigmas=2.0).select(
+        SelectionContext(L, 1, teacher=model, twin=twin, eval=eval_ctx(HELDOUT)))
+    rows = noisy.layers
+    assert [r["R"] for r in rows] == [r["R"] for r in plain.layers]  # the same measurement, another score
+    best_r, best_c = max(r["R"] for r in rows), max(r["C"] for r in rows)
+    for r in rows:
+        drop_r = best_r - r["R"] if best_r - r["R"] > 2 * r["dR_se"] else 0.0
+        assert r["score"] == pytest.approx(min(50.0, drop_r / (max(best_c - r["C"], 2 * r["dC_se"]) + 1e-3)))
+    noisy.write(tmp_path)
+    written = json.loads((tmp_path / "selection.json").read_text())
+    assert {"R_se", "dR_se", "C_se", "dC_se"} <= set(written["layers"][0]) and written["config"]["noise_sigmas"] == 2
+    assert (tmp_path / "selection.png").stat().st_size > 10_000
+
+
+def test_sequence_losses_are_the_sequences_loss_by_position_averages():
+    from hyloom.eval import run_tasks, validate_tasks
+
+    model = teacher().eval()
+    cfg = validate_tasks([{"type": "loss_by_position", "lengths": [32, 64], "sequences": 5}])[0]
+    ectx = dataclasses_replace(eval_ctx(HELDOUT), model=model)
+    metrics = run_tasks([cfg], ectx)["tasks"]["loss_by_position"]["metrics"]
+    for length in (32, 64):
+        losses = sequence_losses(ectx, cfg, f"loss/nll@{length}")
+        assert len(losses) == 5 and np.mean(losses) == pytest.approx(metrics[f"loss/nll@{length}"], rel=1e-5)
+    assert sequence_losses(ectx, cfg, "loss/other") is None
 
 
 def test_a_forced_choice_measures_nothing_and_even_writes_its_layout(tmp_path):

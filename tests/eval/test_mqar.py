@@ -127,3 +127,32 @@ def test_source_documents_are_task_examples(tmp_path):
     n = docs[0]["meta"]["num_kv_pairs"]
     q = [i for i in range(2 * n, 63, 2) if docs[0]["ids"][i] != 0]
     assert (logits[0, q].argmax(-1) == torch.tensor(docs[0]["ids"])[[i + 1 for i in q]] + 258).all()
+
+
+class Certain(Recall):
+    """The recall model with all its mass on its one-hot prediction."""
+
+    def forward(self, ids):
+        return 100.0 * super().forward(ids)
+
+
+class Uniform(Recall):
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.spec.vocab_size)
+
+
+def test_answer_logprob_is_zero_when_sure_and_log_1_over_v_when_uniform_and_its_cases_pair_up():
+    cfg = MqarTaskConfig(seq_lens=[64, 128], num_kv_pairs=[4, 16], cases=6, vocab_size=80, score="answer_logprob")
+    task = MqarTask(cfg)
+    sure = task.run(ctx(Certain(OFFSET + 80)))
+    assert list(sure.metrics)[:2] == ["mqar/answer_logprob", "mqar/answer_token_acc"]  # the headline first
+    assert sure.metrics["mqar/answer_logprob"] == pytest.approx(0.0, abs=1e-6)
+    assert sure.metrics["mqar/answer_token_acc"] == 1.0 and "mqar/acc" not in sure.metrics
+    uniform = task.run(ctx(Uniform(OFFSET + 80)))
+    assert uniform.metrics["mqar/answer_logprob@128/kv16"] == pytest.approx(np.log(1 / (OFFSET + 80)))
+    cases = task.metric_cases(uniform.rows)
+    assert cases.keys() == uniform.metrics.keys()
+    assert len(cases["mqar/answer_logprob"]) == 6 * (4 + 16) * 2  # one value per query
+    assert all(np.mean(v) == pytest.approx(uniform.metrics[k]) for k, v in cases.items())
+    exact = MqarTask(cfg.model_copy(update={"score": "exact"}))
+    assert exact.metric_cases(exact.run(ctx(Certain(OFFSET + 80))).rows)["mqar/acc"] == [1.0] * 240

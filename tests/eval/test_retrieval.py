@@ -319,3 +319,74 @@ def test_source_refuses_documents_too_short_for_the_example_and_an_empty_filler(
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="data source passkey: the filler source yields no documents"):
         list(source("passkey", documents=1, filler={"type": "jsonl", "path": str(tmp_path / "empty.jsonl")}))
+
+
+# ---- score: answer_logprob (teacher forcing, no generation) ------------------------------------------------
+
+class ForcedModel:
+    """A causal 'model' called as model(ids_BT) -> logits [B, T, V]. `oracle`: at the positions after the answer
+    prefix ("... is" ending the last line) it puts all its mass on the next character of the retrieved answer;
+    elsewhere, and for `oracle=False` everywhere, its logits are all equal (uniform)."""
+
+    def __init__(self, oracle):
+        import torch
+
+        self.torch, self.oracle, self.calls = torch, oracle, []
+        self.spec = SimpleNamespace(causal=True, vocab_size=TOK.vocab_size)
+
+    def generate(self, *args, **kwargs):
+        raise AssertionError("answer_logprob must not generate")
+
+    def __call__(self, ids_BT):
+        self.calls.append(tuple(ids_BT.shape))
+        logits_BTV = self.torch.zeros(*ids_BT.shape, TOK.vocab_size)
+        for b, row in enumerate(ids_BT.tolist()):
+            text = TOK.decode(row)
+            start = text.rfind(" is", text.rfind("\n") + 1) + 3  # where the answer begins
+            if not self.oracle or start < 3:
+                continue
+            answer = retrieve(text[:start])
+            for t in range(start - 1, len(row)):
+                if t + 1 - start < len(answer):
+                    logits_BTV[b, t, ord(answer[t + 1 - start])] = 100.0
+        return logits_BTV
+
+
+@pytest.mark.parametrize("kind,grid", [("passkey", PASSKEY), ("niah", dict(NIAH, variants=["single", "multikey"]))])
+def test_answer_logprob_is_zero_for_a_model_sure_of_the_answer_and_log_1_over_v_for_a_uniform_one(kind, grid):
+    sure = task(kind, **grid, score="answer_logprob").run(ctx(ForcedModel(oracle=True)))
+    assert next(iter(sure.metrics)) == f"{kind}/answer_logprob"  # the headline: what HALO takes by default
+    assert sure.metrics[f"{kind}/answer_logprob"] == pytest.approx(0.0, abs=1e-6)
+    assert sure.metrics[f"{kind}/answer_token_acc"] == 1.0
+    assert all(r["answer_tokens"] == len(r["expected"].replace(" ", ", ")) + 1 for r in sure.rows)  # " " + values
+    uniform = task(kind, **grid, score="answer_logprob").run(ctx(ForcedModel(oracle=False)))
+    assert uniform.metrics[f"{kind}/answer_logprob"] == pytest.approx(np.log(1 / TOK.vocab_size))
+    assert uniform.metrics[f"{kind}/answer_token_acc"] == 0.0  # all tied: the argmax is id 0, never an answer
+    assert f"{kind}/acc" not in uniform.metrics
+
+
+def test_answer_logprob_runs_one_forward_per_batch_and_its_cases_pair_up():
+    model = ForcedModel(oracle=True)
+    passkey = task("passkey", **PASSKEY, score="answer_logprob")
+    result = passkey.run(ctx(model))
+    assert [shape[0] for shape in model.calls] == [4, 4, 1] * 2  # ctx.batch_size rows a forward, per length
+    # prompt + the answer (" " and 5 digits) but its last token: the rows of one forward share their width
+    assert {shape[1] for shape in model.calls} == {200 + 5, 600 + 5}
+    cases = passkey.metric_cases(result.rows)
+    assert cases.keys() == result.metrics.keys()
+    assert all(np.mean(v) == pytest.approx(result.metrics[k]) for k, v in cases.items())
+    assert len(cases["passkey/answer_logprob"]) == 18 and len(cases["passkey/answer_logprob@200"]) == 9
+    exact = task("passkey", **PASSKEY).run(ctx(FakeModel(retrieve)))
+    assert [(r["length"], r["depth"], r["case"], r["key"]) for r in exact.rows] == \
+        [(r["length"], r["depth"], r["case"], r["key"]) for r in result.rows]  # the same cases in the same order
+
+
+def test_a_model_that_half_knows_the_answer_scores_in_between():
+    class Half(ForcedModel):
+        def __call__(self, ids_BT):  # the oracle's logits halved: mass spread, the argmax still right
+            return super().__call__(ids_BT) * 0.05
+
+    result = task("passkey", **PASSKEY, score="answer_logprob").run(ctx(Half(oracle=True)))
+    expected = 5.0 - np.log(np.exp(5.0) + TOK.vocab_size - 1)  # log-softmax of 5 against 127 zeros
+    assert result.metrics["passkey/answer_logprob"] == pytest.approx(expected)
+    assert result.metrics["passkey/answer_token_acc"] == 1.0
