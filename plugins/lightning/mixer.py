@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from hyloom.mixer import Mixer, MixerContext
 from hyloom.plugins.lightning import CAPABILITIES, LightningConfig
 from hyloom.plugins.transformer.attention import default_head_dim
 from hyloom.plugins.transformer.norm import RMSNorm
+from hyloom.recompute import keep_products
 
 
 @dataclass
@@ -56,15 +58,25 @@ class Lightning(Mixer):
         q = self.q_proj(x_BTD).view(B, T, H, D)
         k = self.k_proj(x_BTD).view(B, T, H, D)
         v = self.v_proj(x_BTD).view(B, T, H, D)
+        z = self.z_proj(x_BTD) if self.z_proj is not None else None
+        g = self._g_on.get(x_BTD.device)
+        if g is None:
+            g = self._g_on[x_BTD.device] = self.g_H.to(x_BTD.device)
+        if ctx.cache is not None:  # writes the state: not to be run twice
+            return self._mix(q, k, v, z, g, ctx)
+        # training: the norms, rotary and gate run again in the backward pass rather than keeping their
+        # intermediates (the projections' outputs and the attention's output are kept)
+        return keep_products(functools.partial(self._mix, ctx=ctx), q, k, v, z, g)
+
+    def _mix(self, q, k, v, z, g, ctx: MixerContext):
+        """From the projections to the output: QK-norm, position, the attention, output norm, gate, o_proj."""
+        B, T, H, D = q.shape
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.position.apply(q, k, ctx.pos_BT)
         if ctx.valid_BS is not None and ctx.slot_1 is None:  # padding tokens add nothing to the state
             keep = ctx.valid_BS[:, -T:, None, None].to(k.dtype)
             k, v = k * keep, v * keep
-        g = self._g_on.get(x_BTD.device)
-        if g is None:
-            g = self._g_on[x_BTD.device] = self.g_H.to(x_BTD.device)
         if ctx.cache is not None:
             o = self._with_state(q, k, v, g, ctx.cache)
         elif ctx.causal:
@@ -75,8 +87,8 @@ class Lightning(Mixer):
         o = o.reshape(B, T, H * D)
         if self.o_norm is not None:
             o = self.o_norm(o)
-        if self.z_proj is not None:
-            o = o * torch.sigmoid(self.z_proj(x_BTD))
+        if z is not None:
+            o = o * torch.sigmoid(z)
         return self.o_proj(o)
 
     def _with_state(self, q, k, v, g, cache: RecurrentState):
