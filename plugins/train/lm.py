@@ -21,9 +21,40 @@ from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
 from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point, saved_blueprint
 
 
+# Past this many logits per micro-batch (B·T·V; 2^30: 4.3 GB in fp32) the loss is taken chunk by chunk of
+# tokens, LOSS_CHUNK_LOGITS logits a chunk, and the full [B, T, V] logits never exist (at 64K tokens and a 32K
+# vocabulary they are 8.4 GB in fp32, their log-softmax and gradient as much again). Below it the full logits
+# are cheaper: the chunked backward makes every chunk's logits again (one more head product).
+CHUNKED_LOSS_LOGITS = 2 ** 30
+LOSS_CHUNK_LOGITS = 2 ** 26
+
+
 def lm_loss(model, batch_BT1) -> torch.Tensor:
-    logits = model(batch_BT1[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch_BT1[:, 1:].reshape(-1))
+    ids_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    chunked = not isinstance(model, torch.nn.parallel.DistributedDataParallel)  # DDP syncs through forward()
+    if chunked and ids_BT.numel() * model.spec.vocab_size > CHUNKED_LOSS_LOGITS:
+        return chunked_next_token_loss(model, model.hidden(ids_BT), targets_BT)
+    logits = model(ids_BT)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BT.reshape(-1))
+
+
+def _summed_loss(model, x_ND, targets_N):
+    logits = model.logits(x_ND)
+    return F.cross_entropy(logits.float(), targets_N, reduction="sum")
+
+
+def chunked_next_token_loss(model, x_BTD, targets_BT) -> torch.Tensor:
+    """The mean cross-entropy of model.logits(x) against the targets, one chunk of tokens at a time: each
+    chunk's logits are made, reduced to its summed loss and dropped; the backward pass makes them again, one
+    chunk at a time (activation checkpointing per chunk). Only the hidden states are kept. LOSS_CHUNK_LOGITS
+    logits a chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    x_ND, targets_N = x_BTD.reshape(-1, x_BTD.shape[-1]), targets_BT.reshape(-1)
+    chunk = max(1, LOSS_CHUNK_LOGITS // model.spec.vocab_size)
+    total = sum(checkpoint(_summed_loss, model, x_ND[i:i + chunk], targets_N[i:i + chunk], use_reentrant=False)
+                for i in range(0, x_ND.shape[0], chunk))
+    return total / targets_N.numel()
 
 
 class NextTokenObjective:
