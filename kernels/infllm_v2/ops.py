@@ -681,6 +681,10 @@ def infllm_v2_decode_static(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg: Spar
     blocks) and attend to their picks, split-K. Every shape is set by the capacity and nothing reaches the host,
     so a CUDA graph can replay it; naive.infllm_v2_decode_static_ref is the reference. Returns [B, H, D]."""
     scale = q_BHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q_BHD.is_cuda and cfg.block_size < 16:  # the kernel's tl.dot over a block needs K >= 16 when compiled
+        if backend == "triton":
+            raise ValueError(f"the Triton decode needs block_size >= 16 on CUDA, not {cfg.block_size}")
+        backend = "torch"
     if not _use_triton(q_BHD, backend):
         return naive.infllm_v2_decode_static_ref(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg, scale)
     q, lens = q_BHD.contiguous(), lens_B.to(torch.int32)

@@ -53,6 +53,9 @@ def test_compiled_graph_holds_the_custom_ops():
     ids = torch.randint(0, 4096, (1, 320), device="cuda")
     explained = torch._dynamo.explain(model)(ids)
     assert explained.graph_break_count == 0, explained.break_reasons
-    called = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    # the Lightning layer runs inside a selective-checkpoint region (hyloom.recompute): its ops sit in a nested
+    # graph module of the captured graph
+    called = {str(n.target) for g in explained.graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+              for n in m.graph.nodes if n.op == "call_function"}
     assert {"hyloom.lightning_fwd.default", "hyloom.infllm_v2_select.default",
             "hyloom.infllm_v2_sparse_fwd.default"} <= called, called

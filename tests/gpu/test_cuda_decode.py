@@ -120,8 +120,7 @@ def test_sala_shaped_graph_decode_across_dense_len_equals_eager_and_each_row_alo
     eager, _ = run(False)
     graphed, cache = run(True)
     assert [entry[0] for entry in cache.runner.plan] == ["graph"]
-    assert cache.layers[0].lens_B.tolist() == [n + steps - 1 for n in lengths] == [
-        n + steps - 1 for n in cache.layers[0].lengths]
+    assert cache.layers[0].lens_B.tolist() == [n + steps - 1 for n in lengths] == cache.layers[0].lengths
     assert (graphed - eager).abs().max() <= 1e-5 * eager.abs().max()
     for r, n in enumerate(lengths):
         row = ids[r:r + 1, T - n:]
