@@ -97,7 +97,9 @@ def test_compiled_hybrid_has_no_graph_break_and_matches_eager(device, monkeypatc
     eager = step(model)
     compiled = step(torch.compile(model, backend=recording_backend, fullgraph=True))
     assert len(graphs) == 1
-    called = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    # Lightning runs inside a selective-checkpoint region (hyloom.recompute): its ops sit in a nested graph module
+    called = {str(n.target) for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule)
+              for n in m.graph.nodes if n.op == "call_function"}
     for op in ("hyloom.lightning_fwd.default", "hyloom.infllm_v2_select.default",
                "hyloom.infllm_v2_sparse_fwd.default"):
         assert op in called, f"{op} is not in the traced graph (the reference path ran?)"
