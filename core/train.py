@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -175,6 +177,24 @@ def open_checkpoint(path: str | Path, device: str | None = "auto", *, refuse=Non
         refuse(bp, found)
     file_tokenizer = registry().get("tokenizer", "file")
     return found, model, bp, file_tokenizer.build(file_tokenizer.config(path=str(tokenizer_file))), device
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of every trainer: weight decay on matrices only (not norms, gains, biases)."""
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    """The host RNGs a trainer saves in its checkpoint, so a resumed run draws what the whole run drew."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
 
 
 def resume_point(run: RunDir, resume: str | None) -> Path | None:

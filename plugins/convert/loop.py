@@ -13,9 +13,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from hyloom.plugins.train.lm import _param_groups, _rng_state, _set_rng_state
 from hyloom.plugins.train.schedule import learning_rate
-from hyloom.train import RunDir, SetupError, TrainingError, restore, resume_point
+from hyloom.train import (RunDir, SetupError, TrainingError, param_groups, restore, resume_point, rng_state,
+                          set_rng_state)
 
 
 def autocast_for(cfg, device: torch.device):
@@ -42,7 +42,7 @@ def fit_loop(cfg, *, name: str, model, data, run, resolved: dict, train_step, ev
     micro = cfg.batch_size // cfg.grad_accum
     loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, seed=cfg.seed)
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     start, point = 0, resume_point(out, run.resume)
     if point is not None:
         state = restore(point, model, resolved)
@@ -52,7 +52,7 @@ def fit_loop(cfg, *, name: str, model, data, run, resolved: dict, train_step, ev
                              "Raise steps to continue the run")
         opt.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
     kept = [r for r in out.metrics() if r["step"] <= start]
     (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -113,7 +113,7 @@ def fit_loop(cfg, *, name: str, model, data, run, resolved: dict, train_step, ev
                 print(f"{name} step {done}/{cfg.steps}   loss {loss:.4g}{held}   lr {lr:.2e}   "
                       f"grad norm {grad_norm:.3g}", flush=True)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": _rng_state()}
+            state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": rng_state()}
             out.save(done, model, resolved, state, cfg.keep,
                      extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)

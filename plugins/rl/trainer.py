@@ -26,8 +26,8 @@ from hyloom.plugins.rl.config import GrpoConfig
 from hyloom.plugins.rl.prompts import PromptSetError, load_prompt_set
 from hyloom.plugins.rl.rollout import completion_logits, sample_completions
 from hyloom.plugins.rl.verifiers import build_verifier
-from hyloom.plugins.train.lm import _param_groups, _rng_state, _set_rng_state
-from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point
+from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, restore, resume_point,
+                          rng_state, set_rng_state)
 
 COMPLETIONS = "completions.jsonl"
 FIGURE = "rewards.png"
@@ -223,7 +223,7 @@ class GrpoTrainer:
             print(f"hyloom: warning: the longest prompt plus max_new_tokens is {longest} tokens, more than "
                   f"model.max_seq_len ({run.blueprint.model.max_seq_len})", file=sys.stderr, flush=True)
 
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         order = PromptOrder(len(train), cfg.seed)
         start = 0
         point = resume_point(out, run.resume)
@@ -235,7 +235,7 @@ class GrpoTrainer:
                                  "Raise train.steps to continue the run")
             opt.load_state_dict(state["optimizer"])
             order.load_state_dict(state["prompts"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         reference = self._reference(model, out, env, fresh=point is None) if cfg.kl_coef else None
         if env.main:  # forget what a stopped run logged after that point (everything, on a fresh start)
             for name in ("metrics.jsonl", COMPLETIONS):
@@ -346,7 +346,7 @@ class GrpoTrainer:
             if done % cfg.save_every == 0 or last:
                 if env.main:
                     state = {"step": done, "optimizer": opt.state_dict(), "prompts": order.state_dict(),
-                             "rng": _rng_state()}
+                             "rng": rng_state()}
                     out.save(done, model, run.resolved, state, cfg.keep,
                              extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
                 env.barrier()

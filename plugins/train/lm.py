@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -18,7 +16,8 @@ from tqdm.auto import tqdm
 from hyloom.blueprint import BlueprintError, Problem
 from hyloom.plugins.train.config import LMTrainerConfig
 from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
-from hyloom.train import RunDir, SetupError, TrainingError, TrainRun, restore, resume_point, saved_blueprint
+from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, restore, resume_point,
+                          rng_state, saved_blueprint, set_rng_state)
 
 
 # Past this many logits per micro-batch (B·T·V; 2^30: 4.3 GB in fp32) the loss is taken chunk by chunk of
@@ -82,12 +81,6 @@ class NextTokenObjective:
         return lm_loss(model, batch_BT1)
 
 
-def _param_groups(model, weight_decay):
-    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
-
-
 # torch.compile's backend; tests on CPU swap in "aot_eager" (tracing and autograd without code generation)
 COMPILE_BACKEND = "inductor"
 
@@ -99,7 +92,7 @@ def use_compile(setting, device: torch.device) -> bool:
 
 def make_optimizer(model, *, lr, betas, weight_decay, device: torch.device) -> torch.optim.AdamW:
     """AdamW; the fused (one kernel for all parameters) implementation on CUDA."""
-    return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
 
 
 def compile_blocks(model) -> None:
@@ -149,16 +142,6 @@ def checkpoint_blocks(model) -> None:
         block.forward, block._checkpointed = forward, True
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
 def _short(value) -> str:
     return "nan" if value is None else f"{value:.3g}"
 
@@ -206,7 +189,7 @@ class LMTrainer:
             for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
                 group["fused"] = opt.defaults["fused"]
             loader.load_state_dict(state["loader"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
             kept = [r for r in out.metrics() if r["step"] <= start]
             (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -289,7 +272,7 @@ class LMTrainer:
             if done % cfg.save_every == 0 or done == cfg.steps:
                 if env.main:
                     state = {"step": done, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                             "rng": _rng_state()}
+                             "rng": rng_state()}
                     out.save(done, model, run.resolved, state, cfg.keep,
                              extra_files={"tokenizer.json": (data.dir / "tokenizer.json").read_text()})
                 env.barrier()
