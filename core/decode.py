@@ -13,6 +13,13 @@ turned off, or a capture that failed) the same pieces run one after another, so 
 The graphs hold the addresses of the cache's buffers, so a runner lives on its ModelCache and is rebuilt when
 the cache's buffers are reallocated (`ModelCache.reserve` past the capacity); each batch size has its own cache,
 hence its own graphs.
+
+compile=True runs the embedding, each static layer and the head through torch.compile (static shapes, graph
+breaks allowed: what Dynamo cannot trace stays eager inside the same CUDA graph), so the ~100 small kernels of a
+layer (casts, norms, rotary, gates) fuse into a few. The first (warm-up) step compiles, outside any capture; the
+capture then records the compiled kernels. Every layer goes through one function, `_block_step`, taking the block
+as an argument: Dynamo keys its cache on that function's code and lifts the parameters to inputs, so blocks of
+one kind share one compiled graph (one compile per kind and cache shape, not one per layer).
 """
 
 from __future__ import annotations
@@ -26,12 +33,44 @@ import torch
 
 from hyloom.mixer import MixerContext
 
+# torch.compile's backend for compile=True; tests on the CPU swap in "aot_eager" (tracing without code generation)
+COMPILE_BACKEND = "inductor"
+# Dynamo's cache entries per function: one per block kind and cache shape (a cache grown by doubling gets a new
+# shape, hence new entries); past the limit Dynamo would run the function uncompiled without a word
+RECOMPILE_LIMIT = 64
+
+
+def _embed_step(model, ids_B, valid_buf_BS, slot_1, pos_B1, next_pos_B):
+    valid_buf_BS.index_fill_(1, slot_1, True)  # the new token is real
+    pos_B1.copy_(next_pos_B[:, None])
+    return model.embed(ids_B[:, None])
+
+
+def _block_step(block, x_B1D, ctx, residual_scale):
+    return block(x_B1D, ctx, residual_scale)
+
+
+def _head_step(model, x_B1D, next_pos_B, slot_1):
+    next_pos_B.add_(1)
+    slot_1.add_(1)
+    return model.logits(x_B1D)[:, 0]
+
+
+def _compiled(fn):
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False, fullgraph=False)
+
 
 class DecodeRunner:
-    def __init__(self, model, cache, graphs: bool):
+    def __init__(self, model, cache, graphs: bool, compile: bool = False):
         self.model = model
         self.cache = weakref.proxy(cache)  # the cache holds the runner: no reference cycle to keep them alive
         self.requested = self.graphs = graphs  # graphs turns False if a capture fails
+        self.compile = compile
+        steps = (_embed_step, _block_step, _head_step)
+        self.embed_step, self.block_step, self.head_step = map(_compiled, steps) if compile else steps
         B, device = cache.batch, cache.next_pos_B.device
         self.ids_B = torch.zeros(B, dtype=torch.long, device=device)
         self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -61,13 +100,12 @@ class DecodeRunner:
     # ---- the pieces: device work only (a replayed graph runs no Python) ------------------------------------
 
     def _begin(self, carry):
-        cache = self.cache
-        cache.valid_buf_BS.index_fill_(1, cache.slot_1, True)  # the new token is real
-        self.pos_B1.copy_(cache.next_pos_B[:, None])
-        return self.model.embed(self.ids_B[:, None]), None
+        cache = self.cache  # the step functions get tensors, not this proxy (Dynamo would not trace through it)
+        return self.embed_step(self.model, self.ids_B, cache.valid_buf_BS, cache.slot_1, self.pos_B1,
+                               cache.next_pos_B), None
 
     def _layer(self, i, carry):
-        return self.model.layers[i](carry[0], self.static_ctx[i], self.model.residual_scale), None
+        return self.block_step(self.model.layers[i], carry[0], self.static_ctx[i], self.model.residual_scale), None
 
     def _norm(self, i, carry):
         return carry[0], self.model.layers[i].mixer_norm(carry[0])
@@ -99,9 +137,7 @@ class DecodeRunner:
         return self._rest(i, (carry[0], block.mixer.decode_post(carry[2], carry[1])))
 
     def _end(self, carry):
-        self.cache.next_pos_B.add_(1)
-        self.cache.slot_1.add_(1)
-        return self.model.logits(carry[0])[:, 0], None
+        return self.head_step(self.model, carry[0], self.cache.next_pos_B, self.cache.slot_1), None
 
     # ---- running them ----------------------------------------------------------------------------------
 
@@ -110,25 +146,25 @@ class DecodeRunner:
         """Logits [B, V] of one new token per row; the cache moves on by one."""
         self.ids_B.copy_(ids_B)
         if not self.graphs:
-            logits = self._run_eager()
-        elif not self.warmed:  # the first step compiles kernels and sets up libraries: outside any capture
+            logits = self._run_pieces()
+        elif not self.warmed:  # the first step compiles (Triton, torch.compile) and sets up libraries: not captured
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = self._run_eager()
+                logits = self._run_pieces()
             torch.cuda.current_stream().wait_stream(side)
             self.warmed = True
         else:
             if self.plan is None:
                 self._capture()
-            logits = self._replay() if self.plan is not None else self._run_eager()
+            logits = self._replay() if self.plan is not None else self._run_pieces()
         self.cache.length += 1
         for layer_cache, block in zip(self.cache.layers, self.model.layers):
             if _static(block.mixer):
                 layer_cache.advance(1)
         return logits
 
-    def _run_eager(self):
+    def _run_pieces(self):
         carry = (None, None)
         for piece in self.pieces:
             carry = piece[1](carry)

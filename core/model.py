@@ -276,9 +276,10 @@ class HybridLM(nn.Module):
         return torch.cat(logits, 1) if len(logits) > 1 else logits[0], cache
 
     @torch.no_grad()
-    def decode_step(self, ids_B, cache: ModelCache, *, cuda_graph: bool | None = None):
+    def decode_step(self, ids_B, cache: ModelCache, *, cuda_graph: bool | None = None, compile: bool = False):
         """One new token per row; returns logits [B, V]. On CUDA the step runs as captured CUDA graphs
-        (cuda_graph=None: on CUDA, True: require CUDA, False: eager); see hyloom.decode."""
+        (cuda_graph=None: on CUDA, True: require CUDA, False: eager). compile=True: its pieces run through
+        torch.compile first (the first step compiles; off by default until measured); see hyloom.decode."""
         from hyloom.decode import DecodeRunner
 
         if cuda_graph and not ids_B.is_cuda:
@@ -286,8 +287,8 @@ class HybridLM(nn.Module):
         graphs = ids_B.is_cuda if cuda_graph is None else cuda_graph
         if cache.length + 1 > cache.capacity:
             cache.reserve(max(cache.length + 1, 2 * cache.capacity))
-        if cache.runner is None or cache.runner.requested != graphs:
-            cache.runner = DecodeRunner(self, cache, graphs)
+        if cache.runner is None or cache.runner.requested != graphs or cache.runner.compile != compile:
+            cache.runner = DecodeRunner(self, cache, graphs, compile)
         return cache.runner.step(ids_B)
 
     def generate(self, prompts, **kwargs):
