@@ -6,6 +6,7 @@ memory: the row's `error`), and decode at B = 1, 4, 16, 64 at 8K for both.
 
     python bench/e2e.py --out bench/results      # one H200: ~9 minutes (each 8B model is built once, ~20 s)
     python bench/e2e.py --quick --out /tmp/e2e   # tiny shapes on the CPU: proves the script end to end
+    python bench/e2e.py --out bench/results --models minicpm-sala --compile-decode   # decode through torch.compile
 
 It first checks the engine on the model itself (decode vs one full pass; on CUDA, graph decode vs eager),
 then times; writes `e2e-<device>-<yyyymmdd>.json` into --out after every row (a run cut short keeps its
@@ -72,31 +73,38 @@ def rel(a, b) -> float:
 
 
 @torch.no_grad()
-def check(model, T: int, steps: int = 4) -> dict:
-    """Decode against one full pass (last positions), and on CUDA graph decode against eager decode."""
+def check(model, T: int, steps: int = 4, compile: bool = False) -> dict:
+    """Decode against one full pass (last positions); on CUDA graph decode against eager decode; with
+    `compile`, the compiled decode step (in graphs on CUDA) against eager decode."""
     ids = torch.randint(0, model.spec.vocab_size, (1, T + steps), device=DEV)
     full = model(ids)[0, T - 1:T + steps - 1]
     out = {}
-    for graphs in ([False, True] if DEV == "cuda" else [False]):
+    ways = {"eager": (False, False)}
+    if DEV == "cuda":
+        ways["graphs"] = (True, False)
+    if compile:
+        ways["compiled"] = (DEV == "cuda", True)
+    for way, (graphs, compiled) in ways.items():
         logits, cache = model.prefill(ids[:, :T], capacity=T + steps)
-        got = [logits[0, -1]] + [model.decode_step(ids[:, t], cache, cuda_graph=graphs)[0]
+        got = [logits[0, -1]] + [model.decode_step(ids[:, t], cache, cuda_graph=graphs, compile=compiled)[0]
                                  for t in range(T, T + steps - 1)]
-        out["graphs" if graphs else "eager"] = torch.stack(got)
+        out[way] = torch.stack(got)
     result = {"T": T, "decode_vs_full_rel_err": rel(out["eager"], full)}
-    if "graphs" in out:
-        result["graph_vs_eager_rel_err"] = rel(out["graphs"], out["eager"])
+    for way in ("graphs", "compiled"):
+        if way in out:
+            result[f"{'graph' if way == 'graphs' else way}_vs_eager_rel_err"] = rel(out[way], out["eager"])
     return result
 
 
 @torch.no_grad()
-def warm_up(model, chunk: int, steps: int = 20):
+def warm_up(model, chunk: int, steps: int = 20, compile: bool = False):
     """Compile the kernels of a chunked prefill (later chunks: q_offset > 0) and of decode steps at both
     parities of the length (Triton specialises integer arguments on divisibility by 16) before any timing."""
     ids = torch.randint(0, model.spec.vocab_size, (1, 2 * chunk + 100), device=DEV)
     logits, cache = model.prefill(ids, chunk_size=chunk, capacity=ids.shape[1] + steps)
     token = logits[:, -1].argmax(-1)
     for _ in range(steps):
-        token = model.decode_step(token, cache).argmax(-1)
+        token = model.decode_step(token, cache, compile=compile).argmax(-1)
     sync()
 
 
@@ -110,11 +118,13 @@ def _timed(fn):
 
 @torch.no_grad()
 def measure(model, name: str, T: int, B: int, steps: int, chunk: int, *, prefill_runs: int = 1,
-            eager_steps: int = 0) -> dict:
+            eager_steps: int = 0, compile: bool = False) -> dict:
     """One row: the best of `prefill_runs` prefills (each into a fresh cache; the first of a new length may
     compile kernels for it), then `steps` decode steps in CUDA graphs (median; the first two, warm-up and
-    capture, apart), then `eager_steps` more without graphs on the same cache."""
-    row = {"model": name, "T": T, "B": B, "chunk_size": min(chunk, T), "decode_steps": steps}
+    capture, apart; with `compile` the first also runs torch.compile for the row's cache shapes), then
+    `eager_steps` more without graphs and uncompiled on the same cache."""
+    row = {"model": name, "T": T, "B": B, "chunk_size": min(chunk, T), "decode_steps": steps,
+           "compiled_decode": compile}
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -134,7 +144,7 @@ def measure(model, name: str, T: int, B: int, steps: int, chunk: int, *, prefill
         row["prefill_s"], row["prefill_runs_s"] = min(runs), runs
         token, times = logits[:, -1].argmax(-1), []
         for _ in range(steps):
-            token, seconds = _timed(lambda: model.decode_step(token, cache).argmax(-1))
+            token, seconds = _timed(lambda: model.decode_step(token, cache, compile=compile).argmax(-1))
             times.append(seconds)
         warm = min(2, steps - 1)  # the first step compiles and warms up, the second captures the graphs
         row["decode_ms_per_token"] = round(1e3 * statistics.median(times[warm:]), 3)
@@ -207,6 +217,8 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (tokens per row per chunk) at B = 1")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip the rows left after this many seconds (each model gets an equal share)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode steps through torch.compile (HybridLM.decode_step(compile=True)), in CUDA graphs")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     if DEV == "cpu":
@@ -229,7 +241,8 @@ def main(argv=None):
     record = {"op": "e2e", "device": device, "torch": torch.__version__.split("+")[0], "triton": triton_version,
               "command": "python " + " ".join(["bench/e2e.py", *sys.argv[1:]]), "date": f"{datetime.date.today()}",
               "dtype": "bfloat16" if DEV == "cuda" else "float32", "quick": args.quick,
-              "chunk_size": sizes["chunk"], "checks": {}, "rows": [], "summary": {}}
+              "chunk_size": sizes["chunk"], "compile_decode": args.compile_decode, "checks": {}, "rows": [],
+              "summary": {}}
 
     def save():
         record["summary"] = summary(record["rows"], sizes)
@@ -245,8 +258,10 @@ def main(argv=None):
         began = time.perf_counter()
         model = build(name, args.quick)
         record["checks"][name] = {"build_s": round(time.perf_counter() - began, 1),
-                                  "parameters": model.num_parameters(), **check(model, sizes["check_T"])}
-        record["checks"][name]["warm_up_s"] = round(_timed(lambda: warm_up(model, sizes["chunk"]))[1], 1)
+                                  "parameters": model.num_parameters(),
+                                  **check(model, sizes["check_T"], compile=args.compile_decode)}
+        record["checks"][name]["warm_up_s"] = round(
+            _timed(lambda: warm_up(model, sizes["chunk"], compile=args.compile_decode))[1], 1)
         print(f"{name}: {record['checks'][name]}", flush=True)
         save()
         for spec in plan(sizes):
@@ -256,7 +271,7 @@ def main(argv=None):
                                                               f"{args.budget_s:.0f} s budget ({deadline:.0f} s)"}
             else:
                 chunk = max(1, sizes["chunk"] // B) if B > 1 else sizes["chunk"]
-                row = measure(model, name, T, B, spec.pop("steps"), chunk, **spec)
+                row = measure(model, name, T, B, spec.pop("steps"), chunk, compile=args.compile_decode, **spec)
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
             save()

@@ -56,14 +56,15 @@ def cut_at_stop(text: str, stop_strings) -> str | None:
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(), stop_strings=(), decode=None,
              pad_id: int = 0, generator: torch.Generator | None = None, chunk_size: int | None = None,
-             cuda_graph: bool | None = None, on_token=None, timings: dict | None = None) -> list[list[int]]:
+             cuda_graph: bool | None = None, compile_decode: bool = False, on_token=None,
+             timings: dict | None = None) -> list[list[int]]:
     """Continue each prompt (token ids). Prompts of different lengths are left-padded into one batch.
     Returns the new tokens of each row, ending before the first stop token. A row also stops once
     `decode(its new tokens)` contains one of `stop_strings` (its tokens then include the stop string: cut the
     text with `cut_at_stop`).
 
     The cache is allocated once for prompt + max_new_tokens. chunk_size: prefill that many tokens at a time.
-    cuda_graph: see HybridLM.decode_step. on_token(row, token): called for each token kept, as it comes
+    cuda_graph, compile_decode (its `compile`): see HybridLM.decode_step. on_token(row, token): called for each token kept, as it comes
     (streaming). timings: if given, filled with prefill_s, decode_s and decode_steps (device-synchronised)."""
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     spec = getattr(model, "spec", None)
@@ -101,7 +102,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, tempe
                 done[row] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model.decode_step(token, cache, cuda_graph=cuda_graph)
+        logits = model.decode_step(token, cache, cuda_graph=cuda_graph, compile=compile_decode)
         steps += 1
     if timings is not None:
         timings.update(prefill_s=prefill_s, decode_s=clock.lap(), decode_steps=steps)

@@ -28,6 +28,9 @@ def add_generate(sub):
     p.add_argument("--chunk-size", type=positive, default=None, metavar="N",
                    help="prefill at most N tokens per row at a time (bounds activation memory; default: one pass)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA (default: CUDA graphs)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (fuses its small kernels; the first step "
+                        "compiles, taking a while; not yet measured to win)")
     p.add_argument("--max-new-tokens", type=_arg(int, lambda v: v >= 0, "an integer >= 0"), default=64)
     p.add_argument("--sampler", default=None, help="a registered sampler (hyloom ls sampler); default: ar for a causal "
                                                    "model, mdm for a bidirectional one")
@@ -138,7 +141,7 @@ def _autoregressive(model, prompts, shown, tokenizer, cfg, args) -> int:
         out = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=[tokenizer.eos_id], stop_strings=stops,
                        decode=tokenizer.decode, generator=generator, chunk_size=args.chunk_size,
-                       cuda_graph=False if args.no_cuda_graph else None,
+                       cuda_graph=False if args.no_cuda_graph else None, compile_decode=args.compile,
                        on_token=stream.add if stream else None, timings=timings)
     except torch.OutOfMemoryError as exc:
         raise SetupError(f"out of memory while generating (the estimate said it would fit): "

@@ -4,6 +4,9 @@ block and dense_len boundaries while decoding, and a dense model; blocks of one 
 On the CPU the backend is "aot_eager" (Dynamo's tracing and graph breaks, without inductor's code generation,
 whose C++ compile would take minutes on this machine); tests/gpu/test_cuda_decode_compile.py runs inductor."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -11,6 +14,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import hyloom
 import hyloom.decode
 from hyloom.blueprint import blueprint_model
+from hyloom.checkpoint import save_checkpoint
+from hyloom.cli import main
+from hyloom.plugins.data import bpe
 
 SALA_LIKE = {"d_model": 32, "vocab_size": 61, "position": {"type": "hype"},
              "mixers": {"S": {"type": "infllm_v2", "heads": 8, "kv_heads": 2, "head_dim": 8, "qk_norm": True,
@@ -102,6 +108,37 @@ def test_switching_compile_rebuilds_the_runner(backend):
     first = cache.runner
     model.decode_step(ids[:, 6], cache, compile=True)
     assert first.compile is False and cache.runner is not first and cache.runner.compile is True
+
+
+def test_the_benchmark_checks_and_times_the_compiled_decode(backend):
+    """bench/e2e.py --compile-decode: its check compares the compiled step with eager decode, its rows say so."""
+    spec = importlib.util.spec_from_file_location("e2e", Path(__file__).resolve().parents[2] / "bench" / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    model = e2e.build("minicpm-sala", quick=True)
+    checked = e2e.check(model, 40, compile=True)
+    assert checked["compiled_vs_eager_rel_err"] < 1e-6
+    row = e2e.measure(model, "minicpm-sala", 64, 1, 3, 32, compile=True)
+    assert row["compiled_decode"] and row["decode_ms_per_token"] > 0 and "error" not in row
+    assert backend.frame_count > 0
+
+
+def test_generate_with_compile_prints_what_it_prints_without(backend, tmp_path, capsys):
+    """`hyloom generate --compile` (greedy): the same text as the uncompiled decode."""
+    text = "def add(a, b):\n    return a + b\n" * 4
+    tokenizer = bpe.BPETrainer(bpe.BPEConfig(vocab_size=280, min_frequency=1)).train([text], cache_dir=tmp_path)
+    model = model_of({**SALA_LIKE, "vocab_size": 280}, "SLS")
+    spec = {**SALA_LIKE, "vocab_size": 280, "n_layers": 3, "layout": "SLS", "max_seq_len": 128}
+    tokens = tokenizer.save(tmp_path / "tok" / "tokenizer.json")
+    folder = save_checkpoint(tmp_path / "ckpt", model, blueprint_model().model_validate({"model": spec}).model_dump(
+        mode="json"), extra_files={"tokenizer.json": tokens.read_text()})
+    argv = ["generate", str(folder), "--prompt", "def add", "--temperature", "0", "--max-new-tokens", "30",
+            "--device", "cpu"]
+    texts = []
+    for extra in ([], ["--compile"]):
+        assert main(argv + extra) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and backend.frame_count > 0
 
 
 @pytest.mark.slow
