@@ -73,6 +73,15 @@ def test_compiled_sala_shaped_decode_equals_the_uncompiled_one_and_compiles_once
     assert backend.frame_count == 4
 
 
+def test_a_model_twice_as_deep_compiles_nothing_more(backend):
+    """(Without scale_depth: the residual scale, a float Dynamo specialises on, would change with the depth.)"""
+    ids, valid = left_padded((20, 30), T=30, total=34)
+    decode(model_of({**SALA_LIKE, "scale_depth": None}, "SLLS"), ids, valid, 30, compile=True)
+    assert backend.frame_count == 4
+    decode(model_of({**SALA_LIKE, "scale_depth": None}, "SLLSSLLS"), ids, valid, 30, compile=True)
+    assert backend.frame_count == 4
+
+
 def test_compiled_dense_decode_equals_the_uncompiled_one(backend):
     model = model_of(DENSE, "AAA")
     ids, valid = left_padded((12, 7), T=12, total=30)
