@@ -15,14 +15,11 @@ TEACHER = Field(description="the Transformer being converted: a hyloom checkpoin
 
 
 class _ConversionTrainerConfig(TrainingSettings):
-    """What both stages share with the `lm` trainer (the optimizer, schedule, run directory and cadences), less
-    weight decay; they run in one process."""
+    """What both stages share with the `lm` trainer (the optimizer, schedule, run directory, cadences, and
+    torchrun: batch_size is global, shared among the processes), less weight decay."""
 
     teacher: str = TEACHER
-    batch_size: PositiveInt = Field(16, description="sequences per optimizer step, over all micro-steps")
     weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW), on matrices only")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; one process")
 
 
 class AlignConfig(_ConversionTrainerConfig):
@@ -57,7 +54,8 @@ class SelectConfig(BaseModel):
                                                     "the one attention symbol there)")
     batch_size: PositiveInt = Field(8, description="sequences the measuring selectors run at once")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; one process")
+                        description="auto (CUDA when there is one), cpu, cuda or cuda:N; under torchrun: auto, "
+                                    "cpu or cuda (rank 0 alone selects, the other processes wait)")
     seed: int = Field(0, description="for the eval tasks' random cases")
     out_dir: str = Field("runs/select", description="run directory: selection.json, selection.png, the hybrid's "
                                                     "checkpoint")

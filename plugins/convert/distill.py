@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hyloom.blueprint import BlueprintError, Problem
 from hyloom.plugins.convert.config import DistillConfig
-from hyloom.plugins.convert.loop import fit_loop, one_process
+from hyloom.plugins.convert.loop import fit_loop
 from hyloom.plugins.convert.teacher import check_fits, check_tokenizer, load_teacher, teacher_spec
 from hyloom.plugins.convert.transfer import transfer
 
@@ -49,7 +49,6 @@ class DistillTrainer:
 
     def fit(self, model, data, run) -> dict:
         cfg, env = self.cfg, run.env
-        one_process("distill", env)
         # the model is fresh unless the stage runner loaded an earlier stage's (or an init) checkpoint into it
         transferring = cfg.transfer if cfg.transfer is not None else getattr(run, "init", None) is None
         self._check(model.spec, transferring)
@@ -59,11 +58,11 @@ class DistillTrainer:
             transfer(teacher, model)
         model.requires_grad_(True)
 
-        def step(batch_BT1):
+        def step(net, batch_BT1):
             ids = batch_BT1[:, :-1]
             with torch.no_grad():
                 teacher_logits = teacher(ids)
-            logits = model(ids)
+            logits = net(ids)  # net: the student, in DDP under torchrun (the teacher is not: it does not train)
             kl = forward_kl(logits, teacher_logits, cfg.temperature)
             return kl, {"lm_loss": next_token_loss(logits, batch_BT1).item()}
 
@@ -78,5 +77,5 @@ class DistillTrainer:
         summary = [f"teacher  {cfg.teacher} ({teacher.num_parameters():,} parameters), frozen",
                    f"student  layout {''.join(model.spec.layout)}, from {start}; every weight trains on the forward "
                    f"KL to the teacher (temperature {cfg.temperature:g})"]
-        return fit_loop(cfg, name="distill", model=model, data=data, run=run, resolved=run.resolved,
+        return fit_loop(cfg, name="distill", model=model, trains=model, data=data, run=run, resolved=run.resolved,
                         train_step=step, evaluate=evaluate, summary=summary)

@@ -6,7 +6,7 @@ selection.png, and saves the hybrid as its checkpoint: the kept layers are the t
 a fresh gate; HyPE makes them NoPE), the others keep their aligned twins, everything else is the aligned
 student's (the teacher's). The blueprint declares both symbols in `model.mixers` (the attention one and the twin);
 the saved checkpoint's `model.layout` is the chosen one, so the next stage builds the hybrid from it. Nothing
-trains here.
+trains here. Under torchrun rank 0 alone measures, selects and saves; the other processes wait for it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 
 from hyloom.blueprint import BlueprintError, Problem
 from hyloom.plugins.convert.config import SelectConfig
-from hyloom.plugins.convert.loop import one_process
 from hyloom.plugins.convert.teacher import check_fits, check_tokenizer, load_teacher, teacher_spec
 from hyloom.plugins.convert.transfer import all_twins, copy_attention, student_spec
-from hyloom.train import RunDir, SetupError
+from hyloom.train import RunDir, SetupError, saved_blueprint
 
 
 def _family(cfg) -> str:
@@ -64,13 +63,22 @@ class SelectTrainer:
             check_fits(teacher, student_spec(all_twins({"model": section}, symbol)["model"]), self.cfg.teacher)
 
     def fit(self, model, data, run) -> dict:
+        env = run.env
+        if env.main:
+            result = self._select(model, data, run)
+        env.barrier()  # rank 0's checkpoint is the next stage's start on every rank
+        if env.main:
+            return result
+        latest = RunDir(run.out_dir or self.cfg.out_dir).latest()
+        return {"checkpoint": str(latest), "layout": "".join(saved_blueprint(latest)["model"]["layout"])}
+
+    def _select(self, model, data, run) -> dict:
         from hyloom.data import data_spec
         from hyloom.eval import EvalContext, heldout_reader
         from hyloom.model import build_model
         from hyloom.plugins.convert.selection import SelectionContext
 
         cfg, env, spec = self.cfg, run.env, model.spec
-        one_process("select", env)
         out = RunDir(run.out_dir or cfg.out_dir)
         if run.resume == "auto" and out.latest() is not None:  # stopped after saving, before the stage was marked
             print(f"select   already done: {out.latest()}", flush=True)
