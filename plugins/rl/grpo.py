@@ -33,7 +33,10 @@ def group_advantages(rewards_BG: torch.Tensor, eps: float = 1e-6, normalise_std:
         raise ValueError(f"GRPO needs G >= 2 completions per prompt to form a group baseline, got G = "
                          f"{rewards_BG.shape[1]}")
     r = rewards_BG.float()
-    centred = r - r.mean(dim=1, keepdim=True)
+    # equal rewards need not centre to exactly 0 in floating point (eight times -0.7 averages to -0.7 + 1e-8),
+    # and dividing by the std + eps would blow that rounding up into a signal; such a group has none
+    uniform = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    centred = torch.where(uniform, 0.0, r - r.mean(dim=1, keepdim=True))
     if not normalise_std:
         return centred
     return centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)

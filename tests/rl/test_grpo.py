@@ -22,6 +22,15 @@ def test_group_advantages_hand_values_sample_std():
     torch.testing.assert_close(grpo.group_advantages(r, normalise_std=False)[1], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
+def test_a_group_of_equal_rewards_has_exactly_zero_advantages():
+    """-0.7 (weights 1 and 0.3, both verifiers wrong) is not a dyadic fraction: its mean over 8 is off by a rounding
+    step, which the std + eps division would turn into a same-signed advantage for the whole group."""
+    r = torch.tensor([[-0.7] * 8, [1.3] * 8, [-0.7] * 7 + [1.3]])
+    a = grpo.group_advantages(r)
+    assert torch.equal(a[:2], torch.zeros(2, 8)) and (a[2, :7] < 0).all() and a[2, 7] > 0
+    assert torch.equal(grpo.group_advantages(r, normalise_std=False)[:2], torch.zeros(2, 8))
+
+
 def test_group_advantages_rejects_single_completion_groups():
     with pytest.raises(ValueError, match="G >= 2"):
         grpo.group_advantages(torch.ones(3, 1))
