@@ -1,5 +1,6 @@
 """Where training memory goes: the bytes each kind of block saves for its backward pass, per token, measured on
-the CPU with torch.autograd.graph.saved_tensors_hooks (each saved storage counted once, parameters left out).
+the CPU as the bytes a block's forward allocates and still holds when it returns (hyloom.recompute.kept_bytes: the
+profiler's allocation records, so what a selective checkpoint stores itself is counted too).
 
     python bench/activation_memory.py [--size 1b] [--tokens 256,512] [--autocast] [--triton]
 
@@ -28,31 +29,13 @@ import train as bench_train  # noqa: E402  (bench/train.py: the benchmark's mode
 
 from hyloom.mixer import MixerContext  # noqa: E402
 from hyloom.model import build_model  # noqa: E402
-
-
-def saved_bytes(run) -> int:
-    """Bytes of the tensors autograd keeps for the backward of `run()` (each storage once, parameters left
-    out: they are held anyway). Keeps the graph alive until counted, then drops it."""
-    seen: dict[tuple, int] = {}
-    params: set[int] = set()
-
-    def pack(t):
-        if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in params:
-            return t
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), t.device.type)] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
-    return sum(seen.values())
+from hyloom.recompute import kept_bytes  # noqa: E402
 
 
 def per_token(run_at, lengths) -> float:
     """Saved bytes per token: the slope between two lengths."""
     a, b = lengths
-    return (saved_bytes(lambda: run_at(b)) - saved_bytes(lambda: run_at(a))) / (b - a)
+    return (kept_bytes(lambda: run_at(b)) - kept_bytes(lambda: run_at(a))) / (b - a)
 
 
 def block_runner(block, d_model: int, autocast: bool):

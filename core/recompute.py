@@ -42,3 +42,19 @@ def keep_products(fn, *args):
     if not torch.is_grad_enabled():
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+
+
+def kept_bytes(run) -> int:
+    """Bytes that `run()` allocates on the CPU and still holds when it returns, its output's storage left out:
+    with gradients on, what its autograd graph keeps for the backward pass, including what a selective checkpoint
+    stores itself (which torch.autograd.graph.saved_tensors_hooks never sees), plus anything else it caches (weight
+    casts of autocast: they do not grow with the length, so compare two lengths). Measured by the profiler's
+    allocation records; the output stays alive until counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+        output_bytes = out.untyped_storage().nbytes()
+    held = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_parent is None)
+    del out
+    return held - output_bytes

@@ -13,7 +13,6 @@ from hyloom.mixer import Mixer, MixerContext
 from hyloom.plugins.transformer.config import ATTENTION, AttentionConfig
 from hyloom.plugins.transformer.kv_cache import KVCache
 from hyloom.plugins.transformer.norm import RMSNorm
-from hyloom.recompute import keep_products
 
 
 def _weighted_values(p_BKGS, v_BKSD):
@@ -68,15 +67,11 @@ class GroupedQKV(Mixer):
         return q, k, v
 
     def output(self, o_BTHD, x_BTD):
-        gate = self.g_proj(x_BTD) if self.g_proj is not None else None
-        # in training the gate and the [B, T, H·D] copy of the heads are made again in the backward pass rather
-        # than kept for it (the attention's output and the gate's projection are kept)
-        return keep_products(self._gated_output, o_BTHD, gate)
-
-    def _gated_output(self, o_BTHD, gate_BTE):
-        o = o_BTHD.reshape(*o_BTHD.shape[:2], self.heads * self.head_dim)
-        if gate_BTE is not None:
-            o = o * torch.sigmoid(gate_BTE)
+        # not under hyloom.recompute.keep_products: it would keep o_proj's output, which no backward needs, to
+        # save the gate's sigmoid and product; without a gate that is pure cost, with one at best even
+        o = o_BTHD.reshape(*x_BTD.shape[:2], self.heads * self.head_dim)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x_BTD))
         return self.o_proj(o)
 
 
