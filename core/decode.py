@@ -36,7 +36,7 @@ from hyloom.mixer import MixerContext
 # torch.compile's backend for compile=True; tests on the CPU swap in "aot_eager" (tracing without code generation)
 COMPILE_BACKEND = "inductor"
 # Dynamo's cache entries per function: one per block kind and cache shape (a cache grown by doubling gets a new
-# shape, hence new entries); past the limit Dynamo would run the function uncompiled without a word
+# shape, hence new entries); past the limit Dynamo runs the function uncompiled (with only a logged warning)
 RECOMPILE_LIMIT = 64
 
 

@@ -89,6 +89,8 @@ def cmd_generate(args) -> int:
     foreign = ["--" + k.replace("_", "-") for k in options if k not in reg.config.model_fields]
     if foreign:
         raise SetupError(f"{', '.join(foreign)}: not an option of the {sampler} sampler")
+    if args.compile and sampler != "ar":
+        raise SetupError(f"--compile compiles the autoregressive decode step; the {sampler} sampler has none")
     texts = [text] if text is not None else args.prompt
     prompts = [tokenizer.encode(t) for t in texts]
     shown = list(texts)

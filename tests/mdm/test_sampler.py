@@ -128,7 +128,8 @@ def test_a_hybrid_mdm_trains_and_samples_from_the_cli(tmp_path, mdm_blueprint, c
     assert main(argv + ["--threshold", "0.5", "--remasking", "random"]) == 2
     assert "threshold commits by confidence" in capsys.readouterr().err
     for bad, message in [(["--steps", "0"], "expected an integer >= 1"), (["--top-k", "3"], "--top-k: not an option"),
-                         (["--block-length", "3"], "must divide"), (["--sampler", "ar"], "use --sampler mdm")]:
+                         (["--block-length", "3"], "must divide"), (["--sampler", "ar"], "use --sampler mdm"),
+                         (["--compile"], "the mdm sampler has none")]:
         try:
             code = main(argv + bad)
         except SystemExit as exc:  # argparse refuses --steps 0 itself
