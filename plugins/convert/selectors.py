@@ -149,7 +149,10 @@ class Halo(_Measuring):
                                  f"(use passkey, niah, mqar or loss_by_position, or noise_sigmas 0)")
 
     def _gives_cases(self, role: str) -> bool:
-        return hasattr(self.task_objects[role], "metric_cases") or self.tasks[role].type == "loss_by_position"
+        if self.tasks[role].type == "loss_by_position":  # per sequence only for loss/nll@N (sequence_losses)
+            metric = getattr(self.cfg, f"{role}_metric")
+            return metric is None or (metric.startswith("loss/nll@") and metric[len("loss/nll@"):].isdigit())
+        return hasattr(self.task_objects[role], "metric_cases")
 
     def _metric(self, role: str, report: dict) -> tuple[str, float, float]:
         """(metric name, its value, the sign that makes higher better: -1 for a loss as C_i)."""

@@ -316,6 +316,10 @@ def test_halo_noise_option_is_refused_for_tasks_without_per_case_values(probes):
                                              "probe_recall, selector.quality: probe_loss"):
         selector("halo", recall={"type": "probe_recall"}, quality={"type": "probe_loss"}, noise_sigmas=2.0)
     selector("halo", noise_sigmas=2.0)  # the defaults (passkey, loss_by_position) give them
+    # loss_by_position gives per-sequence values for its loss/nll@N metrics only
+    with pytest.raises(SelectionError, match="these tasks give none: selector.quality: loss_by_position"):
+        selector("halo", noise_sigmas=2.0, quality_metric="loss/nll_first_half")
+    selector("halo", noise_sigmas=2.0, quality_metric="loss/nll@512")
 
 
 def test_halo_refuses_a_metric_its_task_does_not_report(probes):
