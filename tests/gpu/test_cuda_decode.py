@@ -1,10 +1,12 @@
 """The decode step in CUDA graphs against the same step run eagerly, on a hybrid of every mixer family (InfLLM-V2
 sparse, Lightning and attention, all captured in one graph), and on a small MiniCPM-SALA-shaped model whose rows
 cross InfLLM-V2's kernel, block and dense_len boundaries while decoding. Skipped without CUDA.
+A plugin mixer that is not static runs as eager islands between graphs (the last test).
 Run on the GPU machine: `python -m pytest tests/gpu -q`."""
 
 import pytest
 import torch
+from island_mixer import island_plugin
 
 import hyloom
 from hyloom.blueprint import blueprint_model
@@ -131,3 +133,33 @@ def test_sala_shaped_graph_decode_across_dense_len_equals_eager_and_each_row_alo
         full = model(row)[0, n - 1:-1]
         rel = (graphed[r] - full).norm() / full.norm()
         assert rel < 1e-2, (r, rel)  # as above: a near-tie in block selection between two paths may flip
+
+
+def test_graph_decode_around_plugin_islands_equals_eager_and_each_row_alone():
+    """Two layers of a mixer that is not static (tests/island_mixer.py: its core appends at the host-side length)
+    among static ones: the graphs stop before each core, which runs eagerly, and resume after it."""
+    torch.manual_seed(0)
+    island = {"type": "island_attention", "heads": 4, "kv_heads": 2, "head_dim": 32}
+    with island_plugin():
+        spec = blueprint_model().model_validate({"model": {**SPEC, "layout": "SILI",
+                                                           "mixers": {**SPEC["mixers"], "I": island}}})
+        model = hyloom.build_model(spec, device="cuda", dtype=torch.float32).eval()
+    lengths, steps, T = (220, 150), 12, 220
+    ids = torch.randint(0, 512, (2, T + steps), device="cuda")
+    valid = torch.zeros(2, T, dtype=torch.bool, device="cuda")
+    for r, n in enumerate(lengths):
+        valid[r, T - n:] = True
+
+    def run(graphs):
+        logits, cache = model.prefill(ids[:, :T], valid, capacity=T + steps, chunk_size=64)
+        stepped = [model.decode_step(ids[:, t], cache, cuda_graph=graphs) for t in range(T, T + steps - 1)]
+        return torch.cat([logits, torch.stack(stepped, 1)], 1), cache
+
+    eager, _ = run(False)
+    graphed, cache = run(True)
+    assert cache.runner.graphs and [entry[0] for entry in cache.runner.plan] == ["graph", "island"] * 2 + ["graph"]
+    assert cache.layers[1].length == T + steps - 1  # the island's cache moved on by itself, once a step
+    assert (graphed - eager).abs().max() <= 1e-5 * eager.abs().max()
+    for r, n in enumerate(lengths):
+        alone, _ = decode(model, ids[r:r + 1, T - n:T + steps - 1], n, graphs=False)
+        assert (graphed[r] - alone[0]).abs().max() <= 1e-4 * alone.abs().max(), r
