@@ -1,7 +1,7 @@
 """InfLLM-V2's static decode step (lengths on the device, shapes set by the capacity): the PyTorch reference
-against the per-row decode it replaces, the Triton kernels against the reference (fp32; the CPU interpreter or
-CUDA, see tests/conftest.py), over several steps with rows of different lengths crossing kernel, block and
-dense_len boundaries, and the compressed keys it keeps against compress_keys."""
+against the per-row decode it replaces, the Triton kernels against the reference (fp32 on the CPU interpreter or
+CUDA, bf16 too on CUDA, see tests/conftest.py), over several steps with rows of different lengths crossing kernel,
+block and dense_len boundaries, and the compressed keys it keeps against compress_keys."""
 import dataclasses
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from hyloom.kernels.infllm_v2 import (SparseConfig, compress_keys, infllm_v2_decode, infllm_v2_decode_static, naive,
-                                      ops, update_compressed_keys, write_decode_kv)
+                                      ops, triton_decode, update_compressed_keys, write_decode_kv)
 
 SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, window=32,
                      pool_window=5, pool_stride=4, pool_padding=1, dense_len=64)
@@ -30,13 +30,13 @@ def nan_poisoned_outputs(monkeypatch):
     monkeypatch.setattr(ops, "_empty", nan_empty)
 
 
-def caches(cfg, lengths, seed, device="cpu"):
-    """Caches of CAPACITY slots holding `lengths` keys per row (as a prefill leaves them), lens_B, and the keys
+def caches(cfg, lengths, seed, device="cpu", capacity=CAPACITY):
+    """Caches of `capacity` slots holding `lengths` keys per row (as a prefill leaves them), lens_B, and the keys
     and values still to come. Slots past a row's length hold large junk, which every path must mask out."""
     gen = torch.Generator().manual_seed(seed)
-    k_all, v_all = (torch.randn(B, CAPACITY, HKV, D, generator=gen) for _ in range(2))
+    k_all, v_all = (torch.randn(B, capacity, HKV, D, generator=gen) for _ in range(2))
     k, v = torch.full_like(k_all, 5.0), torch.full_like(v_all, -5.0)
-    kc = torch.full((B, cfg.n_kernels(CAPACITY), HKV, D), 5.0)
+    kc = torch.full((B, cfg.n_kernels(capacity), HKV, D), 5.0)
     for row, n in enumerate(lengths):
         k[row, :n], v[row, :n] = k_all[row, :n], v_all[row, :n]
         update_compressed_keys(k[row:row + 1], kc[row:row + 1], 0, n, cfg)
@@ -74,9 +74,9 @@ def test_static_reference_equals_the_per_row_decode(cfg):
                                    per_row_decode(q, k, v, kc, lens, cfg), rtol=1e-5, atol=1e-5)
 
 
-def decode_steps(cfg, lengths, steps, device, seed):
+def decode_steps(cfg, lengths, steps, device, seed, capacity=CAPACITY):
     """Yields (q, caches after the append) for `steps` static decode steps from rows holding `lengths` keys."""
-    k, v, kc, lens, k_all, v_all = caches(cfg, lengths, seed, device)
+    k, v, kc, lens, k_all, v_all = caches(cfg, lengths, seed, device, capacity)
     gen = torch.Generator().manual_seed(seed + 1)
     rows = torch.arange(B, device=device)
     for _ in range(steps):
@@ -87,22 +87,66 @@ def decode_steps(cfg, lengths, steps, device, seed):
 
 @pytest.mark.parametrize("cfg,lengths,splits", [(SMALL, [50, 61, 3], 3), (COARSE, [57, 90, 64], 4),
                                                 (EARLY, [9, 30, 2], 2)], ids=["exact", "coarse", "early"])
-def test_triton_static_decode_matches_the_reference_over_steps(cfg, lengths, splits, device):
-    """8 steps: rows cross dense_len, block and kernel boundaries at different steps; picks equal exactly."""
+def test_triton_static_decode_matches_the_reference_over_steps(cfg, lengths, splits, device, dtype, tol):
+    """8 steps: rows cross dense_len, block and kernel boundaries at different steps. Picks equal exactly, on fp32
+    inputs (in bf16 a near-tie may flip a pick); attention in `dtype`: fp32 through the public call, bf16 (CUDA
+    only, see tests/conftest.py) over the reference's picks, by the relative L2 error."""
     if device.type == "cuda" and cfg.block_size < 16:  # compiled tl.dot needs K >= 16: the interpreter runs EARLY
         q, k, v, kc, lens = next(decode_steps(cfg, lengths, 1, device, seed=4))
         with pytest.raises(ValueError, match="block_size >= 16"):
-            infllm_v2_decode_static(q, k, v, kc, lens, cfg, backend="triton")
+            infllm_v2_decode_static(q.to(dtype), k.to(dtype), v.to(dtype), kc.to(dtype), lens, cfg, backend="triton")
         return
     for q, k, v, kc, lens in decode_steps(cfg, lengths, 8, device, seed=4):
         want_idx = naive.decode_select_ref(q, kc, lens, cfg, CAPACITY)
         got_idx = ops._decode_select(q, kc, lens, cfg, D ** -0.5, CAPACITY)
         assert torch.equal(got_idx, want_idx), lens.tolist()
-        got = infllm_v2_decode_static(q, k, v, kc, lens, cfg, backend="triton", splits=splits)
-        want = naive.infllm_v2_decode_static_ref(q, k, v, kc, lens, cfg)
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"lengths {lens.tolist()}: {m}")
+        if dtype == torch.float32:
+            got = infllm_v2_decode_static(q, k, v, kc, lens, cfg, backend="triton", splits=splits)
+            want = naive.infllm_v2_decode_static_ref(q, k, v, kc, lens, cfg)
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"lengths {lens.tolist()}: {m}")
+            continue
+        q_, k_, v_, kc_ = (t.to(dtype) for t in (q, k, v, kc))
+        got = ops._decode_attn(q_, k_, v_, want_idx, lens, cfg.block_size, D ** -0.5, splits)
+        want = naive.decode_attn_ref(q_, k_, v_, want_idx, lens, cfg.block_size)  # fp32 over the same bf16 values
+        assert got.dtype == dtype and not got.isnan().any()
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert err <= tol, f"lengths {lens.tolist()}: rel err {err:.2e} > {tol:.0e}"
+        whole = infllm_v2_decode_static(q_, k_, v_, kc_, lens, cfg, backend="triton", splits=splits)
+        assert whole.dtype == dtype and not whole.isnan().any()  # bf16 selection runs (its picks may differ)
     assert lens.tolist() == [n + 8 for n in lengths]
+
+
+class GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("cfg", [SMALL, COARSE], ids=["exact", "coarse"])
+def test_triton_static_decode_splits_its_passes_among_programs(cfg, device, monkeypatch):
+    """At CAPACITY every pass runs one program; here a larger capacity and 16 kernels a program make the LSE pass
+    run several programs along the kernels (partial LSEs merged by the scores kernel) and the block scores several
+    along the blocks (program_id(0) > 0: blocks 16 and up), with rows past, at and below dense_len."""
+    capacity = 320
+    monkeypatch.setitem(ops.TUNE, "lse_kernels", 16)
+    lse, scores = GridSpy(triton_decode._decode_lse), GridSpy(triton_decode._decode_block_scores)
+    monkeypatch.setattr(triton_decode, "_decode_lse", lse)
+    monkeypatch.setattr(triton_decode, "_decode_block_scores", scores)
+    for q, k, v, kc, lens in decode_steps(cfg, [290, 63, 200], 2, device, seed=7, capacity=capacity):
+        want_idx = naive.decode_select_ref(q, kc, lens, cfg, capacity)
+        assert torch.equal(ops._decode_select(q, kc, lens, cfg, D ** -0.5, capacity), want_idx), lens.tolist()
+        got = infllm_v2_decode_static(q, k, v, kc, lens, cfg, backend="triton", splits=3)
+        torch.testing.assert_close(got, naive.infllm_v2_decode_static_ref(q, k, v, kc, lens, cfg), rtol=1e-5,
+                                   atol=1e-5)
+    assert lse.grids and all(grid[1] > 1 for grid in lse.grids)
+    assert scores.grids and all(grid[0] == 2 for grid in scores.grids)
+    assert (want_idx[0] >= 16).any()  # among the picks, a block that the second scores program scored
 
 
 def test_selection_is_really_sparse_past_dense_len():
