@@ -187,9 +187,23 @@ def update_compressed_keys_at(k_cache, kc_cache, lens_B, cfg: SparseConfig) -> N
     kc_cache[rows, j] = torch.where(completes[:, None, None], mean, kc_cache[rows, j])
 
 
+def _check_decode_caches(k_cache, kc_cache, lens_B, cfg: SparseConfig, device) -> None:
+    """The static decode's checks, on shapes, dtypes and devices only (nothing read from the device, so a CUDA
+    graph can capture a caller): without them a kc_cache short of kernel slots takes the clamped index's writes
+    in its last slot, and lengths of another dtype or device fail deep in a kernel, or not at all."""
+    B, capacity = k_cache.shape[:2]
+    if kc_cache.shape[1] < cfg.n_kernels(capacity):
+        raise ValueError(f"kc_cache has {kc_cache.shape[1]} kernel slots; a capacity of {capacity} keys needs "
+                         f"cfg.n_kernels({capacity}) = {cfg.n_kernels(capacity)}")
+    if lens_B.shape != (B,) or lens_B.dtype != torch.int32 or lens_B.device != torch.device(device):
+        raise ValueError(f"lens_B must be int32 [{B}] on {device}, not {str(lens_B.dtype).removeprefix('torch.')} "
+                         f"{list(lens_B.shape)} on {lens_B.device}")
+
+
 def write_decode_kv(k_cache, v_cache, kc_cache, lens_B, k_BKD, v_BKD, cfg: SparseConfig) -> None:
     """A static decode step's append: each row's new key and value at index lens_B[row] of the caches (which must
     have room), lens_B += 1 in place, then the compressed keys (update_compressed_keys_at)."""
+    _check_decode_caches(k_cache, kc_cache, lens_B, cfg, k_cache.device)
     rows = torch.arange(k_cache.shape[0], device=k_cache.device)
     at = lens_B.long()
     k_cache[rows, at] = k_BKD.to(k_cache.dtype)  # under autocast the new keys may be bf16, the cache fp32
@@ -680,6 +694,10 @@ def infllm_v2_decode_static(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg: Spar
     keys, the others select (over all kernel slots, those past the row's length masked; top-k with the forced
     blocks) and attend to their picks, split-K. Every shape is set by the capacity and nothing reaches the host,
     so a CUDA graph can replay it; naive.infllm_v2_decode_static_ref is the reference. Returns [B, H, D]."""
+    H, Hkv = q_BHD.shape[1], k_cache.shape[2]
+    if H % Hkv:
+        raise ValueError(f"q_BHD has {H} heads, not a multiple of k_cache's {Hkv} KV heads (dim 2)")
+    _check_decode_caches(k_cache, kc_cache, lens_B, cfg, q_BHD.device)
     scale = q_BHD.shape[-1] ** -0.5 if scale is None else float(scale)
     if q_BHD.is_cuda and cfg.block_size < 16:  # the kernel's tl.dot over a block needs K >= 16 when compiled
         if backend == "triton":
@@ -687,9 +705,9 @@ def infllm_v2_decode_static(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg: Spar
         backend = "torch"
     if not _use_triton(q_BHD, backend):
         return naive.infllm_v2_decode_static_ref(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg, scale)
-    q, lens = q_BHD.contiguous(), lens_B.to(torch.int32)
-    idx = _decode_select(q, kc_cache.to(q.dtype).contiguous(), lens, cfg, scale, k_cache.shape[1])
-    return _decode_attn(q, k_cache, v_cache, idx, lens, cfg.block_size, scale, splits)
+    q = q_BHD.contiguous()
+    idx = _decode_select(q, kc_cache.to(q.dtype).contiguous(), lens_B, cfg, scale, k_cache.shape[1])
+    return _decode_attn(q, k_cache, v_cache, idx, lens_B, cfg.block_size, scale, splits)
 
 
 def _decode_lse(q, kc, lens, cfg: SparseConfig, scale: float, GP: int) -> torch.Tensor:

@@ -157,3 +157,24 @@ def test_selection_is_really_sparse_past_dense_len():
     assert ((idx[:2] >= 0).sum(-1) == SMALL.k_total).all() and ((idx[2] >= 0).sum(-1) == 3).all()
     dense = naive.decode_attn_ref(q, k, v, torch.arange(10).expand(B, HKV, 10), lens, 16)
     assert (naive.decode_attn_ref(q, k, v, idx, lens, 16) - dense)[:2].abs().max() > 1e-2
+
+
+def test_the_static_decode_refuses_caches_and_lengths_it_would_misuse():
+    """Checked on the host before anything runs: too few kernel slots (the clamped write would land in the last
+    one), lengths that are not int32 [B] on the query's device, query heads that the KV heads do not divide."""
+    k, v, kc, lens, k_all, v_all = caches(SMALL, [20, 30, 40], seed=8)
+    q = torch.randn(B, H, D)
+    new = k_all[:, 40], v_all[:, 40]
+    short, k_before = kc[:, :-1], k.clone()
+    for bad_kc, bad_lens, match in [
+            (short, lens, rf"kc_cache has {kc.shape[1] - 1} kernel slots.*cfg.n_kernels\(160\) = {kc.shape[1]}"),
+            (kc, lens.long(), r"lens_B must be int32 \[3\] on cpu, not int64 \[3\]"),
+            (kc, lens[:2], r"lens_B must be int32 \[3\] on cpu, not int32 \[2\]"),
+            (kc, lens.to("meta"), r"lens_B must be int32 \[3\] on cpu, not int32 \[3\] on meta")]:
+        with pytest.raises(ValueError, match=match):
+            write_decode_kv(k, v, bad_kc, bad_lens, *new, SMALL)
+        with pytest.raises(ValueError, match=match):
+            infllm_v2_decode_static(q, k, v, bad_kc, bad_lens, SMALL, backend="torch")
+    with pytest.raises(ValueError, match=r"q_BHD has 3 heads, not a multiple of k_cache's 2 KV heads"):
+        infllm_v2_decode_static(q[:, :3], k, v, kc, lens, SMALL, backend="torch")
+    assert lens.tolist() == [20, 30, 40] and torch.equal(k, k_before)  # refused before writing anything
