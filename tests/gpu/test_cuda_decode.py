@@ -102,15 +102,11 @@ SALA_LIKE = {"d_model": 128, "n_layers": 6, "vocab_size": 512, "position": {"typ
              "ffn": {"type": "swiglu", "hidden": 256}, "scale_emb": 12, "scale_depth": 1.4}
 
 
-def test_sala_shaped_graph_decode_across_dense_len_equals_eager_and_each_row_alone():
-    torch.manual_seed(0)
-    spec = blueprint_model().model_validate({"model": SALA_LIKE})
-    model = hyloom.build_model(spec, device="cuda", dtype=torch.float32).eval()
-    # row 0 prefills dense and turns sparse at 160 keys; row 1 is sparse throughout; row 2 stays dense; 41 steps
-    # pass 10 kernel and 2-3 block boundaries in every row, at different steps (the rows' lengths differ)
-    lengths, steps, T = (150, 203, 37), 41, 203
-    ids = torch.randint(0, 512, (3, T + steps), device="cuda")
-    valid = torch.zeros(3, T, dtype=torch.bool, device="cuda")
+def left_padded_eager_and_graphed(model, lengths, steps, T):
+    """Rows of `lengths` real tokens left-padded to T, prefilled in chunks of 64 with room for `steps`, then decoded
+    eagerly and in graphs: (ids, eager logits, graphed logits, the graphed run's cache)."""
+    ids = torch.randint(0, 512, (len(lengths), T + steps), device="cuda")
+    valid = torch.zeros(len(lengths), T, dtype=torch.bool, device="cuda")
     for r, n in enumerate(lengths):
         valid[r, T - n:] = True
 
@@ -121,6 +117,17 @@ def test_sala_shaped_graph_decode_across_dense_len_equals_eager_and_each_row_alo
 
     eager, _ = run(False)
     graphed, cache = run(True)
+    return ids, eager, graphed, cache
+
+
+def test_sala_shaped_graph_decode_across_dense_len_equals_eager_and_each_row_alone():
+    torch.manual_seed(0)
+    spec = blueprint_model().model_validate({"model": SALA_LIKE})
+    model = hyloom.build_model(spec, device="cuda", dtype=torch.float32).eval()
+    # row 0 prefills dense and turns sparse at 160 keys; row 1 is sparse throughout; row 2 stays dense; 41 steps
+    # pass 10 kernel and 2-3 block boundaries in every row, at different steps (the rows' lengths differ)
+    lengths, steps, T = (150, 203, 37), 41, 203
+    ids, eager, graphed, cache = left_padded_eager_and_graphed(model, lengths, steps, T)
     assert [entry[0] for entry in cache.runner.plan] == ["graph"]
     assert cache.layers[0].lens_B.tolist() == [n + steps - 1 for n in lengths] == cache.layers[0].lengths
     assert (graphed - eager).abs().max() <= 1e-5 * eager.abs().max()
@@ -145,18 +152,7 @@ def test_graph_decode_around_plugin_islands_equals_eager_and_each_row_alone():
                                                            "mixers": {**SPEC["mixers"], "I": island}}})
         model = hyloom.build_model(spec, device="cuda", dtype=torch.float32).eval()
     lengths, steps, T = (220, 150), 12, 220
-    ids = torch.randint(0, 512, (2, T + steps), device="cuda")
-    valid = torch.zeros(2, T, dtype=torch.bool, device="cuda")
-    for r, n in enumerate(lengths):
-        valid[r, T - n:] = True
-
-    def run(graphs):
-        logits, cache = model.prefill(ids[:, :T], valid, capacity=T + steps, chunk_size=64)
-        stepped = [model.decode_step(ids[:, t], cache, cuda_graph=graphs) for t in range(T, T + steps - 1)]
-        return torch.cat([logits, torch.stack(stepped, 1)], 1), cache
-
-    eager, _ = run(False)
-    graphed, cache = run(True)
+    ids, eager, graphed, cache = left_padded_eager_and_graphed(model, lengths, steps, T)
     assert cache.runner.graphs and [entry[0] for entry in cache.runner.plan] == ["graph", "island"] * 2 + ["graph"]
     assert cache.layers[1].length == T + steps - 1  # the island's cache moved on by itself, once a step
     assert (graphed - eager).abs().max() <= 1e-5 * eager.abs().max()

@@ -19,14 +19,7 @@ SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init
 COARSE = dataclasses.replace(SMALL, lse_kernel_size=16, lse_kernel_stride=8)  # the normaliser over 2-kernel means
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_outputs(monkeypatch):
-    """Every kernel output starts as NaN (-12345 for indices), so a cell the kernel forgets to write fails."""
-    def nan_empty(*shape, device=None, dtype=None):
-        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        poison = float("nan") if dtype is None or dtype.is_floating_point else -12345
-        return torch.full(tuple(shape), poison, device=device, dtype=dtype)
-    monkeypatch.setattr(ops, "_empty", nan_empty)
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # tests/kernels/conftest.py
 
 
 def qkv(B, T, H, Hkv, D, seed, requires_grad=False, device="cpu", dtype=torch.float32):

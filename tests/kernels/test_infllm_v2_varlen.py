@@ -19,14 +19,7 @@ COARSE2 = dataclasses.replace(SMALL, init_blocks=2, topk=3, lse_kernel_size=16, 
 PACK = [0, 41, 64, 0, 7, 90, 0]  # empty, dense, exactly dense_len, empty, dense, long, empty
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_outputs(monkeypatch):
-    """Every kernel output starts as NaN (-12345 for indices), so a cell a kernel forgets to write fails."""
-    def nan_empty(*shape, device=None, dtype=None):
-        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        poison = float("nan") if dtype is None or dtype.is_floating_point else -12345
-        return torch.full(tuple(shape), poison, device=device, dtype=dtype)
-    monkeypatch.setattr(ops, "_empty", nan_empty)
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # tests/kernels/conftest.py
 
 
 def packed(lengths, H, Hkv, D, seed, device, requires_grad=False):
