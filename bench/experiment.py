@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,3 +55,17 @@ def timed_train_steps(model, opt, batch, n: int, device, loss_fn=None) -> list[f
         sync(device)
         times.append(time.perf_counter() - began)
     return times
+
+
+def run_main(main, name: str) -> None:
+    """A reproduction script's entry point: bad input (a blueprint override, the device, the data) prints its
+    message and exits 2, a training failure exits 1, both without a traceback."""
+    from hyloom.blueprint import BlueprintError
+    from hyloom.data import DataError
+    from hyloom.errors import SetupError, TrainingError
+
+    try:
+        sys.exit(main())
+    except (BlueprintError, DataError, TrainingError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(1 if isinstance(exc, TrainingError) and not isinstance(exc, SetupError) else 2)

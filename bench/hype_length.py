@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
-from experiment import autocast, make_log, sync, timed_train_steps, write_json  # noqa: E402
+from experiment import autocast, make_log, run_main, sync, timed_train_steps, write_json  # noqa: E402
 
 log = make_log("hype-length")
 
@@ -403,12 +403,4 @@ def _params(bp):
 
 
 if __name__ == "__main__":
-    from hyloom.blueprint import BlueprintError
-    from hyloom.data import DataError
-    from hyloom.errors import SetupError, TrainingError
-
-    try:
-        sys.exit(main())
-    except (BlueprintError, DataError, TrainingError) as exc:  # bad --set, device, data: the message, no traceback
-        print(f"hype_length: {exc}", file=sys.stderr)
-        sys.exit(1 if isinstance(exc, TrainingError) and not isinstance(exc, SetupError) else 2)
+    run_main(main, "hype_length")

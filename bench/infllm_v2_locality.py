@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
-from experiment import autocast, make_log, timed_train_steps, write_json  # noqa: E402
+from experiment import autocast, make_log, run_main, timed_train_steps, write_json  # noqa: E402
 
 log = make_log("locality")
 
@@ -324,12 +324,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from hyloom.blueprint import BlueprintError
-    from hyloom.data import DataError
-    from hyloom.errors import SetupError, TrainingError
-
-    try:
-        sys.exit(main())
-    except (BlueprintError, DataError, TrainingError) as exc:  # bad device, data: the message, no traceback
-        print(f"infllm_v2_locality: {exc}", file=sys.stderr)
-        sys.exit(1 if isinstance(exc, TrainingError) and not isinstance(exc, SetupError) else 2)
+    run_main(main, "infllm_v2_locality")
