@@ -4,11 +4,12 @@ section); the script's plan keeps conversion tokens within their share, its goal
 figures and summary come from a results file alone; and (slow) the toy scale runs end to end."""
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from bench_scripts import load_bench
 
 from hyloom.blueprint import load_blueprint
 from hyloom.cli import main
@@ -19,10 +20,7 @@ FOLDER = ROOT / "blueprints" / "experiments"
 
 @functools.cache
 def script():
-    spec = importlib.util.spec_from_file_location("convert_small", ROOT / "bench" / "convert_small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("convert_small")
 
 
 def resolved(name, overrides=()):

@@ -4,12 +4,12 @@ block and dense_len boundaries while decoding, and a dense model; blocks of one 
 On the CPU the backend is "aot_eager" (Dynamo's tracing and graph breaks, without inductor's code generation,
 whose C++ compile would take minutes on this machine); tests/gpu/test_cuda_decode_compile.py runs inductor."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+
+from bench_scripts import load_bench
 
 import hyloom
 import hyloom.decode
@@ -121,9 +121,7 @@ def test_switching_compile_rebuilds_the_runner(backend):
 
 def test_the_benchmark_checks_and_times_the_compiled_decode(backend):
     """bench/e2e.py --compile-decode: its check compares the compiled step with eager decode, its rows say so."""
-    spec = importlib.util.spec_from_file_location("e2e", Path(__file__).resolve().parents[2] / "bench" / "e2e.py")
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = load_bench("e2e")
     model = e2e.build("minicpm-sala", quick=True)
     checked = e2e.check(model, 40, compile=True)
     assert checked["compiled_vs_eager_rel_err"] < 1e-6

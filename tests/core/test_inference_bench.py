@@ -1,11 +1,12 @@
 """bench/e2e.py (the end-to-end inference benchmark the GPU runs): its --quick mode end to end on the CPU, its
 rows refusing a context that cannot fit, and the summary of the issue's targets."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from bench_scripts import load_bench
 
 import hyloom
 
@@ -13,10 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("e2e", ROOT / "bench" / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("e2e")
 
 
 def test_quick_run_writes_a_record_of_every_row(tmp_path):

@@ -1,23 +1,20 @@
 """bench/train.py (the training-speed benchmark the GPU runs): its --quick mode end to end on the CPU, the FLOP
 count behind MFU, the equal-size hybrid, and the issue's targets read off the rows."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "bench" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train")
 
 
 def test_quick_run_records_every_row(tmp_path):

@@ -3,11 +3,12 @@ position policy (and the pure-attention model's layout), stay out of the built-i
 runs them shrinks them consistently at toy scale and draws its figures from a results file."""
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from bench_scripts import load_bench
 
 from hyloom.blueprint import builtin_names, load_blueprint
 from hyloom.cli import main
@@ -82,10 +83,7 @@ def test_experiments_are_not_builtin_blueprints(capsys):
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("hype_length", ROOT / "bench" / "hype_length.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("hype_length")
 
 
 def test_toy_scale_shrinks_every_variant_the_same_way():

@@ -1,24 +1,18 @@
 """bench/infllm_v2_locality.py: its overlap and tile-union numbers on hand-made picks, its forced blocks against
 the reference selection's, and the q/k capture on a tiny hybrid (the GPU run is in its docstring)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from hyloom.kernels.infllm_v2 import SparseConfig, naive
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("infllm_v2_locality", ROOT / "bench" / "infllm_v2_locality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("infllm_v2_locality")
 
 
 def as_idx(rows, width):

@@ -2,13 +2,14 @@
 train.objective; the toy scale shrinks both alike; the likelihood estimators and probe measures give known
 values on hand-built inputs; figures and the summary come from a results file alone."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+
+from bench_scripts import load_bench
 
 from hyloom.blueprint import builtin_names, load_blueprint
 from hyloom.cli import main
@@ -36,10 +37,7 @@ def differing(a, b):
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("mdm_small", ROOT / "bench" / "mdm_small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("mdm_small")
 
 
 @pytest.mark.parametrize("name", ["ar", "mdm"])

@@ -2,11 +2,12 @@
 same size; the toy scale shrinks both alike; the RL levels are picked from the sweep (on the GPU runs' tables);
 figures and the summary are drawn from a results file alone."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from bench_scripts import load_bench
 
 from hyloom.blueprint import load_blueprint
 from hyloom.cli import main
@@ -17,10 +18,7 @@ FOLDER = ROOT / "blueprints" / "experiments"
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("grpo_small", ROOT / "bench" / "grpo_small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("grpo_small")
 
 
 def resolved(model, overrides=()):
