@@ -501,6 +501,9 @@ def main(argv=None) -> int:
     p.add_argument("--align-share", type=float, default=SHARES[0], help="align tokens as a share of the teacher's")
     p.add_argument("--distill-share", type=float, default=SHARES[1],
                    help="distill tokens as a share of the teacher's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the conversion blueprint, for both conversions (repeatable), e.g. "
+                        "stages.2.train.batch_size=8; the step counts still follow the token shares")
     args = p.parse_args(argv)
     if not (0 < args.align_share and 0 < args.distill_share and args.align_share + args.distill_share <= 1):
         p.error("--align-share and --distill-share: positive shares of the teacher's tokens, together at most 1")
@@ -527,7 +530,7 @@ def main(argv=None) -> int:
     log(f"scale {args.scale} on {device}, budget {args.budget_seconds:.0f} s, runs in {work}")
 
     teacher_bp = load(TEACHER_BP, scale["teacher"])
-    student_bps = {n: load(STUDENT_BP, scale["student"] + extra) for n, extra in STUDENTS.items()}
+    student_bps = {n: load(STUDENT_BP, scale["student"] + args.set + extra) for n, extra in STUDENTS.items()}
     for name, bp in student_bps.items():  # one prepared folder, one tokenizer: the teacher's
         if bp.data.model_dump() != teacher_bp.data.model_dump():
             raise SystemExit(f"convert_small: the {name} blueprint's data section differs from the teacher's")
@@ -539,7 +542,7 @@ def main(argv=None) -> int:
         "scale": args.scale, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "versions": {"hyloom": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "train_len": train_len,
+        "train_len": train_len, "overrides": args.set,
         "eval": {k: scale[k] for k in ("lengths", "depths", "cases", "loss_sequences", "eval_batch")},
         "data": {"dir": str(prepared.dir), "seconds": round(time.perf_counter() - began, 1),
                  "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]}
@@ -579,8 +582,8 @@ def main(argv=None) -> int:
     finish_phase(results, out, "teacher", began)
 
     for name, extra in STUDENTS.items():  # the two conversions, the same but for the selector
-        entry, checkpoint = convert(name, scale["student"] + extra, (align_steps, distill_steps), device, work,
-                                    teacher["train"]["tokens"])
+        entry, checkpoint = convert(name, scale["student"] + args.set + extra, (align_steps, distill_steps), device,
+                                    work, teacher["train"]["tokens"])
         results["models"][name] = entry
         t = time.perf_counter()
         entry["eval"] = evaluate(checkpoint, prepared, device, scale)
