@@ -231,13 +231,13 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, levels: tuple[int, int]
     steps = [r for r in metrics if "reward_mean" in r]
     keys = ("step", "reward_mean", "accuracy", "entropy", "response_length_mean", "response_length_max", "clipped",
             "approx_kl", "clip_high", "clip_low", "grad_norm", "logp_mismatch", "rollout_seconds", "update_seconds",
-            "rollout_tokens_per_s", "groups_all_same")
+            "rollout_tokens_per_s", "groups_all_same", "skipped_update")
     tok_s = [r["rollout_tokens_per_s"] for r in steps[1:]] or [r["rollout_tokens_per_s"] for r in steps]
     return {"steps": result["steps"], "seconds": seconds, "levels": list(levels), **greedy,
             "max_new_tokens": max_new_tokens, "lr": bp.stages[1].train.lr,
             "accuracy_before": evals[0][1] if evals else None, "accuracy_after": evals[-1][1] if evals else None,
             "eval_curve": [{"step": s, "accuracy": a} for s, a in evals],
-            "curve": [{k: r[k] for k in keys if k in r} for r in steps],
+            "curve": [{k: r[k] for k in keys if k in r} for r in steps],  # a skipped step: no update metrics
             # the first step's rate includes compiling the decode path: left out when there are others
             "rollout_tokens_per_s": sum(tok_s) / max(len(tok_s), 1)}
 

@@ -299,12 +299,11 @@ class GrpoTrainer:
             old, entropy, ref = self._old_logprobs(model, roll, reference, autocast)
             # every group of every process with one reward for all G: the loss and its gradient are exactly zero
             # (unless a KL or entropy term adds one), and an AdamW step would still move the weights by its
-            # momentum and weight decay, so there is no step at all
+            # momentum and weight decay, so there is no step at all. Every process agrees, so all average the same
+            # keys below; the row leaves the update metrics out (a logged 0.0 loss would read as a measurement)
             signal = _sum_over_ranks([float(bool((adv_BG != 0).any()))], env)[0] > 0
-            if signal or cfg.kl_coef or cfg.entropy_coef:
-                stats = {**self._update(net, opt, roll, old, ref, adv_NT, step, env, autocast), "skipped_update": 0.0}
-            else:
-                stats = {"loss": 0.0, "grad_norm": 0.0, "grad_norm_max": 0.0, "skipped_update": 1.0}
+            skipped = not (signal or cfg.kl_coef or cfg.entropy_coef)
+            stats = {} if skipped else self._update(net, opt, roll, old, ref, adv_NT, step, env, autocast)
             update_s = time.perf_counter() - update_began
             done = step + 1
 
@@ -325,7 +324,8 @@ class GrpoTrainer:
             }
             names = list(local)
             means = _sum_over_ranks([local[k] for k in names], env)
-            record = {"step": done, "lr": lr, **{k: v / env.world for k, v in zip(names, means)}}
+            record = {"step": done, "lr": lr, **{k: v / env.world for k, v in zip(names, means)},
+                      "skipped_update": skipped}
             record["rollout_tokens_per_s"] *= env.world  # every process samples at once: their rates add up
             record["response_length_max"] = int(_sum_over_ranks([float(lengths.max())], env, dist.ReduceOp.MAX
                                                                 if env.world > 1 else None)[0])
@@ -491,8 +491,9 @@ class GrpoTrainer:
     @staticmethod
     def _line(r: dict, steps: int) -> str:
         held = f"   held-out acc {r['eval/accuracy']:.3f}" if "eval/accuracy" in r else ""
+        update = "no update (no mixed rewards)" if r["skipped_update"] else f"grad norm {r['grad_norm']:.3g}"
         return (f"step {r['step']}/{steps}   reward {r['reward_mean']:.3f}   acc {r['accuracy']:.3f}{held}   "
-                f"len {r['response_length_mean']:.1f}   entropy {r['entropy']:.3f}   grad norm {r['grad_norm']:.3g}   "
+                f"len {r['response_length_mean']:.1f}   entropy {r['entropy']:.3f}   {update}   "
                 f"{r['rollout_tokens_per_s']:,.0f} rollout tokens/s")
 
     def _figure(self, out: RunDir) -> Path:

@@ -79,6 +79,7 @@ def test_a_few_steps_write_metrics_checkpoints_completions(tmp_path, cache):
         assert r["reward_mean"] == pytest.approx(r["reward/math"] + r["reward/digit"], abs=1e-5)  # weights 1 + 1
         assert 0 < r["response_length_mean"] <= r["response_length_max"] <= 8
         assert r["logp_mismatch"] < 1e-4  # fp32: the sampler's log-probs are the training forward's
+        assert r["skipped_update"] is False
     assert "eval/accuracy" in metrics[2] and "eval/accuracy" in metrics[4] and "eval/accuracy" not in metrics[3]
     assert any(r["grad_norm"] > 0 for r in metrics[1:])
     rows = [json.loads(line) for line in (out.path / "completions.jsonl").read_text().splitlines()]
@@ -289,13 +290,20 @@ def test_held_out_prompts_are_left_out_of_training():
         trainer_module.GrpoTrainer(everything).records()
 
 
-def test_a_batch_without_mixed_rewards_takes_no_optimizer_step(tmp_path, cache):
+def test_a_batch_without_mixed_rewards_takes_no_optimizer_step(tmp_path, cache, capsys):
     """Every completion earns the same reward: no group carries a gradient, and AdamW's momentum and weight decay
-    must not move the weights anyway."""
+    must not move the weights anyway. The rows say so and leave out the update metrics (a 0.0 loss or gradient
+    norm would pass for a measurement) but keep the rollout's."""
     same = {"verifier": {"type": "regex", "pattern": "^", "correct": 1.0, "wrong": 0.0}, "name": "always"}
     run(blueprint(tmp_path, cache, steps=2, save_every=1, eval_prompts=None, verifiers=[same], weight_decay=0.1))
     out = RunDir(tmp_path / "run")
     first, second = (load_safetensors(out.path / f"checkpoint-00000{i}") for i in (1, 2))
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert [r["skipped_update"] for r in out.metrics()] == [1.0, 1.0]
-    assert all(r["groups_all_same"] == 1.0 and r["grad_norm"] == 0.0 for r in out.metrics())
+    metrics = out.metrics()
+    assert [r["skipped_update"] for r in metrics] == [True, True]
+    update = {"loss", "grad_norm", "grad_norm_max", "clip_high", "clip_low", "clip_dual", "approx_kl", "ratio_mean"}
+    for r in metrics:
+        assert not update & set(r), update & set(r)
+        assert r["groups_all_same"] == 1.0 and r["reward_mean"] == 1.0 and r["entropy"] > 0
+        assert {"accuracy", "response_length_mean", "rollout_seconds", "rollout_tokens_per_s"} <= set(r)
+    assert capsys.readouterr().out.count("no update (no mixed rewards)") == 2  # the --no-progress line
