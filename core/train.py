@@ -228,6 +228,24 @@ def restore(path: Path, model, resolved: dict) -> dict:
     return state
 
 
+def resume_training(point: Path | None, model, resolved: dict, opt, steps: int,
+                    steps_setting: str = "train.steps") -> dict | None:
+    """Continue a run from checkpoint `point` (None: a fresh start, nothing done): the weights (`restore`), the
+    optimizer's moments and the host RNGs, so the next step is the one the uninterrupted run would have taken.
+    Returns the checkpoint's trainer state: its "step" is where to start, and the caller restores from it what
+    is its own (the loader's or the prompt order's position). A checkpoint already at `steps` is refused, naming
+    `steps_setting` as the setting to raise: the run would take no step."""
+    if point is None:
+        return None
+    state = restore(point, model, resolved)
+    if state["step"] >= steps:
+        raise SetupError(f"{point} is at step {state['step']}, and {steps_setting} is {steps}: nothing left to train. "
+                         f"Raise {steps_setting} to continue the run")
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state
+
+
 def train(blueprint, resolved: dict, *, resume: str | None = None, progress: bool = True, overwrite: bool = False):
     """Prepare the data, build the model and hand both to the blueprint's trainer; a blueprint with `stages`
     runs them in order (`train_stages`). A run directory that already holds a run is continued only with

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hyloom.plugins.train.schedule import learning_rate
-from hyloom.train import (RunDir, SetupError, TrainingError, param_groups, restore, resume_point, rng_state,
-                          set_rng_state)
+from hyloom.train import (RunDir, SetupError, TrainingError, param_groups, resume_point, resume_training,
+                          rng_state)
 
 
 def autocast_for(cfg, device: torch.device):
@@ -62,15 +62,10 @@ def fit_loop(cfg, *, name: str, model, trains, data, run, resolved: dict, train_
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     start, point = 0, resume_point(out, run.resume)
-    if point is not None:
-        state = restore(point, model, resolved)
+    state = resume_training(point, model, resolved, opt, cfg.steps, steps_setting="steps")
+    if state is not None:
         start = state["step"]
-        if start >= cfg.steps:
-            raise SetupError(f"{point} is at step {start}, and steps is {cfg.steps}: nothing left to train. "
-                             "Raise steps to continue the run")
-        opt.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
     if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
         kept = [r for r in out.metrics() if r["step"] <= start]
         (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -26,8 +26,8 @@ from hyloom.plugins.rl.config import GrpoConfig
 from hyloom.plugins.rl.prompts import PromptSetError, load_prompt_set
 from hyloom.plugins.rl.rollout import completion_logits, sample_completions
 from hyloom.plugins.rl.verifiers import build_verifier
-from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, restore, resume_point,
-                          rng_state, set_rng_state)
+from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, resume_point, resume_training,
+                          rng_state)
 
 COMPLETIONS = "completions.jsonl"
 FIGURE = "rewards.png"
@@ -227,15 +227,10 @@ class GrpoTrainer:
         order = PromptOrder(len(train), cfg.seed)
         start = 0
         point = resume_point(out, run.resume)
-        if point is not None:
-            state = restore(point, model, run.resolved)
+        state = resume_training(point, model, run.resolved, opt, cfg.steps)
+        if state is not None:
             start = state["step"]
-            if start >= cfg.steps:
-                raise SetupError(f"{point} is at step {start}, and train.steps is {cfg.steps}: nothing left to train. "
-                                 "Raise train.steps to continue the run")
-            opt.load_state_dict(state["optimizer"])
             order.load_state_dict(state["prompts"])
-            set_rng_state(state["rng"])
         reference = self._reference(model, out, env, fresh=point is None) if cfg.kl_coef else None
         if env.main:  # forget what a stopped run logged after that point (everything, on a fresh start)
             for name in ("metrics.jsonl", COMPLETIONS):

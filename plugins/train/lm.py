@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from hyloom.blueprint import BlueprintError, Problem
 from hyloom.plugins.train.config import LMTrainerConfig
 from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
-from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, restore, resume_point,
-                          rng_state, saved_blueprint, set_rng_state)
+from hyloom.train import (RunDir, TrainingError, TrainRun, param_groups, resume_point, resume_training, rng_state,
+                          saved_blueprint)
 
 
 # Past this many logits per micro-batch (B·T·V; 2^30: 4.3 GB in fp32) the loss is taken chunk by chunk of
@@ -179,17 +179,12 @@ class LMTrainer:
         opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=env.device)
         start = 0
         point = resume_point(out, run.resume)
-        if point is not None:
-            state = restore(point, model, run.resolved)
+        state = resume_training(point, model, run.resolved, opt, cfg.steps)
+        if state is not None:
             start = state["step"]
-            if start >= cfg.steps:
-                raise SetupError(f"{point} is at step {start}, and train.steps is {cfg.steps}: nothing left to train. "
-                                 f"Raise train.steps to continue the run")
-            opt.load_state_dict(state["optimizer"])
             for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
                 group["fused"] = opt.defaults["fused"]
             loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
         if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
             kept = [r for r in out.metrics() if r["step"] <= start]
             (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
