@@ -705,9 +705,25 @@ def infllm_v2_decode_static(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg: Spar
         backend = "torch"
     if not _use_triton(q_BHD, backend):
         return naive.infllm_v2_decode_static_ref(q_BHD, k_cache, v_cache, kc_cache, lens_B, cfg, scale)
-    q = q_BHD.contiguous()
-    idx = _decode_select(q, kc_cache.to(q.dtype).contiguous(), lens_B, cfg, scale, k_cache.shape[1])
-    return _decode_attn(q, k_cache, v_cache, idx, lens_B, cfg.block_size, scale, splits)
+    return decode_static_op(q_BHD.contiguous(), k_cache, v_cache, kc_cache, lens_B, list(dataclasses.astuple(cfg)),
+                            scale, splits)
+
+
+# An op, so that torch.compile (HybridLM.decode_step(compile=True)) calls the kernels as they are instead of
+# re-tracing them with Inductor, which types the Python float scale as fp64 and fails on the loop-carried fp32
+# maxima (seen on an H200, torch 2.11).
+@torch.library.custom_op("hyloom::infllm_v2_decode_static", mutates_args=())
+def decode_static_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kc_cache: torch.Tensor,
+                     lens_B: torch.Tensor, cfg: list[int], scale: float, splits: int) -> torch.Tensor:
+    """infllm_v2_decode_static on the Triton kernels; cfg: the SparseConfig's fields in order."""
+    sparse = SparseConfig(*cfg)
+    idx = _decode_select(q, kc_cache.to(q.dtype).contiguous(), lens_B, sparse, scale, k_cache.shape[1])
+    return _decode_attn(q, k_cache, v_cache, idx, lens_B, sparse.block_size, scale, splits)
+
+
+@decode_static_op.register_fake
+def _(q, k_cache, v_cache, kc_cache, lens_B, cfg, scale, splits):
+    return torch.empty_like(q)
 
 
 def _decode_lse(q, kc, lens, cfg: SparseConfig, scale: float, GP: int) -> torch.Tensor:

@@ -142,6 +142,17 @@ def test_triton_static_decode_splits_its_passes_among_programs(cfg, device, monk
     assert (want_idx[0] >= 16).any()  # among the picks, a block that the second scores program scored
 
 
+def test_the_static_decode_op_passes_opcheck_and_compiles_without_retracing_its_kernels(device):
+    """hyloom::infllm_v2_decode_static: schema and fake output (torch.library.opcheck), and a torch.compile'd call
+    (Inductor once re-traced the Triton kernels inside and failed on the GPU) equal to the eager one."""
+    q, k, v, kc, lens = next(decode_steps(COARSE, [57, 90, 64], 1, device, seed=3))
+    args = (q, k, v, kc, lens, list(dataclasses.astuple(COARSE)), D ** -0.5, 2)
+    results = torch.library.opcheck(ops.decode_static_op, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+    compiled = torch.compile(ops.decode_static_op, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), ops.decode_static_op(*args), rtol=0, atol=0)
+
+
 def test_selection_is_really_sparse_past_dense_len():
     """A row past dense_len drops blocks (k_total 5 of 10): the static decode is not dense attention."""
     k, v, kc, lens, _, _ = caches(SMALL, [150, 150, 40], seed=5)
