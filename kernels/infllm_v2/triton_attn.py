@@ -8,14 +8,24 @@ The dK/dV pass runs per (KV head, key block) over the reversed lists (the query 
 in chunks that each add their partial dK/dV atomically, so a block picked by every token (init, local) is
 spread over many programs instead of one.
 Varlen (VARLEN, packed sequences in a batch of 1): program_id(0) is an entry of a launch table of (sequence,
-index) pairs (triton_select.packed_seq); the program shifts its pointers to the sequence's first token and then
-runs as if that sequence were the whole problem. The window is then per sequence: a dense one (shorter than
-dense_len) has a window over all its blocks, so the dense tiles do all of its attention.
+index) pairs (triton_select.packed_seq); the program shifts its pointers to the sequence's first token (q, k, v
+and the LSE in packed_seq_qkv, the kernel's other tensors beside it) and then runs as if that sequence were the
+whole problem. The window is then per sequence: a dense one (shorter than dense_len) has a window over all its
+blocks, so the dense tiles do all of its attention.
 """
 import triton
 import triton.language as tl
 
 from .triton_select import group_tile, load_group_queries, merge_lse, packed_seq
+
+
+@triton.jit
+def packed_seq_qkv(seqs_ptr, tab_ptr, pid, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt):
+    """The varlen preamble every attention kernel shares: program pid's entry of its launch table (packed_seq)
+    with q, k, v and the LSE (token stride 1) moved to the sequence's first token. Returns the index inside the
+    sequence, the sequence's start, length and window blocks, then the moved q, k, v and LSE pointers."""
+    idx, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid)
+    return idx, start, T, win, q_ptr + start * s_qt, k_ptr + start * s_kt, v_ptr + start * s_vt, lse_ptr + start
 
 
 @triton.jit
@@ -122,14 +132,11 @@ def _sparse_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, oin_ptr, o_ptr, lse_ptr, Hkv, q_of
     pid_t = tl.program_id(0)
     win = WIN_BLOCKS
     if VARLEN:  # o, oin: the same strides
-        pid_t, start, _, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
-        q_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
+        pid_t, start, _, win, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, tab_ptr, pid_t, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         idx_ptr += start * s_it
         oin_ptr += start * s_ot
         o_ptr += start * s_ot
-        lse_ptr += start
     b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
         pid_t, tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
         FROM_LOCAL, INIT, win)
@@ -201,15 +208,12 @@ def _sparse_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, idx_ptr, dqi
     pid_t = tl.program_id(0)
     win = WIN_BLOCKS
     if VARLEN:
-        pid_t, start, _, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
-        q_ptr += start * s_qt
+        pid_t, start, _, win, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, tab_ptr, pid_t, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         do_ptr += start * s_qt
         dqin_ptr += start * s_qt
         dq_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
         idx_ptr += start * s_it
-        lse_ptr += start
         delta_ptr += start
     b, kvh, tok, g, row_ok, pos, idx_row, lo, hi = token_setup(
         pid_t, tl.program_id(1), q_offset, idx_ptr, s_ib, s_ih, s_it, Hkv, GP, G, KSEL, KSEL_P, BS,
@@ -243,12 +247,9 @@ def _sparse_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     w = tl.program_id(0)
     pid_bk = tl.load(work_bk_ptr + w)
     if VARLEN:
-        blk, start, Tk, _, _, _ = packed_seq(seqs_ptr, work_blk_ptr, w)
-        q_ptr += start * s_qt
+        blk, start, Tk, _, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, work_blk_ptr, w, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         do_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
-        lse_ptr += start
         delta_ptr += start
         dk_ptr += start * s_kt
         dv_ptr += start * s_kt
@@ -295,12 +296,9 @@ def _local_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, Hkv, q_offset, qk_scale,
     pid_t = tl.program_id(0)
     win = WIN_BLOCKS
     if VARLEN:
-        pid_t, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
-        q_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
+        pid_t, start, T, win, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, tab_ptr, pid_t, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         o_ptr += start * s_ot
-        lse_ptr += start
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
     heads = kvh * G + g
     pos = tok + q_offset
@@ -334,12 +332,9 @@ def _local_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Hk
     pid_t = tl.program_id(0)
     win = WIN_BLOCKS
     if VARLEN:
-        pid_t, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, pid_t)
-        q_ptr += start * s_qt
+        pid_t, start, T, win, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, tab_ptr, pid_t, q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         do_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
-        lse_ptr += start
         delta_ptr += start
         dq_ptr += start * s_qt
     b, kvh, tok, g, row_ok = group_tile(pid_t, tl.program_id(1), T, Hkv, TM, GP, G)
@@ -377,14 +372,11 @@ def _local_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     kb = INIT + tl.program_id(0)
     win = WIN_BLOCKS
     if VARLEN:
-        kb, start, T, _, _, win = packed_seq(seqs_ptr, tab_ptr, tl.program_id(0))
+        kb, start, T, win, q_ptr, k_ptr, v_ptr, lse_ptr = packed_seq_qkv(
+            seqs_ptr, tab_ptr, tl.program_id(0), q_ptr, k_ptr, v_ptr, lse_ptr, s_qt, s_kt, s_vt)
         kb += INIT
         Tk = T
-        q_ptr += start * s_qt
         do_ptr += start * s_qt
-        k_ptr += start * s_kt
-        v_ptr += start * s_vt
-        lse_ptr += start
         delta_ptr += start
         dk_ptr += start * s_kt
         dv_ptr += start * s_kt
