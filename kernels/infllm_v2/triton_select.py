@@ -11,7 +11,9 @@ Logits are kept in log2 units (scale * log2 e) so exp2 can be used.
 import triton
 import triton.language as tl
 
-SEQ_COLS = 5  # varlen: a row of the sequence table: start, length, first kernel, first block score, window blocks
+# varlen: a row of the sequence table: start, length, first kernel, first block score, window blocks (a constexpr:
+# compiled Triton reads no plain global, the interpreter does, so only a GPU run caught it)
+SEQ_COLS = tl.constexpr(5)
 
 
 @triton.jit
