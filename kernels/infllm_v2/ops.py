@@ -16,7 +16,7 @@ from .config import SparseConfig
 
 try:
     import triton
-    from . import triton_attn, triton_decode, triton_select
+    from . import triton_attn, triton_decode, triton_select, triton_tile
 except ImportError:  # the package must import without triton; the reference path still works
     triton = None
 
@@ -30,7 +30,9 @@ TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "nu
         "local_dkdv": {"num_warps": 4, "num_stages": 2, "KEYS_AS_M": True},
         "select_rows": 128, "select_blocks": 16, "lse_kernels": 64, "lse_min_programs": 264,
         "dkdv_chunk": 16, "dkdv_rows": 64, "local_rows": 128, "local_dkdv_rows": 64,
-        "triton_topk": True, "local_split": True}
+        "triton_topk": True, "local_split": True,
+        # > 0: the forward's scored picks run in token tiles of this many tokens (triton_tile; off by default)
+        "tile_tokens": 0, "tile": {"num_warps": 4, "num_stages": 2}}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
 
 
@@ -370,12 +372,14 @@ def _kernel_lse(q, keys, ksize, kstride, q_offset, scale, block_t, out=None, var
     return out
 
 
-def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None, pack=None):
+def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None, pack=None, tile_tokens=None):
     """Launch the forward kernel(s); returns (o [B,T,H,D], lse [B,H,T] in log2 units).
 
     local = (init_blocks, window_blocks) says that idx holds those forced blocks (as select_blocks makes it):
     they then run as dense tiles in _local_fwd and _sparse_fwd only walks the remaining picks.
     pack (a _Packed, with local, q_offset 0, one split): every packed sequence attends within itself.
+    tile_tokens (None: TUNE["tile_tokens"]; 0: off): the scored picks run in tiles of that many tokens over the
+    union of their picks (triton_tile), the same o and lse; not for packs or split-K, which stay per token.
     """
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -404,6 +408,10 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None,
             G=G, GP=gp_local, D=D, BS=block_size, TM=tm, INIT=init_blocks, WIN_BLOCKS=win_blocks,
             VARLEN=pack is not None, **TUNE["local"])
         extra = dict(FROM_LOCAL=True, INIT=init_blocks, WIN_BLOCKS=win_blocks)
+    tile_tokens = TUNE["tile_tokens"] if tile_tokens is None else tile_tokens
+    if tile_tokens and splits == 1 and pack is None:
+        _tile_fwd(q, k, v, idx, o_in, o, lse, block_size, scale, q_offset, local, tile_tokens)
+        return o, lse
     n_tok, seqs, tab = _launch(pack, T, 1)
     triton_attn._sparse_fwd[(n_tok, B * Hkv, splits)](
         q, k, v, idx, o_in, o_s, lse_s, Hkv, q_offset, scale * LOG2E,
@@ -420,6 +428,24 @@ def _sparse_fwd(q, k, v, idx, block_size, scale, q_offset, splits=1, local=None,
             lse_s.stride(0), lse_s.stride(1), lse_s.stride(2), o.stride(0), o.stride(1), o.stride(2),
             lse.stride(0), lse.stride(1), H=H, HP=_pow2(H), D=D)
     return o, lse
+
+
+def _tile_fwd(q, k, v, idx, o_in, o, lse, block_size, scale, q_offset, local, tile_tokens: int):
+    """_sparse_fwd's scored picks in tiles of tile_tokens tokens × the group's heads (at least 16 rows)."""
+    if tile_tokens & (tile_tokens - 1) or not 0 < tile_tokens <= triton_tile.MAX_TILE_TOKENS:
+        raise ValueError(f"tile_tokens must be a power of two <= {triton_tile.MAX_TILE_TOKENS}, not {tile_tokens}")
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    blocks, members, count = triton_tile.tile_unions(idx, tile_tokens, block_size, -(-k.shape[1] // block_size),
+                                                     q_offset, local)
+    triton_tile._tile_fwd[(count.shape[1], B * Hkv)](
+        q, k, v, blocks, members, count, o_in, o, lse, T, Hkv, q_offset, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), blocks.stride(0), blocks.stride(1), count.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        G=G, GP=_pow2(G, 16 // tile_tokens), D=D, BS=block_size, TT=tile_tokens, FROM_LOCAL=local is not None,
+        **TUNE["tile"])
 
 
 def _dkdv_work(idx, n_blocks: int, chunk: int, valid, pack=None):
