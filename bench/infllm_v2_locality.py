@@ -2,6 +2,7 @@
 
     python bench/infllm_v2_locality.py --out DIR [--budget-seconds 150] [--device auto] [--length 32768]
                                        [--checkpoint DIR]   # an existing hyloom checkpoint instead of training
+                                       [--tile-tokens 16,32]  # token tiles of the forward timing
     python bench/infllm_v2_locality.py --quick --out DIR     # CPU, a toy model, 10 steps: the pipeline end to end
 
 Trains blueprints/experiments/infllm-v2-locality.yaml (a SALA-style hybrid whose InfLLM-V2 layers run sparse
@@ -16,6 +17,12 @@ receives them (after projections, norms and positions). From those it makes the 
   kernel's non-forced block loads over the tile kernel's (1: nothing shared, the tile size: all shared).
 Only tokens that see more than k_total blocks count (before that a token picks every block it sees). Random q
 and k of the same shapes give the contrast.
+
+Then the forward on those activations and picks (rows of case "fwd_tile", per layer, trained and random q/k/v):
+the token-tile kernel (kernels/infllm_v2/triton_tile.py, --tile-tokens sizes, num_warps 4 and 8, its union
+preparation timed inside and alone) against the per-token kernel (both after the same dense tiles of the forced
+blocks), SDPA cuDNN dense causal and fla's parallel_nsa if importable; the tile output is checked against the
+per-token one first (max_rel_err), and the K/V blocks each loads per tile are counted. On a CPU only the counts.
 
 Writes infllm_v2-locality-<device>-<yyyymmdd>.json into --out and prints a table. Runs go to a temporary
 folder, deleted at the end.
@@ -155,7 +162,7 @@ def train_model(bp_overrides: list[str], steps: int, work: Path):
 
 
 def capture_qk(model, ids_BT, device) -> tuple[dict, float]:
-    """({layer: (q [B, T, H, D], k [B, T, Hkv, D], its SparseConfig)} at every InfLLM-V2 layer, as its
+    """({layer: (q [B, T, H, D], k, v [B, T, Hkv, D], its SparseConfig)} at every InfLLM-V2 layer, as its
     attention core receives them, mean next-token loss of the pass). The core is wrapped on the instance;
     the class's method comes back afterwards."""
     import torch
@@ -170,7 +177,7 @@ def capture_qk(model, ids_BT, device) -> tuple[dict, float]:
         raise SetupError("the model has no InfLLM-V2 layer: nothing to measure")
     for i, mixer in sparse:
         def core(q, k, v, ctx, i=i, mixer=mixer, original=mixer.decode_core):
-            got[i] = (q.detach(), k.detach(), mixer.sparse)
+            got[i] = (q.detach(), k.detach(), v.detach(), mixer.sparse)
             return original(q, k, v, ctx)
         mixer.decode_core = core
     try:
@@ -189,11 +196,99 @@ def capture_qk(model, ids_BT, device) -> tuple[dict, float]:
     return got, nll / count
 
 
-def measure(q, k, cfg) -> dict:
+def measure(q, k, cfg) -> tuple[dict, object]:
+    """(the locality numbers of the layer's picks, the picks [B, Hkv, T, k_total])."""
     from hyloom.kernels.infllm_v2 import compress_keys, select_blocks
 
     idx = select_blocks(q, compress_keys(k, cfg), cfg)
-    return locality(idx, cfg.block_size, cfg.init_blocks, cfg.window // cfg.block_size, cfg.k_total)
+    return locality(idx, cfg.block_size, cfg.init_blocks, cfg.window // cfg.block_size, cfg.k_total), idx
+
+
+# ---- the forward: per-token kernel vs token tiles on the same picks ---------------------------------------------
+
+def blocks_loaded(idx_BKTS, cfg, tile: int) -> dict:
+    """Mean K/V blocks one tile of `tile` tokens loads for its scored picks (those after _local_fwd's forced
+    blocks): the tile kernel once per block of the union, the per-token kernel once per token and pick."""
+    from hyloom.kernels.infllm_v2.triton_tile import tile_unions
+
+    local = (cfg.init_blocks, cfg.window // cfg.block_size)
+    T = idx_BKTS.shape[2]
+    _, _, count = tile_unions(idx_BKTS, tile, cfg.block_size, cfg.n_blocks(T), 0, local)
+    window_lo = (idx_BKTS.new_tensor(range(T)) // cfg.block_size - local[1]).clamp_min(local[0]).view(1, 1, T, 1)
+    scored = ((idx_BKTS >= local[0]) & (idx_BKTS < window_lo)).sum().item()
+    tile_blocks = count.double().mean().item()
+    per_token = scored / count.numel()
+    return {"tile": tile_blocks, "per_token": per_token, "ratio": per_token / tile_blocks if tile_blocks else None}
+
+
+def time_forward(q, k, v, idx, cfg, tiles, peers_too: bool, smoke=False) -> list[dict]:
+    """One "fwd_tile" row per tile size: the tile forward (median ms over num_warps 4 and 8, best kept) against
+    the per-token forward and the peers; its union preparation alone; max_rel_err of its bf16 output against the
+    per-token kernel's (max |diff| over max |per-token|), checked before any timing. CUDA; smoke (the tests: the
+    Triton interpreter on a CPU) times single calls."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from hyloom.kernels.infllm_v2 import ops
+    from hyloom.kernels.infllm_v2.triton_tile import tile_unions
+    from infllm_v2 import bench, sdpa_peer
+
+    median_ms = lambda fn, _smoke: bench(fn, smoke)  # noqa: E731
+
+    q, k, v, idx = (x.contiguous() for x in (q, k, v, idx.to(torch.int32)))
+    local, scale = (cfg.init_blocks, cfg.window // cfg.block_size), q.shape[-1] ** -0.5
+    fwd = lambda tile: ops._sparse_fwd(q, k, v, idx, cfg.block_size, scale, 0, local=local, tile_tokens=tile)  # noqa: E731
+    want_o, want_lse = fwd(0)
+    per_token_ms = median_ms(lambda: fwd(0), False)
+    peers, peer_errors = {"per_token": per_token_ms}, {}
+    if peers_too:
+        G = q.shape[2] // k.shape[2]
+        k_rep, v_rep = (x.repeat_interleave(G, dim=2) for x in (k, v))
+        try:
+            peers["sdpa.cudnn"] = median_ms(sdpa_peer(q, k_rep, v_rep, SDPBackend.CUDNN_ATTENTION), False)
+        except Exception as e:  # a backend missing on this build is reported, not fatal
+            peer_errors["sdpa.cudnn"] = f"{type(e).__name__}: {str(e)[:200]}"
+        del k_rep, v_rep
+        try:  # the call of bench/infllm_v2.py, with this layer's block count and size
+            from fla.ops.nsa import parallel_nsa
+            g_cmp, g_slc = (torch.rand(q.shape[:3], device=q.device, dtype=q.dtype) for _ in range(2))
+            peers["fla.parallel_nsa"] = median_ms(lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=cfg.k_total,
+                                                                       block_size=cfg.block_size), False)
+        except Exception as e:
+            peer_errors["fla.parallel_nsa"] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows = []
+    for tile in tiles:
+        got_o, got_lse = fwd(tile)
+        err = ((got_o.float() - want_o.float()).abs().max() / want_o.float().abs().max()).item()
+        lse_err = (got_lse - want_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item()
+        if not err < 2e-2:  # bf16 rounding of the same sums stays far below; report, keep timing
+            log(f"tile {tile}: max_rel_err {err:.3g} against the per-token forward")
+        by_warps, tuned = {}, ops.TUNE["tile"]
+        try:
+            for warps in (4, 8):
+                ops.TUNE["tile"] = dict(tuned, num_warps=warps)
+                by_warps[warps] = median_ms(lambda: fwd(tile), False)
+        finally:
+            ops.TUNE["tile"] = tuned
+        best = min(by_warps, key=by_warps.get)
+        prep_ms = median_ms(lambda: tile_unions(idx, tile, cfg.block_size, cfg.n_blocks(q.shape[1]), 0, local), False)
+        rows.append({"case": "fwd_tile", "tile_tokens": tile, "ours_ms": by_warps[best],
+                     "ours_is": "forced-block tiles + union preparation + tile kernel", "num_warps": best,
+                     "ms_by_num_warps": by_warps, "union_prep_ms": prep_ms, "peers": dict(peers),
+                     "peer_errors": peer_errors, "speedup_vs_per_token": per_token_ms / by_warps[best],
+                     "max_rel_err": err, "lse_max_abs_diff": lse_err, "blocks_loaded": blocks_loaded(idx, cfg, tile)})
+    return rows
+
+
+def forward_rows(q, k, v, idx, cfg, tiles, device, inputs: str, layer) -> list[dict]:
+    """time_forward's rows on CUDA; on a CPU the rows carry only the block counts."""
+    if device.type == "cuda":
+        rows = time_forward(q, k, v, idx, cfg, tiles, peers_too=True)
+    else:
+        rows = [{"case": "fwd_tile", "tile_tokens": t, "ours_ms": None, "timing": "skipped: no GPU",
+                 "blocks_loaded": blocks_loaded(idx, cfg, t)} for t in tiles]
+    shape = {"q": list(q.shape), "k": list(k.shape), "dtype": str(q.dtype)}
+    return [{"layer": layer, "inputs": inputs, "shapes": shape, **row} for row in rows]
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
@@ -217,6 +312,15 @@ def table(record: dict) -> str:
             lines.append(f"{str(row['layer']) + name:>10} " + " ".join(f"{stats[k]:>9.3f}" for k in keys))
     lines.append(f"{'all':>10} " + " ".join(f"{record['overall'][k]:>9.3f}" for k in keys))
     lines.append(f"{'all random':>10} " + " ".join(f"{record['overall_random'][k]:>9.3f}" for k in keys))
+    lines.append(f"{'layer':>10} {'inputs':>8} {'tile':>5} {'tile ms':>9} {'prep ms':>9} {'token ms':>9} "
+                 f"{'cudnn ms':>9} {'nsa ms':>9} {'rel err':>9} {'blk/tile':>9} {'blk/tok':>9}")
+    fmt = lambda x: f"{x:>9.3f}" if isinstance(x, float) else f"{'-':>9}"  # noqa: E731
+    for row in record.get("forward", []):
+        peers, loads = row.get("peers", {}), row["blocks_loaded"]
+        lines.append(f"{row['layer']:>10} {row['inputs']:>8} {row['tile_tokens']:>5} {fmt(row['ours_ms'])} "
+                     f"{fmt(row.get('union_prep_ms'))} {fmt(peers.get('per_token'))} {fmt(peers.get('sdpa.cudnn'))} "
+                     f"{fmt(peers.get('fla.parallel_nsa'))} {fmt(row.get('max_rel_err'))} {fmt(loads['tile'])} "
+                     f"{fmt(loads['per_token'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +336,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="a hyloom checkpoint with InfLLM-V2 layers: no training")
     p.add_argument("--quick", action="store_true", help="a toy model on the CPU, end to end in under two minutes")
     p.add_argument("--seed", type=int, default=0, help="of the random q/k contrast")
+    p.add_argument("--tile-tokens", default="16,32", help="token tiles of the forward timing (powers of two <= 32)")
     args = p.parse_args(argv)
+    tiles = [int(t) for t in args.tile_tokens.split(",") if t]
     budget = args.budget_seconds
     length = args.length or (1024 if args.quick else 32768)
     if budget <= 0 or length < 2:
@@ -294,12 +400,15 @@ def main(argv=None) -> int:
         captured, loss = capture_qk(model, ids, device)
         log(f"captured q/k of layers {sorted(captured)} at {length} tokens; held-out loss there {loss:.3f}")
         del model
-        layers, gen = [], torch.Generator(device=device).manual_seed(args.seed)
-        for i, (q, k, cfg) in sorted(captured.items()):
-            real = measure(q, k, cfg)
-            rand_q = torch.randn(q.shape, generator=gen, device=device).to(q.dtype)
-            rand_k = torch.randn(k.shape, generator=gen, device=device).to(k.dtype)
-            layers.append({"layer": i, **real, "random": measure(rand_q, rand_k, cfg),
+        layers, forward, gen = [], [], torch.Generator(device=device).manual_seed(args.seed)
+        for i, (q, k, v, cfg) in sorted(captured.items()):
+            real, idx = measure(q, k, cfg)
+            rand_q, rand_k, rand_v = (torch.randn(x.shape, generator=gen, device=device).to(x.dtype) for x in (q, k, v))
+            rand, rand_idx = measure(rand_q, rand_k, cfg)
+            if length >= cfg.dense_len:  # the layer runs sparse at this length: time its forward
+                forward += forward_rows(q, k, v, idx, cfg, tiles, device, "trained", i)
+                forward += forward_rows(rand_q, rand_k, rand_v, rand_idx, cfg, tiles, device, "random", i)
+            layers.append({"layer": i, **real, "random": rand,
                            "config": {f: getattr(cfg, f) for f in ("block_size", "kernel_size", "kernel_stride",
                                                                    "topk", "init_blocks", "window", "dense_len")},
                            "k_total": cfg.k_total, "ran_sparse": length >= cfg.dense_len,
@@ -307,7 +416,7 @@ def main(argv=None) -> int:
         mean = lambda rows, key: float(np.nanmean([r[key] for r in rows]))  # noqa: E731
         keys = [key for key, value in layers[0].items() if isinstance(value, float)]
         record.update(capture={"length": length, "heldout_tokens": int(len(heldout)), "heldout_loss_at_length": loss},
-                      layers=layers, overall={key: mean(layers, key) for key in keys},
+                      layers=layers, forward=forward, overall={key: mean(layers, key) for key in keys},
                       overall_random={key: mean([r["random"] for r in layers], key) for key in keys})
         record["pick_overlap"] = record["overall"]["pick_overlap"]
         record["pick_overlap_nonforced"] = record["overall"]["pick_overlap_nonforced"]

@@ -79,8 +79,9 @@ def test_capture_sees_what_the_attention_core_sees(bench):
     assert all("decode_core" not in vars(m) for m in model.modules() if isinstance(m, InfLLMv2))  # unwrapped
     ctx = MixerContext(pos_BT=torch.arange(200)[None], position=model.layers[0].position, causal=True)
     with torch.no_grad():
-        q, k, _ = mixer.decode_pre(x, ctx)
-    assert torch.equal(got[0][0], q) and torch.equal(got[0][1], k) and got[0][2] == mixer.sparse
+        q, k, v = mixer.decode_pre(x, ctx)
+    assert torch.equal(got[0][0], q) and torch.equal(got[0][1], k) and torch.equal(got[0][2], v)
+    assert got[0][3] == mixer.sparse
 
 
 @pytest.mark.parametrize("quick", [False, True])
@@ -92,3 +93,19 @@ def test_blueprint_trains_and_captures_sparse(bench, quick):
     for mixer in sparse:  # sparse in training and at the capture, with blocks to spare beyond k_total
         cfg = mixer.sparse()
         assert cfg.dense_len <= bp.data.seq_len and 4 * cfg.k_total * cfg.block_size <= length
+
+
+def test_forward_rows_check_time_and_count_the_tile_kernel(bench):
+    """time_forward in smoke mode (the Triton interpreter, single calls): the tile forward equals the per-token
+    one, peers missing here (no cuDNN, no fla) are reported, not fatal, and the load counts add up."""
+    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, topk=3, window=32, dense_len=64)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 80, h, 16, generator=gen) for h in (4, 2, 2))
+    idx = naive.select_blocks_ref(q, naive.compress_keys_ref(k, cfg), cfg)
+    rows = bench.time_forward(q, k, v, idx, cfg, [8, 16], peers_too=True, smoke=True)
+    assert [r["tile_tokens"] for r in rows] == [8, 16]
+    for row in rows:
+        assert row["case"] == "fwd_tile" and row["max_rel_err"] < 1e-5 and row["ours_ms"] > 0
+        assert row["peers"]["per_token"] > 0 and "sdpa.cudnn" in row["peer_errors"]
+        loads = row["blocks_loaded"]
+        assert 0 < loads["tile"] <= loads["per_token"] and loads["ratio"] == loads["per_token"] / loads["tile"]
