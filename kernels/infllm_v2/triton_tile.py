@@ -61,7 +61,7 @@ def tile_unions(idx_BKTS, tile_tokens: int, block_size: int, n_key_blocks: int, 
     bit = torch.where(real, torch.ones_like(key, dtype=torch.int64) << (key % TT).long(), 0)
     members = torch.zeros((B * Hkv, n_tiles, W + 1), device=dev, dtype=torch.int64).scatter_add_(-1, slot, bit)
     members = torch.where(members >= 2 ** 31, members - 2 ** 32, members).to(torch.int32)  # bit 31: the sign
-    return blocks[..., :W].contiguous(), members[..., :W].contiguous(), count
+    return blocks[..., :W], members[..., :W], count  # views: the kernel takes their (shared) strides
 
 
 @triton.jit
