@@ -136,6 +136,15 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def forget_after(self, step: int, names=("metrics.jsonl",)) -> None:
+        """Drop what a stopped run logged after `step` (everything on a fresh start, step 0) from its JSONL logs, so
+        that a resumed run continues them without duplicate steps. Each file is rewritten atomically."""
+        for name in names:
+            file = self.path / name
+            if file.exists():
+                kept = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= step]
+                write_file_atomic(file, "".join(line + "\n" for line in kept))
+
     def metrics(self) -> list[dict]:
         file = self.path / "metrics.jsonl"
         return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []

@@ -11,7 +11,6 @@ waiting at a barrier."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 
@@ -66,9 +65,8 @@ def fit_loop(cfg, *, name: str, model, trains, data, run, resolved: dict, train_
     if state is not None:
         start = state["step"]
         loader.load_state_dict(state["loader"])
-    if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
-        kept = [r for r in out.metrics() if r["step"] <= start]
-        (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if env.main:
+        out.forget_after(start)
         processes = f" ({env.world} processes)" if env.world > 1 else ""
         for line in summary + [
                 f"trains   {sum(p.numel() for p in trained):,} of {model.num_parameters():,} parameters on "

@@ -232,12 +232,8 @@ class GrpoTrainer:
             start = state["step"]
             order.load_state_dict(state["prompts"])
         reference = self._reference(model, out, env, fresh=point is None) if cfg.kl_coef else None
-        if env.main:  # forget what a stopped run logged after that point (everything, on a fresh start)
-            for name in ("metrics.jsonl", COMPLETIONS):
-                file = out.path / name
-                kept = [line for line in (file.read_text().splitlines() if file.exists() else [])
-                        if json.loads(line)["step"] <= start]
-                file.write_text("".join(line + "\n" for line in kept))
+        if env.main:
+            out.forget_after(start, ("metrics.jsonl", COMPLETIONS))
             self._summary(model, env, len(train), len(held), point, start)
         env.barrier()
 

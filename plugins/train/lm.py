@@ -4,7 +4,6 @@ resumable to the step."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -185,9 +184,8 @@ class LMTrainer:
             for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
                 group["fused"] = opt.defaults["fused"]
             loader.load_state_dict(state["loader"])
-        if env.main:  # forget metrics logged after that point (all of them on a fresh start) by a run that stopped
-            kept = [r for r in out.metrics() if r["step"] <= start]
-            (out.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if env.main:
+            out.forget_after(start)
             self._summary(model, data, env, seq_len, point, start)
         if use_compile(cfg.compile, env.device):
             compile_blocks(model)
