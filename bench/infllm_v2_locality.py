@@ -20,7 +20,8 @@ and k of the same shapes give the contrast.
 
 Then the forward on those activations and picks (rows of case "fwd_tile", per layer, trained and random q/k/v):
 the token-tile kernel (kernels/infllm_v2/triton_tile.py, --tile-tokens sizes, num_warps 4 and 8, its union
-preparation timed inside and alone) against the per-token kernel (both after the same dense tiles of the forced
+preparation timed inside and alone: the Triton kernel, union_prep_ms, and the PyTorch reference,
+union_prep_ref_ms) against the per-token kernel (both after the same dense tiles of the forced
 blocks), SDPA cuDNN dense causal and fla's parallel_nsa if importable; the tile output is checked against the
 per-token one first (max_rel_err), and the K/V blocks each loads per tile are counted. On a CPU only the counts.
 
@@ -209,7 +210,7 @@ def measure(q, k, cfg) -> tuple[dict, object]:
 def blocks_loaded(idx_BKTS, cfg, tile: int) -> dict:
     """Mean K/V blocks one tile of `tile` tokens loads for its scored picks (those after _local_fwd's forced
     blocks): the tile kernel once per block of the union, the per-token kernel once per token and pick."""
-    from hyloom.kernels.infllm_v2.triton_tile import tile_unions
+    from hyloom.kernels.infllm_v2.ops import tile_unions
 
     local = (cfg.init_blocks, cfg.window // cfg.block_size)
     T = idx_BKTS.shape[2]
@@ -223,14 +224,14 @@ def blocks_loaded(idx_BKTS, cfg, tile: int) -> dict:
 
 def time_forward(q, k, v, idx, cfg, tiles, peers_too: bool, smoke=False) -> list[dict]:
     """One "fwd_tile" row per tile size: the tile forward (median ms over num_warps 4 and 8, best kept) against
-    the per-token forward and the peers; its union preparation alone; max_rel_err of its bf16 output against the
-    per-token kernel's (max |diff| over max |per-token|), checked before any timing. CUDA; smoke (the tests: the
+    the per-token forward and the peers; its union preparation alone (Triton and the PyTorch reference);
+    max_rel_err of its bf16 output against the per-token kernel's (max |diff| over max |per-token|), checked
+    before any timing. CUDA; smoke (the tests: the
     Triton interpreter on a CPU) times single calls."""
     import torch
     from torch.nn.attention import SDPBackend
 
-    from hyloom.kernels.infllm_v2 import ops
-    from hyloom.kernels.infllm_v2.triton_tile import tile_unions
+    from hyloom.kernels.infllm_v2 import naive, ops
     from infllm_v2 import bench, sdpa_peer
 
     median_ms = lambda fn, _smoke: bench(fn, smoke)  # noqa: E731
@@ -271,10 +272,13 @@ def time_forward(q, k, v, idx, cfg, tiles, peers_too: bool, smoke=False) -> list
         finally:
             ops.TUNE["tile"] = tuned
         best = min(by_warps, key=by_warps.get)
-        prep_ms = median_ms(lambda: tile_unions(idx, tile, cfg.block_size, cfg.n_blocks(q.shape[1]), 0, local), False)
+        prep_args = (idx, tile, cfg.block_size, cfg.n_blocks(q.shape[1]), 0, local)
+        prep_ms = median_ms(lambda: ops.tile_unions(*prep_args, backend="triton"), False)
+        prep_ref_ms = median_ms(lambda: naive.tile_unions_ref(*prep_args), False)
         rows.append({"case": "fwd_tile", "tile_tokens": tile, "ours_ms": by_warps[best],
                      "ours_is": "forced-block tiles + union preparation + tile kernel", "num_warps": best,
-                     "ms_by_num_warps": by_warps, "union_prep_ms": prep_ms, "peers": dict(peers),
+                     "ms_by_num_warps": by_warps, "union_prep_ms": prep_ms, "union_prep_ref_ms": prep_ref_ms,
+                     "peers": dict(peers),
                      "peer_errors": peer_errors, "speedup_vs_per_token": per_token_ms / by_warps[best],
                      "max_rel_err": err, "lse_max_abs_diff": lse_err, "blocks_loaded": blocks_loaded(idx, cfg, tile)})
     return rows
@@ -312,15 +316,16 @@ def table(record: dict) -> str:
             lines.append(f"{str(row['layer']) + name:>10} " + " ".join(f"{stats[k]:>9.3f}" for k in keys))
     lines.append(f"{'all':>10} " + " ".join(f"{record['overall'][k]:>9.3f}" for k in keys))
     lines.append(f"{'all random':>10} " + " ".join(f"{record['overall_random'][k]:>9.3f}" for k in keys))
-    lines.append(f"{'layer':>10} {'inputs':>8} {'tile':>5} {'tile ms':>9} {'prep ms':>9} {'token ms':>9} "
-                 f"{'cudnn ms':>9} {'nsa ms':>9} {'rel err':>9} {'blk/tile':>9} {'blk/tok':>9}")
+    lines.append(f"{'layer':>10} {'inputs':>8} {'tile':>5} {'tile ms':>9} {'prep ms':>9} {'prep ref':>9} "
+                 f"{'token ms':>9} {'cudnn ms':>9} {'nsa ms':>9} {'rel err':>9} {'blk/tile':>9} {'blk/tok':>9}")
     fmt = lambda x: f"{x:>9.3f}" if isinstance(x, float) else f"{'-':>9}"  # noqa: E731
     for row in record.get("forward", []):
         peers, loads = row.get("peers", {}), row["blocks_loaded"]
         lines.append(f"{row['layer']:>10} {row['inputs']:>8} {row['tile_tokens']:>5} {fmt(row['ours_ms'])} "
-                     f"{fmt(row.get('union_prep_ms'))} {fmt(peers.get('per_token'))} {fmt(peers.get('sdpa.cudnn'))} "
-                     f"{fmt(peers.get('fla.parallel_nsa'))} {fmt(row.get('max_rel_err'))} {fmt(loads['tile'])} "
-                     f"{fmt(loads['per_token'])}")
+                     f"{fmt(row.get('union_prep_ms'))} {fmt(row.get('union_prep_ref_ms'))} "
+                     f"{fmt(peers.get('per_token'))} {fmt(peers.get('sdpa.cudnn'))} "
+                     f"{fmt(peers.get('fla.parallel_nsa'))} "
+                     f"{fmt(row.get('max_rel_err'))} {fmt(loads['tile'])} {fmt(loads['per_token'])}")
     return "\n".join(lines) + "\n"
 
 

@@ -146,6 +146,46 @@ def sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx_BKTS, block_size: int, scale=Non
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q_BTHD.dtype)
 
 
+def tile_unions_ref(idx_BKTS, tile_tokens: int, block_size: int, n_key_blocks: int, q_offset=0, local=None):
+    """The sorted union of the picks of every tile of tile_tokens consecutive tokens, per (batch row, KV head);
+    the readable reference of ops.tile_unions (Triton: triton_tile._tile_unions_kernel, the same arrays).
+
+    Returns (blocks, members, count): blocks int32 [B*Hkv, n_tiles, W] ascending, valid up to count
+    [B*Hkv, n_tiles] int32 (the rest is junk the kernel never reads); members int32, bit j set where token j of
+    the tile picked the block. W = min(tile_tokens * KSEL, n_key_blocks), the most a union can hold. local =
+    (init_blocks, window_blocks): keep only picks >= init_blocks and before the token's window (the blocks
+    _sparse_fwd walks after _local_fwd). Cost: a sort of B*Hkv*n_tiles rows of tile_tokens*KSEL int32 keys.
+    """
+    B, Hkv, T, S = idx_BKTS.shape
+    TT = tile_tokens
+    n_tiles = -(-T // TT)
+    dev = idx_BKTS.device
+    idx = idx_BKTS.to(torch.int32)
+    keep = idx >= 0
+    if local is not None:
+        init_blocks, win_blocks = local
+        pos_T = torch.arange(T, device=dev) + q_offset
+        window_lo = (pos_T // block_size - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
+        keep &= (idx >= init_blocks) & (idx < window_lo)
+    none = torch.iinfo(torch.int32).max  # sorts after every real key
+    tok_in_tile = (torch.arange(T, device=dev, dtype=torch.int32) % TT).view(1, 1, T, 1)
+    key = torch.where(keep, idx * TT + tok_in_tile, none)  # block-major, so a sort groups a block's tokens
+    key = torch.nn.functional.pad(key, (0, 0, 0, n_tiles * TT - T), value=none)
+    key = key.view(B * Hkv, n_tiles, TT * S).sort(-1).values
+    real = key != none
+    blk = key // TT
+    first = real.clone()
+    first[..., 1:] &= blk[..., 1:] != blk[..., :-1]
+    count = first.sum(-1, dtype=torch.int32)
+    W = max(1, min(TT * S, n_key_blocks))
+    slot = torch.where(real, first.cumsum(-1) - 1, W).long()  # entries of one block share a slot; W: discarded
+    blocks = torch.full((B * Hkv, n_tiles, W + 1), -1, device=dev, dtype=torch.int32).scatter_(-1, slot, blk)
+    bit = torch.where(real, torch.ones_like(key, dtype=torch.int64) << (key % TT).long(), 0)
+    members = torch.zeros((B * Hkv, n_tiles, W + 1), device=dev, dtype=torch.int64).scatter_add_(-1, slot, bit)
+    members = torch.where(members >= 2 ** 31, members - 2 ** 32, members).to(torch.int32)  # bit 31: the sign
+    return blocks[..., :W], members[..., :W], count  # views: the kernel takes their (shared) strides
+
+
 def dense_causal_ref(q_BTHD, k_BTKD, v_BTKD, scale=None, q_offset=0) -> torch.Tensor:
     B, T, H, D = q_BTHD.shape
     Tk = k_BTKD.shape[1]

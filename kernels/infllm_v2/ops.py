@@ -32,7 +32,9 @@ TUNE = {"lse": {"num_warps": 4, "num_stages": 2}, "scores": {"num_warps": 4, "nu
         "dkdv_chunk": 16, "dkdv_rows": 64, "local_rows": 128, "local_dkdv_rows": 64,
         "triton_topk": True, "local_split": True,
         # > 0: the forward's scored picks run in token tiles of this many tokens (triton_tile; off by default)
-        "tile_tokens": 0, "tile": {"num_warps": 4, "num_stages": 2}}
+        "tile_tokens": 0, "tile": {"num_warps": 4, "num_stages": 2},
+        # the union preparation: one warp keeps the two reductions of each of its loop's passes within the warp
+        "tile_unions": {"num_warps": 1}}
 _empty = torch.empty  # every kernel output is allocated here; tests swap in NaN-filled buffers to catch unwritten cells
 
 
@@ -437,8 +439,8 @@ def _tile_fwd(q, k, v, idx, o_in, o, lse, block_size, scale, q_offset, local, ti
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
-    blocks, members, count = triton_tile.tile_unions(idx, tile_tokens, block_size, -(-k.shape[1] // block_size),
-                                                     q_offset, local)
+    blocks, members, count = tile_unions(idx, tile_tokens, block_size, -(-k.shape[1] // block_size), q_offset,
+                                         local, backend="triton")
     triton_tile._tile_fwd[(count.shape[1], B * Hkv)](
         q, k, v, blocks, members, count, o_in, o, lse, T, Hkv, q_offset, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -446,6 +448,29 @@ def _tile_fwd(q, k, v, idx, o_in, o, lse, block_size, scale, q_offset, local, ti
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         G=G, GP=_pow2(G, 16 // tile_tokens), D=D, BS=block_size, TT=tile_tokens, FROM_LOCAL=local is not None,
         **TUNE["tile"])
+
+
+def tile_unions(idx_BKTS, tile_tokens: int, block_size: int, n_key_blocks: int, q_offset=0, local=None,
+                backend=None):
+    """The sorted union of each tile's picks with its per-token bit masks: (blocks, members, count) as
+    naive.tile_unions_ref returns them (the same values up to count; what lies past count differs), built by
+    triton_tile._tile_unions_kernel where _use_triton says so, else by the reference. blocks and members share
+    their strides (_tile_fwd takes one pair)."""
+    if not _use_triton(idx_BKTS, backend):
+        return naive.tile_unions_ref(idx_BKTS, tile_tokens, block_size, n_key_blocks, q_offset, local)
+    B, Hkv, T, S = idx_BKTS.shape
+    n_tiles = triton.cdiv(T, tile_tokens)
+    W = max(1, min(tile_tokens * S, n_key_blocks))
+    dev = idx_BKTS.device
+    blocks = _empty(B * Hkv, n_tiles, W, device=dev, dtype=torch.int32)
+    members = _empty(B * Hkv, n_tiles, W, device=dev, dtype=torch.int32)
+    count = _empty(B * Hkv, n_tiles, device=dev, dtype=torch.int32)
+    init_blocks, win_blocks = local if local is not None else (0, 0)
+    triton_tile._tile_unions_kernel[(n_tiles, B * Hkv)](
+        idx_BKTS, blocks, members, count, T, Hkv, q_offset, block_size, init_blocks, win_blocks, W,
+        *idx_BKTS.stride(), blocks.stride(0), blocks.stride(1), count.stride(0),
+        TT=tile_tokens, KSEL=S, KSEL_P=_pow2(S), LOCAL=local is not None, **TUNE["tile_unions"])
+    return blocks, members, count
 
 
 def _dkdv_work(idx, n_blocks: int, chunk: int, valid, pack=None):

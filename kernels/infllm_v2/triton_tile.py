@@ -8,14 +8,14 @@ to its own position; a row skipping a block keeps its online-softmax state exact
 union is ascending like every token's list, so each row sees the same sequence of updates as in _sparse_fwd.
 The price: every row computes scores for every union block (masked), about TT / load_ratio times the FLOPs.
 
-The union is prepared in PyTorch (tile_unions: one segmented sort of the tile's TT * KSEL picks, a cumsum and
-two scatters, all on the device, no host sync); the bench times it with the kernel. With FROM_LOCAL the
-forced blocks are left to _local_fwd as in the per-token path and the union holds only each token's picks
-between its init blocks and its local window. Forward only, non-varlen, no split-K: ops._sparse_fwd uses it
-for tile_tokens > 0 in exactly that case and falls back to the per-token kernel otherwise. Each token's picks
-must be distinct (select_blocks makes them so; the per-token kernel would attend a repeated pick twice).
+The union is prepared by _tile_unions_kernel (ops.tile_unions; PyTorch reference naive.tile_unions_ref): one
+program per tile lists the distinct blocks of its TT * KSEL picks in ascending order, on the device, no host
+sync; the bench times it with the kernel. With FROM_LOCAL the forced blocks are left to _local_fwd as in the
+per-token path and the union holds only each token's picks between its init blocks and its local window. Forward
+only, non-varlen, no split-K: ops._sparse_fwd uses it for tile_tokens > 0 in exactly that case and falls back to
+the per-token kernel otherwise. Each token's picks must be distinct (select_blocks makes them so; the per-token
+kernel would attend a repeated pick twice).
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -23,45 +23,6 @@ from .triton_attn import attend_step, load_kv
 from .triton_select import group_tile, load_group_queries
 
 MAX_TILE_TOKENS = 32  # one int32 of token bits per union entry
-
-
-def tile_unions(idx_BKTS, tile_tokens: int, block_size: int, n_key_blocks: int, q_offset=0, local=None):
-    """The sorted union of the picks of every tile of tile_tokens consecutive tokens, per (batch row, KV head).
-
-    Returns (blocks, members, count): blocks int32 [B*Hkv, n_tiles, W] ascending, valid up to count
-    [B*Hkv, n_tiles] int32 (the rest is junk the kernel never reads); members int32, bit j set where token j of
-    the tile picked the block. W = min(tile_tokens * KSEL, n_key_blocks), the most a union can hold. local =
-    (init_blocks, window_blocks): keep only picks >= init_blocks and before the token's window (the blocks
-    _sparse_fwd walks after _local_fwd). Cost: a sort of B*Hkv*n_tiles rows of tile_tokens*KSEL int32 keys.
-    """
-    B, Hkv, T, S = idx_BKTS.shape
-    TT = tile_tokens
-    n_tiles = triton.cdiv(T, TT)
-    dev = idx_BKTS.device
-    idx = idx_BKTS.to(torch.int32)
-    keep = idx >= 0
-    if local is not None:
-        init_blocks, win_blocks = local
-        pos_T = torch.arange(T, device=dev) + q_offset
-        window_lo = (pos_T // block_size - win_blocks).clamp_min(init_blocks).view(1, 1, T, 1)
-        keep &= (idx >= init_blocks) & (idx < window_lo)
-    none = torch.iinfo(torch.int32).max  # sorts after every real key
-    tok_in_tile = (torch.arange(T, device=dev, dtype=torch.int32) % TT).view(1, 1, T, 1)
-    key = torch.where(keep, idx * TT + tok_in_tile, none)  # block-major, so a sort groups a block's tokens
-    key = torch.nn.functional.pad(key, (0, 0, 0, n_tiles * TT - T), value=none)
-    key = key.view(B * Hkv, n_tiles, TT * S).sort(-1).values
-    real = key != none
-    blk = key // TT
-    first = real.clone()
-    first[..., 1:] &= blk[..., 1:] != blk[..., :-1]
-    count = first.sum(-1, dtype=torch.int32)
-    W = max(1, min(TT * S, n_key_blocks))
-    slot = torch.where(real, first.cumsum(-1) - 1, W).long()  # entries of one block share a slot; W: discarded
-    blocks = torch.full((B * Hkv, n_tiles, W + 1), -1, device=dev, dtype=torch.int32).scatter_(-1, slot, blk)
-    bit = torch.where(real, torch.ones_like(key, dtype=torch.int64) << (key % TT).long(), 0)
-    members = torch.zeros((B * Hkv, n_tiles, W + 1), device=dev, dtype=torch.int64).scatter_add_(-1, slot, bit)
-    members = torch.where(members >= 2 ** 31, members - 2 ** 32, members).to(torch.int32)  # bit 31: the sign
-    return blocks[..., :W], members[..., :W], count  # views: the kernel takes their (shared) strides
 
 
 @triton.jit
@@ -102,3 +63,43 @@ def _tile_fwd(q_ptr, k_ptr, v_ptr, blocks_ptr, members_ptr, count_ptr, oin_ptr, 
              (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + b * s_lb + heads * s_lh + tok, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")),
              mask=row_ok)
+
+
+
+@triton.jit
+def _tile_unions_kernel(idx_ptr, blocks_ptr, members_ptr, count_ptr, T, Hkv, q_offset, block_size, init_blocks,
+                        win_blocks, W, s_ib, s_ih, s_it, s_is, s_ub, s_ut, s_cb,
+                        TT: tl.constexpr, KSEL: tl.constexpr, KSEL_P: tl.constexpr, LOCAL: tl.constexpr):
+    # One program per (tile, batch row * KV head): naive.tile_unions_ref for one tile, without a sort (tl.sort
+    # takes seconds per program in the interpreter): each pass of the loop lists the smallest block above the last
+    # one listed, with the bits of the tokens that picked it. Passes = the union's size; the picks' order is free.
+    pid_t = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    kvh = pid_bk % Hkv
+    i = tl.arange(0, TT * KSEL_P)  # entry i: pick i % KSEL_P of the tile's token i // KSEL_P
+    tok_in_tile = i // KSEL_P
+    tok = pid_t * TT + tok_in_tile
+    pick = i % KSEL_P
+    ok = (tok < T) & (pick < KSEL)
+    blk = tl.load(idx_ptr + b * s_ib + kvh * s_ih + tok * s_it + pick * s_is, mask=ok, other=-1).to(tl.int32)
+    keep = ok & (blk >= 0)
+    if LOCAL:  # only the picks between the init blocks and the token's window (the rest is _local_fwd's)
+        window_lo = tl.maximum((tok + q_offset) // block_size - win_blocks, init_blocks)
+        keep = keep & (blk >= init_blocks) & (blk < window_lo)
+    none = 2147483647  # int32 max: above every block
+    blk = tl.where(keep, blk, none)
+    # Summing the bits of one block's picks gives the reference's sum (their OR: a token picks a block at most
+    # once); int32 sums wrap, so bit 31 (token 31 of a 32-token tile) comes out as the sign bit, as there.
+    bit = tl.full([TT * KSEL_P], 1, tl.int32) << tok_in_tile
+    union = pid_bk * s_ub + pid_t * s_ut
+    n = tl.zeros([], tl.int32)
+    cur = tl.min(blk, 0)
+    while cur != none:
+        member_bits = tl.sum(tl.where(blk == cur, bit, 0), 0)
+        nxt = tl.min(tl.where(blk > cur, blk, none), 0)
+        tl.store(blocks_ptr + union + n, cur, mask=n < W)
+        tl.store(members_ptr + union + n, member_bits, mask=n < W)
+        n += 1
+        cur = nxt
+    tl.store(count_ptr + pid_bk * s_cb + pid_t, n)

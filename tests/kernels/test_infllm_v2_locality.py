@@ -107,5 +107,6 @@ def test_forward_rows_check_time_and_count_the_tile_kernel(bench):
     for row in rows:
         assert row["case"] == "fwd_tile" and row["max_rel_err"] < 1e-5 and row["ours_ms"] > 0
         assert row["peers"]["per_token"] > 0 and "sdpa.cudnn" in row["peer_errors"]
+        assert row["union_prep_ms"] > 0 and row["union_prep_ref_ms"] > 0
         loads = row["blocks_loaded"]
         assert 0 < loads["tile"] <= loads["per_token"] and loads["ratio"] == loads["per_token"] / loads["tile"]

@@ -1,7 +1,8 @@
 """The token-tile forward (kernels/infllm_v2/triton_tile.py) against the per-token forward and the reference, fp32,
 where tests/conftest.py says (`device`: compiled on CUDA, else the Triton interpreter). Awkward shapes: T not a
 multiple of the tile, a partial last key block, GQA groups 2..4, -1 padding, a token without picks, duplicate
-picks across a tile and a tile whose tokens pick disjoint blocks; outputs start NaN-poisoned."""
+picks across a tile and a tile whose tokens pick disjoint blocks; outputs start NaN-poisoned. The union preparation
+(ops.tile_unions: _tile_unions_kernel) against its PyTorch reference (naive.tile_unions_ref), entry for entry."""
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 pytest.importorskip("triton")
 
 from hyloom.kernels.infllm_v2 import SparseConfig, block_sparse_attn, compress_keys, naive, ops, select_blocks
-from hyloom.kernels.infllm_v2.triton_tile import tile_unions
 
 pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # tests/kernels/conftest.py
 
@@ -57,16 +57,50 @@ def check(q, k, v, idx, block_size, q_offset, local, tile_tokens, empty_rows=())
         assert (got_o[:, t] == 0).all() and (got_lse[..., t] == float("-inf")).all()
 
 
-def test_union_lists_every_tile_block_once_with_its_tokens():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_union_lists_every_tile_block_once_with_its_tokens(backend, device):
     idx = torch.tensor([[3, 7, -1], [1, 3, -1], [-1, -1, -1], [7, 9, 2], [5, -1, -1]], dtype=torch.int32)
-    blocks, members, count = tile_unions(idx[None, None], 4, 16, 10)
+    blocks, members, count = ops.tile_unions(idx[None, None].to(device), 4, 16, 10, backend=backend)
     assert count.tolist() == [[5, 1]]
     assert blocks[0, 0, :5].tolist() == [1, 2, 3, 7, 9] and blocks[0, 1, 0].item() == 5
     assert members[0, 0, :5].tolist() == [0b0010, 0b1000, 0b0011, 0b1001, 0b1000] and members[0, 1, 0].item() == 1
     # local (1 init block, 1 window block): token t keeps picks in [1, own block - 1) only
     pos_idx = torch.tensor([[0, 1, 5], [0, 2, 6]], dtype=torch.int32)  # tokens at positions 100, 101: own block 6
-    blocks, members, count = tile_unions(pos_idx[None, None], 2, 16, 7, q_offset=100, local=(1, 1))
+    blocks, members, count = ops.tile_unions(pos_idx[None, None].to(device), 2, 16, 7, q_offset=100, local=(1, 1),
+                                             backend=backend)
     assert count.tolist() == [[2]] and blocks[0, 0, :2].tolist() == [1, 2] and members[0, 0, :2].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("tile_tokens,T,q_offset,local,seed",
+                         [(4, 45, 0, None, 11), (16, 45, 37, (1, 1), 12), (32, 70, 5, None, 13),
+                          (32, 75, 100, (2, 1), 14), (16, 33, 0, None, 15)])
+def test_union_kernel_equals_the_reference(tile_tokens, T, q_offset, local, seed, device):
+    """Batch 2 × 2 KV heads, -1 padding, picks in any order, strided picks (a transposed view), a token without
+    picks, a tile without picks, a tile of identical picks, a tile of disjoint ones, unions that fill every key
+    block (W) and, with 32-token tiles, token 31's bit (the sign bit)."""
+    bs, ksel, TT = 16, 5, tile_tokens
+    n_key_blocks = -(-(q_offset + T) // bs)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([random_picks(T, q_offset, bs, ksel, 2, seed + b) for b in range(2)])  # [2, 2, T, ksel]
+    idx = idx.gather(-1, torch.rand(idx.shape, generator=gen).argsort(-1))  # each token's picks shuffled
+    idx[1, 0, T - 3] = -1  # a token that picks nothing
+    idx[0, 0, (T - 1) // TT * TT:] = -1  # the last (partial) tile of one head: an empty union
+    idx[0, 1, :TT] = torch.tensor([n_key_blocks - 1, 0, -1, 2, 1])  # tile 0 of one head: identical picks
+    idx[0, 1, TT:2 * TT] = -1
+    idx[0, 1, TT:2 * TT, 0] = torch.arange(TT) % n_key_blocks  # tile 1: one pick per token, disjoint where possible
+    idx[1, 1, :, 2] = n_key_blocks - 1 - torch.arange(T) % 2  # the last blocks in every tile: unions fill up
+    idx_BKTS = idx.transpose(1, 2).contiguous().transpose(1, 2).to(device)  # strides of a [B, T, Hkv, S] layout
+    blocks, members, count = ops.tile_unions(idx_BKTS, TT, bs, n_key_blocks, q_offset, local, backend="triton")
+    want = naive.tile_unions_ref(idx_BKTS, TT, bs, n_key_blocks, q_offset, local)
+    assert [x.shape for x in (blocks, members, count)] == [x.shape for x in want]
+    assert torch.equal(count, want[2])
+    listed = torch.arange(blocks.shape[-1], device=device) < count[..., None]
+    assert torch.equal(blocks[listed], want[0][listed]) and torch.equal(members[listed], want[1][listed])
+    assert blocks.stride() == members.stride()
+    assert (count == 0).any()
+    if local is None:
+        assert (count == blocks.shape[-1]).any()
+        assert TT < 32 or (members[listed] < 0).any()  # token 31 picked something: bit 31 set
 
 
 @pytest.mark.parametrize("G,Hkv,T,q_offset,tile_tokens,seed",
