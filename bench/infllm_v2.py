@@ -222,7 +222,7 @@ def sdpa_peer(q, k_rep, v_rep, backend):
     return run
 
 
-def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
+def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128, tile_tokens=()):
     res = {"T": T}
     torch.manual_seed(T)
     q, k, v = random_qkv(T, H, Hkv, D, dev, dtype)
@@ -264,6 +264,19 @@ def time_length(T, cfg, dev, dtype, smoke, H=32, Hkv=2, D=128):
     idx_forced = is_forced = None  # freed (not del: a lambda above names idx_forced)
     res["fwd_ms"] = bench(lambda: infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg), smoke)
     res["fwd_over_gather_floor"] = res["fwd_ms"] / res["gather_floor_ms"]
+    # The token-tile forward (opt-in): a tile's tokens share K/V loads of the blocks they both picked, so it gathers
+    # fewer bytes than the per-token floor above counts; on random q/k few picks are shared.
+    res["tile"], res["tile_rel_err"] = {}, {}
+    if tile_tokens:
+        per_token = infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg)
+        for tt in tile_tokens:
+            set_tune("tile_tokens", tt)
+            try:
+                res["tile_rel_err"][tt] = rel_err(infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg), per_token)
+                res["tile"][tt] = bench(lambda: infllm_v2_attn(q.detach(), k.detach(), v.detach(), cfg), smoke)
+            finally:
+                set_tune("tile_tokens", 0)
+        per_token = None
     res["fwd_coarse_lse_ms"] = bench(lambda: infllm_v2_attn(q.detach(), k.detach(), v.detach(), coarse), smoke)
 
     def attend_fwd_bwd():
@@ -471,6 +484,8 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--tile-tokens", default="4,8", help="token tiles of the opt-in tile forward timed beside the "
+                    "per-token one on each fwd row (comma-separated powers of two; empty: none)")
     ap.add_argument("--varlen-length", type=int, default=0, help="tokens of the varlen pack (0: the longest length)")
     args = ap.parse_args()
     smoke = args.smoke
@@ -515,6 +530,8 @@ def main():
                              floor_ms=r["floor_fwd_ms"], max_rel_err_vs_ref=err,
                              **{key: r[key] for key in GATHER_KEYS}, gather_target=f"fwd <= {GATHER_TARGET} x "
                              f"gather_floor_ms", gather_target_met=r["fwd_over_gather_floor"] <= GATHER_TARGET,
+                             tile_ms=r["tile"], tile_rel_err_vs_per_token=r["tile_rel_err"],
+                             tile_over_gather_floor=({tt: ms / r["gather_floor_ms"] for tt, ms in r["tile"].items()}),
                              peers={k_[:-4]: v_ for k_, v_ in p.items() if k_.endswith(".fwd")}))
             rows.append(dict(common, case="fwd_bwd", ours_ms=r["fwd_bwd_ms"], coarse_lse_ms=r["fwd_bwd_coarse_lse_ms"],
                              attend_fwd_bwd_ms=r["attend_fwd_bwd_ms"],
@@ -545,7 +562,8 @@ def main():
     timings, decode = [], None
     for T in lengths:
         try:
-            timings.append(time_length(T, cfg, dev, dtype, smoke))
+            timings.append(time_length(T, cfg, dev, dtype, smoke,
+                                       tile_tokens=[int(x) for x in args.tile_tokens.split(",") if x]))
         except Exception:
             log(f"T={T} failed:\n{traceback.format_exc()[-1500:]}")
         if dev == "cuda":  # the run's tensors died with time_length's frame
@@ -588,6 +606,10 @@ def main():
                 f"{r['fwd_over_gather_floor']:.2f}x; target <= {GATHER_TARGET}x: "
                 f"{'met' if r['gather_target_met'] else 'MISS'}" + (" (smoke: interpreter timings, no meaning)"
                                                                      if smoke else ""))
+            for tt, ms in r["tile_ms"].items():
+                log(f"{r['T']:>7} fwd, {tt}-token tiles: {ms:.2f} ms (per token {r['ours_ms']:.2f})"
+                    f" = {r['tile_over_gather_floor'][tt]:.2f}x the per-token gather floor; rel err vs per "
+                    f"token {r['tile_rel_err_vs_per_token'][tt]:.1e}")
     bad = [c for c in checks if not c["ok"]]
     log(f"correctness: {len(checks) - len(bad)}/{len(checks)} shapes within 1e-2")
 
