@@ -25,9 +25,20 @@ everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a
    JustRL's avg@k with k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same
    problems is measured before and after, and each level's accuracy after GRPO on the sweep's own problems.
 
+Arms (--arms SPEC): several GRPO runs from the same SFT models, so that a comparison of GRPO settings is not also
+one of SFT models (runs 4-6 each trained their own, for a step count set by measured speed, and picked their own
+levels). SPEC is a semicolon-separated list of arms, each a comma-separated list of overrides of the GRPO stage
+(stages.1.train.*), e.g. "stages.1.train.lr=5e-6;stages.1.train.lr=1e-5,stages.1.train.seed=2". SFT and the sweep
+run once; every arm trains both models on the same levels, for an equal share of the GRPO time (fixed before the
+first run starts). The first arm continues the staged run in WORK/MODEL as a single run does; arm k > 1 runs the
+GRPO stage alone in WORK/MODEL-armk, starting from WORK/MODEL/sft through the stage's `init`. Runs go arm by arm
+(both models of an arm, then the next arm), so a timeout leaves whole arms.
+
 Writes into --out after every phase (a timeout keeps what finished): results.json (plan, SFT, difficulty sweep,
-per model: GRPO curves, before/after accuracy, rollout tokens/s), accuracy.png, dynamics.png (entropy and response
-length), sweep.png and summary.txt. Runs (checkpoints) go to --work (default: OUT/runs).
+per model: GRPO curves, before/after accuracy, rollout tokens/s, the checkpoint GRPO started from and a checksum of
+its weights; with several arms `grpo` is the first arm and `arms` lists every arm: name, overrides and the same
+fields), accuracy.png, dynamics.png (entropy and response length), sweep.png and summary.txt. Runs (checkpoints) go
+to --work (default: OUT/runs).
 """
 
 from __future__ import annotations
@@ -193,15 +204,70 @@ def levels_text(levels) -> str:
     return f"{levels[0]}" if levels[0] == levels[1] else f"{levels[0]}..{levels[1]}"
 
 
-def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) -> dict:
+# ---- arms ---------------------------------------------------------------------------------------------------
+
+ARM_PREFIX = "stages.1.train."
+# what run_grpo sets itself (budget, device, levels): an arm's value would be overwritten without a word
+SET_BY_SCRIPT = ("max_seconds", "device", "max_new_tokens", "out_dir", "prompts.steps", "prompts.min_steps",
+                 "eval_prompts.steps", "eval_prompts.min_steps")
+
+
+def parse_arms(spec: str | None) -> list[dict]:
+    """[{name, overrides}] from --arms: arms separated by `;`, each a comma-separated list of GRPO-stage overrides
+    (KEY=VALUE, KEY under stages.1.train.). No spec: one arm, the blueprint's GRPO stage as it is. The name is the
+    overrides without their common prefix, e.g. "lr=5e-6, seed=2". Raises ValueError on a malformed spec."""
+    if spec is None:
+        return [{"name": "blueprint", "overrides": []}]
+    arms = []
+    for i, part in enumerate(spec.split(";"), 1):
+        overrides = [o.strip() for o in part.split(",") if o.strip()]
+        if not overrides:
+            raise ValueError(f"arm {i} has no override (write each arm as KEY=VALUE[,KEY=VALUE...], arms separated "
+                             "by ';', and no empty arm)")
+        for o in overrides:
+            key, eq, value = o.partition("=")
+            if not eq or not value or not key.startswith(ARM_PREFIX):
+                raise ValueError(f"arm {i}: {o!r} is not {ARM_PREFIX}KEY=VALUE (an arm changes the GRPO stage only: "
+                                 "the SFT models and the sweep are shared)")
+            if key[len(ARM_PREFIX):] in SET_BY_SCRIPT:
+                raise ValueError(f"arm {i}: {key} is set by the script (budget, device, levels)")
+        name = ", ".join(o[len(ARM_PREFIX):] for o in overrides)
+        if name in [a["name"] for a in arms]:
+            raise ValueError(f"arm {i} repeats an earlier arm ({name})")
+        arms.append({"name": name, "overrides": overrides})
+    return arms
+
+
+def arm_entries(model: dict) -> list[dict]:
+    """A model's GRPO runs as [{name, ...grpo fields}]: its `arms`, or its single `grpo` run."""
+    if "arms" in model:
+        return model["arms"]
+    return [{"name": "blueprint", **model["grpo"]}] if "grpo" in model else []
+
+
+def weights_checksum(checkpoint: Path) -> str:
+    """SHA-256 over a checkpoint's weight files (in name order): equal for two arms started from the same weights."""
+    import hashlib
+
+    from hyloom.checkpoint import weight_files
+
+    digest = hashlib.sha256()
+    for file in sorted(weight_files(checkpoint)):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def greedy_before_after(grpo_cfg, sft_dir: Path, grpo_dir: Path, max_new_tokens: int, device: str) -> dict:
     """Greedy accuracy of the SFT and the GRPO checkpoints on the GRPO stage's own held-out problems."""
     from hyloom.plugins.rl.trainer import GrpoTrainer
     from hyloom.train import open_checkpoint
 
     held = GrpoTrainer(grpo_cfg).records()[1]  # as the trainer evaluates: training prompts left out
     out = {}
-    for when, folder in (("before", "sft"), ("after", "grpo")):
-        _, model, _, tokenizer, dev = open_checkpoint(work / folder, device)
+    for when, folder in (("before", sft_dir), ("after", grpo_dir)):
+        _, model, _, tokenizer, dev = open_checkpoint(folder, device)
         out[f"greedy_accuracy_{when}"] = accuracies(model, tokenizer, held, max_new_tokens, dev,
                                                        sampled=False)["greedy_accuracy"]
         del model
@@ -209,23 +275,30 @@ def greedy_before_after(grpo_cfg, work: Path, max_new_tokens: int, device: str) 
 
 
 def run_grpo(resolved: dict, work: Path, sft_steps: int, levels: tuple[int, int], max_new_tokens: int,
-             seconds: float, device: str) -> dict:
-    """The blueprint's GRPO stage on problems of levels[0]..levels[1] operations, continuing the SFT run
-    (--resume auto)."""
-    from hyloom.train import RunDir, train
+             seconds: float, device: str, sft_run: Path | None = None) -> dict:
+    """The blueprint's GRPO stage on problems of levels[0]..levels[1] operations, into work/grpo: continuing the
+    SFT run in work (--resume auto), or, given `sft_run` (the first arm's sft/ run directory), as the only stage of
+    a run in work that starts from that SFT checkpoint (the stage's `init`)."""
+    from hyloom.train import STAGES_FILE, RunDir, checkpoint_dir, train
 
     staged = json.loads(json.dumps(resolved))
     staged["out_dir"] = str(work)
-    staged["stages"][0]["train"].update(steps=sft_steps, device=device)  # as the SFT phase ran it
-    grpo = staged["stages"][1]["train"]
+    if sft_run is None:
+        staged["stages"][0]["train"].update(steps=sft_steps, device=device)  # as the SFT phase ran it
+    else:
+        staged["stages"] = [{**staged["stages"][1], "init": str(sft_run)}]
+    grpo = staged["stages"][-1]["train"]
     grpo.update(device=device, max_new_tokens=max_new_tokens, max_seconds=max(seconds, 1.0))
     for prompts in (grpo["prompts"], grpo["eval_prompts"]):
         prompts["min_steps"], prompts["steps"] = levels
     bp, res = validated(staged)
     began = time.perf_counter()
-    result = train(bp, res, resume="auto", progress=False)
+    result = train(bp, res, resume="auto" if sft_run is None else None, progress=False)
     seconds = round(time.perf_counter() - began, 1)
-    greedy = greedy_before_after(bp.stages[1].train, work, max_new_tokens, device)
+    # the checkpoint the stage started from, as the stage runner picked it: SFT's final one (stages.json), or init
+    start = work / json.loads((work / STAGES_FILE).read_text())["finished"][0]["checkpoint"] if sft_run is None \
+        else checkpoint_dir(sft_run)
+    greedy = greedy_before_after(bp.stages[-1].train, start, work / "grpo", max_new_tokens, device)
     metrics = RunDir(work / "grpo").metrics()
     evals = [(r["step"], r["eval/accuracy"]) for r in metrics if "eval/accuracy" in r]
     steps = [r for r in metrics if "reward_mean" in r]
@@ -234,7 +307,8 @@ def run_grpo(resolved: dict, work: Path, sft_steps: int, levels: tuple[int, int]
             "rollout_tokens_per_s", "groups_all_same", "skipped_update")
     tok_s = [r["rollout_tokens_per_s"] for r in steps[1:]] or [r["rollout_tokens_per_s"] for r in steps]
     return {"steps": result["steps"], "seconds": seconds, "levels": list(levels), **greedy,
-            "max_new_tokens": max_new_tokens, "lr": bp.stages[1].train.lr,
+            "max_new_tokens": max_new_tokens, "lr": bp.stages[-1].train.lr, "seed": bp.stages[-1].train.seed,
+            "start_checkpoint": str(start), "start_weights_sha256": weights_checksum(start),
             "accuracy_before": evals[0][1] if evals else None, "accuracy_after": evals[-1][1] if evals else None,
             "eval_curve": [{"step": s, "accuracy": a} for s, a in evals],
             "curve": [{k: r[k] for k in keys if k in r} for r in steps],  # a skipped step: no update metrics
@@ -248,19 +322,37 @@ def figures(results: dict, out: Path) -> None:
     from hyloom.plot import line_plot
 
     models = results.get("models", {})
-    grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
-    if grpo:
-        line_plot(out / "accuracy.png", {LABELS.get(m, m): [(p["step"], p["accuracy"]) for p in g["eval_curve"]]
-                                         for m, g in grpo.items()},
-                  markers=tuple(LABELS.get(m, m) for m in grpo), xlabel="GRPO step",
-                  ylabel="held-out accuracy (sampled, T = 1)", title=f"GRPO on {levels_text(results['levels'])}-operation problems")
-        series = {}
-        for m, g in grpo.items():
-            series[f"{m}: entropy (nats/token)"] = [(p["step"], p["entropy"]) for p in g["curve"]]
-            series[f"{m}: response length / 10"] = [(p["step"], p["response_length_mean"] / 10) for p in g["curve"]]
-            series[f"{m}: clipped share"] = [(p["step"], p["clipped"]) for p in g["curve"]]
-        line_plot(out / "dynamics.png", series, xlabel="GRPO step", ylabel="value",
-                  title="collapse watch: entropy, response length, share cut at max_new_tokens")
+    runs = [(m, a) for m, v in models.items() for a in arm_entries(v)]
+    if runs:
+        several = any("arms" in v for v in models.values())
+        names = list(dict.fromkeys(a["name"] for _, a in runs))
+
+        def label(m, a):  # a single run keeps the labels of the figures before arms
+            return f"{m}, {a['name']}" if several else LABELS.get(m, m)
+
+        # colour per model, line style per arm
+        colour = {m: f"C{i}" for i, m in enumerate(models)}
+        dash = {n: ("-", "--", ":", "-.")[i % 4] for i, n in enumerate(names)}
+        styles = {label(m, a): {"color": colour[m], "linestyle": dash[a["name"]]} for m, a in runs} if several else None
+        line_plot(out / "accuracy.png", {label(m, a): [(p["step"], p["accuracy"]) for p in a["eval_curve"]]
+                                         for m, a in runs},
+                  markers=tuple(label(m, a) for m, a in runs), styles=styles, xlabel="GRPO step",
+                  ylabel="held-out accuracy (sampled, T = 1)",
+                  title=f"GRPO on {levels_text(results['levels'])}-operation problems"
+                        + (" (colour: model, line: arm)" if several else ""))
+        series, styles = {}, {}
+        metrics = (("entropy (nats/token)", "entropy", 1), ("response length / 10", "response_length_mean", 10),
+                   ("clipped share", "clipped", 1))
+        for i, (m, a) in enumerate(runs):
+            who = f"{m}, {a['name']}" if several else m
+            for j, (what, key, scale) in enumerate(metrics):
+                series[f"{who}: {what}"] = [(p["step"], p[key] / scale) for p in a["curve"]]
+                # colour per model and measure, line style per arm
+                styles[f"{who}: {what}"] = {"color": f"C{list(models).index(m) * len(metrics) + j}",
+                                            "linestyle": dash[a["name"]]}
+        line_plot(out / "dynamics.png", series, styles=styles if several else None, xlabel="GRPO step",
+                  ylabel="value", title="collapse watch: entropy, response length, share cut at max_new_tokens",
+                  size=(9.0, 5.6) if several else (7.0, 4.2))
     sweep = results.get("sweep")
     if sweep:
         series = {}
@@ -289,9 +381,17 @@ def summary(results: dict) -> str:
             lines.append(f"RL difficulty: {levels_text(results['levels'])} operations (the hardest level with every "
                          f"model's sampled accuracy >= {FLOOR_ACCURACY}, and the next; SFT saw "
                          f"{results.get('sft_operations', '?')})")
-    grpo = {m: v["grpo"] for m, v in models.items() if "grpo" in v}
-    if grpo:
-        lines += ["", f"{'model':<10}{'steps':>7}{'GRPO s':>8}{'sampled acc before -> after':>30}"
+    runs = [(m, a) for m, v in models.items() for a in arm_entries(v)]
+    several = any("arms" in v for v in models.values())
+    if runs:
+        if several:
+            lines += ["", f"GRPO arms (each from the same SFT models, on the same levels, "
+                          f"{results.get('grpo_seconds_each', '?')} s of GRPO per model and arm):"]
+            lines += [f"  {i}. {a['name']}: {' '.join(a['overrides'])}" for i, a in enumerate(results.get("arms", []), 1)]
+        who = {(m, a["name"]): f"{m}, {a['name']}" if several else m for m, a in runs}
+        width = max(10, 2 + max(map(len, who.values())))
+        lines += ["", f"{'model' + (', arm' if several else ''):<{width}}{'steps':>7}{'GRPO s':>8}"
+                      f"{'sampled acc before -> after':>30}"
                       f"{'greedy before -> after':>25}{'entropy first->last':>22}{'length first->last':>21}"
                       f"{'rollout tok/s':>15}"]
 
@@ -300,19 +400,20 @@ def summary(results: dict) -> str:
                 return f"{'-':>28}"
             return f"{before:>9.3f} -> {after:.3f} ({100 * (after - before):+5.1f})"
 
-        for m, g in grpo.items():
+        for m, g in runs:
             first, last = g["curve"][0], g["curve"][-1]
-            lines.append(f"{m:<10}{g['steps']:>7}{g['seconds']:>8}  {change(g['accuracy_before'], g['accuracy_after'])}"
+            lines.append(f"{who[m, g['name']]:<{width}}{g['steps']:>7}{g['seconds']:>8}  "
+                         f"{change(g['accuracy_before'], g['accuracy_after'])}"
                          f"{change(g.get('greedy_accuracy_before'), g.get('greedy_accuracy_after'))}"
                          f"{first['entropy']:>11.3f} -> {last['entropy']:<6.3f}"
                          f"{first['response_length_mean']:>11.1f} -> {last['response_length_mean']:<6.1f}"
                          f"{g['rollout_tokens_per_s']:>15,.0f}")
         lines.append("(changes in accuracy points; entropy of the policy on its samples, nats/token; length in tokens)")
-        for m, g in grpo.items():
+        for m, g in runs:
             for k, after in sorted(g.get("by_level", {}).items(), key=lambda kv: int(kv[0])):
                 before = results["sweep"][m][k]
-                lines.append(f"  {m}, {k} operations (the sweep's problems): sampled "
-                             f"{change(before['accuracy'], after['accuracy']).strip()}, greedy "
+                lines.append(f"  {m + (' (' + g['name'] + ')' if several else '')}, {k} operations (the sweep's "
+                             f"problems): sampled {change(before['accuracy'], after['accuracy']).strip()}, greedy "
                              f"{change(before['greedy_accuracy'], after['greedy_accuracy']).strip()}")
     return "\n".join(lines) + "\n"
 
@@ -321,6 +422,11 @@ def write(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     figures(results, out)
     (out / "summary.txt").write_text(summary(results))
+
+
+def arm_dir(work: Path, model: str, arm: int) -> Path:
+    """Run directory of a model's arm (0-based): the first arm's is the SFT run's own, WORK/MODEL."""
+    return work / model if arm == 0 else work / f"{model}-arm{arm + 1}"
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
@@ -339,7 +445,15 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a blueprint override for both models, e.g. stages.1.train.lr=1e-4 (repeatable); "
                              "recorded in results.json")
+    parser.add_argument("--arms", default=None, metavar="SPEC",
+                        help="several GRPO runs from the same SFT models: arms separated by ';', each a comma-"
+                             "separated list of GRPO-stage overrides, e.g. \"stages.1.train.lr=5e-6;"
+                             "stages.1.train.lr=1e-5,stages.1.train.seed=2\" (default: one run, the blueprint's)")
     args = parser.parse_args(argv)
+    try:
+        arms = parse_arms(args.arms)
+    except ValueError as exc:
+        parser.error(f"--arms: {exc}")
     began = time.perf_counter()
 
     import torch
@@ -361,9 +475,20 @@ def main(argv=None) -> int:
         return budget - (time.perf_counter() - began)
 
     loaded = {m: load(m, scale["overrides"] + scale["model_overrides"][m] + args.set) for m in models}
+    # each arm's blueprint: its overrides last; it must leave everything but the GRPO stage as the first arm has it
+    arm_loaded = [{m: load(m, scale["overrides"] + scale["model_overrides"][m] + args.set + a["overrides"])[0]
+                   for m in models} for a in arms]
+    for a, per_model in zip(arms, arm_loaded):
+        for m, resolved in per_model.items():
+            base = loaded[m][0]
+            if {k for k in base if k != "stages" and base[k] != resolved[k]} or base["stages"][0] != resolved["stages"][0]:
+                parser.error(f"--arms: arm {a['name']!r} changes more than the GRPO stage")
+    loaded = {m: (arm_loaded[0][m], loaded[m][1]) for m in models}  # the first arm's GRPO stage for a single run
     results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
                "python": platform.python_version(), "floor_accuracy": FLOOR_ACCURACY, "overrides": args.set,
                "models": {}}
+    if len(arms) > 1:
+        results["arms"] = arms
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for m, (resolved, bp) in loaded.items():
@@ -371,7 +496,8 @@ def main(argv=None) -> int:
 
         results["models"][m] = {"parameters": build_model(bp, device="meta").num_parameters(),
                                 "layout": "".join(bp.model.layout)}
-        shutil.rmtree(work / m, ignore_errors=True)  # a fresh run: the GRPO phase resumes what SFT leaves
+        for k in range(len(arms)):  # a fresh run: the GRPO phase resumes what SFT leaves
+            shutil.rmtree(arm_dir(work, m, k), ignore_errors=True)
     log(f"{args.scale} scale on {device}, budget {budget:.0f} s; data ...")
     first = next(iter(loaded.values()))[1]
     prepared = prepare(first.data, progress=False)  # the models share the data section: one cache
@@ -411,19 +537,27 @@ def main(argv=None) -> int:
     log(f"RL difficulty: {levels_text(levels)} operations, max_new_tokens {new_tokens} ({left():.0f} s left)")
     write(results, out)
 
-    # equal GRPO time per model, fixed now: the first one's overrun cannot eat the second one's share
-    share = (left() - scale["reserve_share"] * budget) / len(models) - scale["grpo_overhead"]
+    # equal GRPO time per model and arm, fixed now: an early run's overrun cannot eat a later one's share. Arm by
+    # arm, both models each, so that a timeout leaves whole arms
+    runs = [(arm, m) for arm in range(len(arms)) for m in models]
+    share = (left() - scale["reserve_share"] * budget) / len(runs) - scale["grpo_overhead"]
     results["grpo_seconds_each"] = round(share, 1)
-    for i, m in enumerate(models):
-        share = min(share, (left() - scale["reserve_share"] * budget) / (len(models) - i) - scale["grpo_overhead"])
-        log(f"{m}: GRPO for {share:.0f} s")
-        g = results["models"][m]["grpo"] = run_grpo(loaded[m][0], work / m, results["models"][m]["sft"]["steps"],
-                                                    levels, results["max_new_tokens"], share, str(device))
-        log(f"{m}: accuracy by level after GRPO")
-        got = sweep_accuracy(work / m, eval_prompts, list(range(levels[0], levels[1] + 1)), scale["sweep_prompts"],
+    for i, (arm, m) in enumerate(runs):
+        share = min(share, (left() - scale["reserve_share"] * budget) / (len(runs) - i) - scale["grpo_overhead"])
+        who = m if len(arms) == 1 else f"{m}, arm {arm + 1} ({arms[arm]['name']})"
+        log(f"{who}: GRPO for {share:.0f} s")
+        run = arm_dir(work, m, arm)
+        g = run_grpo(arm_loaded[arm][m], run, results["models"][m]["sft"]["steps"], levels, results["max_new_tokens"],
+                     share, str(device), sft_run=None if arm == 0 else work / m / "sft")
+        log(f"{who}: accuracy by level after GRPO")
+        got = sweep_accuracy(run, eval_prompts, list(range(levels[0], levels[1] + 1)), scale["sweep_prompts"],
                              str(device), folder="grpo")
         g["by_level"] = {str(k): v for k, v in got.items()}
-        log(f"{m}: GRPO {g['steps']} steps in {g['seconds']} s, held-out accuracy {g['accuracy_before']:.3f} -> "
+        if arm == 0:
+            results["models"][m]["grpo"] = g
+        if len(arms) > 1:
+            results["models"][m].setdefault("arms", []).append({**arms[arm], "run": str(run), **g})
+        log(f"{who}: GRPO {g['steps']} steps in {g['seconds']} s, held-out accuracy {g['accuracy_before']:.3f} -> "
             f"{g['accuracy_after']:.3f} sampled, {g['greedy_accuracy_before']:.3f} -> {g['greedy_accuracy_after']:.3f} "
             f"greedy, {g['rollout_tokens_per_s']:,.0f} rollout tokens/s ({left():.0f} s left)")
         write(results, out)

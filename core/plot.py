@@ -19,16 +19,19 @@ def _figure(size):
 
 def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str,
               title: str | None = None, hlines: dict[str, float] | None = None, markers: tuple[str, ...] = (),
-              size=(7.0, 4.2)):
+              styles: dict[str, dict] | None = None, size=(7.0, 4.2)):
     """One line per named series of (x, y) points, a dashed horizontal line per `hlines` entry (a baseline),
     a legend naming each. Series named in `markers` are drawn with a dot at every point (sparse series such as
-    evaluations). Writes `path` (the suffix picks the format) and returns the matplotlib Figure."""
+    evaluations); `styles` gives a series matplotlib line options, e.g. {"color": "C1", "linestyle": "--"} (two
+    groupings in one figure: colour for one, line style for the other). Writes `path` (the suffix picks the
+    format) and returns the matplotlib Figure."""
     fig = _figure(size)
     ax = fig.subplots()
     for name, points in series.items():
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, marker="o" if name in markers else None, markersize=4)
+            ax.plot(xs, ys, label=name, marker="o" if name in markers else None, markersize=4,
+                    **(styles or {}).get(name, {}))
     for name, value in (hlines or {}).items():
         ax.axhline(value, linestyle="--", color="0.4", linewidth=1, label=f"{name} ({value:.2f})")
     ax.set(xlabel=xlabel, ylabel=ylabel)
