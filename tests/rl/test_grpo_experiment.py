@@ -137,6 +137,7 @@ def test_arms_parse_into_named_grpo_overrides():
     assert resolved("dense", ["stages.1.train.seed=2"]).stages[1].train.seed == 2
 
 
+@pytest.mark.slow  # ~80 s on 2 cores, like the one-arm toy run above
 def test_arms_toy_run_end_to_end(tmp_path):
     """Two arms at toy scale on the CPU (about 80 s on 2 cores): SFT and the sweep once, then each arm trains both
     models from the same SFT checkpoint in its own run directory. Same start: the recorded checksum of the
