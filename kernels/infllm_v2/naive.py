@@ -203,6 +203,14 @@ def infllm_v2_attn_ref(q_BTHD, k_BTKD, v_BTKD, cfg: SparseConfig, scale=None) ->
     return sparse_attn_ref(q_BTHD, k_BTKD, v_BTKD, idx, cfg.block_size, scale)
 
 
+def infllm_v2_attn_varlen_ref(q_1THD, k_1TKD, v_1TKD, cfg: SparseConfig, cu_seqlens, scale=None) -> torch.Tensor:
+    """Packed sequences (batch of 1, offsets cu_seqlens): each one through infllm_v2_attn_ref as if alone."""
+    bounds = cu_seqlens.tolist()
+    outs = [infllm_v2_attn_ref(q_1THD[:, s:e], k_1TKD[:, s:e], v_1TKD[:, s:e], cfg, scale)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1) if outs else q_1THD.clone()
+
+
 # ---- a static decode step: one query per row, caches of a fixed capacity, the lengths as a tensor ----------------
 # Every shape is set by the capacity and nothing is read back to the host, so the same code (and the Triton path
 # in ops.infllm_v2_decode_static) can be captured in a CUDA graph. lens_B: the keys each row holds, its query

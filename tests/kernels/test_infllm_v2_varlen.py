@@ -40,24 +40,24 @@ def close(got, want, name, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def reference_on_tied_picks(q, k, v, cfg, cu):
-    """Each sequence through the reference, attending to the kernels' own picks, which must be the reference's up to
-    ties: the reference's block scores of the two pick sets agree value for value. A one-ulp difference between two
-    blocks' scores (seen on one CPU) may flip a pick, and either pick is right."""
+def reference_and_untied(q, k, v, cfg, cu):
+    """(each sequence through the reference, [T] mask of the tokens to compare with it). A token whose k_total-th
+    and next-best block scores (any KV head) lie within 1e-6 may pick either block: a one-ulp difference between two
+    implementations' scores flips it (seen on one CPU: 0.31663877 vs 0.31663874), and both picks are right."""
     q, k, v = q.detach(), k.detach(), v.detach()
-    outs = []
+    untied = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
     for s, e in spans(cu):
-        qs, ks, vs = q[:, s:e], k[:, s:e], v[:, s:e]
         if e - s < cfg.dense_len:
-            outs.append(naive.dense_causal_ref(qs, ks, vs))
             continue
-        kc = naive.compress_keys_ref(ks, cfg)
-        scores = naive.block_scores_ref(naive.kernel_scores_ref(qs, kc, cfg), cfg, cfg.n_blocks(e - s))
-        picked = lambda i: scores.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, -1.0).sort(-1).values
-        idx = select_blocks(qs, compress_keys(ks, cfg), cfg, backend="triton")
-        torch.testing.assert_close(picked(idx), picked(naive.select_blocks_ref(qs, kc, cfg)), rtol=1e-6, atol=1e-6)
-        outs.append(naive.sparse_attn_ref(qs, ks, vs, idx, cfg.block_size))
-    return torch.cat(outs, dim=1)
+        kc = naive.compress_keys_ref(k[:, s:e], cfg)
+        scores = naive.block_scores_ref(naive.kernel_scores_ref(q[:, s:e], kc, cfg), cfg, cfg.n_blocks(e - s))
+        if scores.shape[-1] > cfg.k_total:
+            top = scores.topk(cfg.k_total + 1, dim=-1).values
+            last, next_ = top[..., -2], top[..., -1]
+            tie = torch.isfinite(next_) & ((last - next_).abs() <= 1e-6 * last.abs().clamp(min=1))
+            untied[s:e] = ~tie.any(1)[0]
+    assert untied.float().mean() > 0.95
+    return naive.infllm_v2_attn_varlen_ref(q, k, v, cfg, cu), untied
 
 
 def test_packed_kernels_are_each_sequences_own(device):
@@ -68,7 +68,8 @@ def test_packed_kernels_are_each_sequences_own(device):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("cfg,G", [(SMALL, 4), (COARSE2, 2)], ids=["exact", "coarse-init2"])
+@pytest.mark.parametrize("cfg,G", [(SMALL, 4), pytest.param(COARSE2, 2, marks=pytest.mark.slow)],  # coarse: ~40 s
+                         ids=["exact", "coarse-init2"])
 def test_varlen_selection_is_each_sequences_own(cfg, G, device):
     """Sparse sequences pick exactly what select_blocks picks for them alone; dense ones hold their init blocks."""
     q, k, _, cu = packed([41, 64, 0, 7, 90], G, 1, 16, seed=2, device=device)
@@ -100,7 +101,8 @@ def test_varlen_forward_and_gradients_equal_the_per_sequence_loop(cfg, G, Hkv, l
     out = infllm_v2_attn(q, k, v, cfg, cu_seqlens=cu, backend="triton")
     loop = ops.per_sequence_attn(q, k, v, cfg, cu_seqlens=cu, backend="triton")
     close(out, loop, "out")
-    close(out, reference_on_tied_picks(q, k, v, cfg, cu), "out vs reference")
+    ref, untied = reference_and_untied(q, k, v, cfg, cu)
+    close(out[:, untied], ref[:, untied], "out vs reference")
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     grads = torch.autograd.grad(out, (q, k, v), do)
     for name, got, want in zip("qkv", grads, torch.autograd.grad(loop, (q, k, v), do)):
