@@ -80,7 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the JSON record")
     ap.add_argument("--quick", action="store_true", help="tiny lengths on any device (a smoke run)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
+    ap.add_argument("--models", default="dense,hybrid", help="comma-separated subset of dense,hybrid")
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    if not models or any(m not in BLUEPRINTS for m in models):
+        ap.error(f"--models: a comma-separated subset of {','.join(BLUEPRINTS)}, not {args.models!r}")
 
     import torch
 
@@ -97,8 +101,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device).split()[-1].lower()
-    path = out / f"rollout-{tag}-{datetime.date.today():%Y%m%d}.json"
-    for name in BLUEPRINTS:
+    path = out / f"rollout-{tag}-{datetime.date.today():%Y%m%d}{'' if len(models) == 2 else '-' + models[0]}.json"
+    for name in models:
         model = build(name, longest, device)
         record.setdefault("parameters", {})[name] = model.num_parameters()
         for rows in plan["rows"]:
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     by = {(r["model"], r["rows"], r["new_tokens"]): r["tokens_per_s"] for r in record["rows"]}
     for rows in plan["rows"]:
-        for n in plan["new_tokens"]:
+        for n in plan["new_tokens"] if len(models) == 2 else ():
             ratio = by[("hybrid", rows, n)] / by[("dense", rows, n)]
             record["ratios"].append({"rows": rows, "new_tokens": n, "hybrid_over_dense": round(ratio, 3)})
             log(f"rows {rows} new {n}: hybrid / dense tokens/s = {ratio:.2f}")
