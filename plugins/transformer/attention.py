@@ -140,6 +140,11 @@ class Attention(GroupedQKV):
         return allowed | (q_idx == k_idx)[None, None]
 
     def new_cache(self, batch, device, dtype):
+        # Under autocast every read of the cache is a bf16/fp16 matmul: storing the keys and values in that dtype
+        # halves the cache (fp32 weights, as in GRPO rollouts) and spares a cast of it at every decode step
+        device_type = torch.device(device).type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         return KVCache(batch, self.kv_heads, self.head_dim, device, dtype)
 
     def cache_bytes(self, dtype_bytes):

@@ -160,6 +160,28 @@ def test_a_static_write_stores_in_the_buffers_dtype():
     assert torch.equal(cache.k[:, :, 1:2], k.float()) and torch.equal(cache.v[:, :, 1:2], v.float())
 
 
+@pytest.mark.parametrize("layout", ["A", "LA"])
+def test_under_autocast_the_kv_cache_takes_the_autocast_dtype_and_decodes_the_same(layout):
+    """A cache made under autocast (GRPO rollouts: fp32 weights, bf16 compute) keeps its keys and values in bf16,
+    half the bytes, and decodes what a cache made outside it (fp32 buffers) decodes, up to bf16 rounding; the
+    Lightning state stays fp32."""
+    model = model_of(layout)
+    ids = torch.randint(0, 53, (2, 30))
+    decoded = []
+    for cache in (model.new_cache(2), None):  # fp32 buffers, made outside autocast; then made inside it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, cache = model.prefill(ids[:, :20], cache=cache)
+            decoded.append(torch.stack([logits[:, -1]] + [model.decode_step(ids[:, t], cache)
+                                                           for t in range(20, 29)]).float())
+    kinds = {type(layer).__name__: layer for layer in cache.layers}
+    assert kinds["KVCache"].k.dtype == kinds["KVCache"].v.dtype == torch.bfloat16
+    if "L" in layout:
+        state = [t for t in vars(kinds["RecurrentState"]).values() if isinstance(t, torch.Tensor)]
+        assert state and all(t.dtype == torch.float32 for t in state)
+    torch.testing.assert_close(decoded[1], decoded[0], rtol=1e-2, atol=1e-2)
+    assert model.new_cache(2).layers[-1].k.dtype == torch.float32  # outside autocast: the model's dtype
+
+
 def test_the_estimate_counts_the_infllm_v2_reference_on_the_cpu():
     """On the CPU InfLLM-V2 runs its PyTorch reference, which holds every query-key pair of a chunk: a 16K
     prefill of builtin:tiny measured 13.5 GiB, which the estimate must cover (or a long --context is killed
