@@ -81,7 +81,7 @@ def test_stage1_with_other_pooling(window, stride, padding, device):
     check_stage1(cfg, 1, 75, 4, 1, 9, 25, device)
 
 
-@pytest.mark.parametrize("cfg", [SMALL, COARSE], ids=["exact", "coarse"])
+@pytest.mark.parametrize("cfg", [SMALL, pytest.param(COARSE, marks=pytest.mark.slow)], ids=["exact", "coarse"])
 def test_stage1_with_the_kernels_split_among_programs(cfg, monkeypatch, device):
     """Chunks of 16 kernels: the normaliser pass splits its kernels among programs and merges their LSEs."""
     monkeypatch.setitem(ops.TUNE, "lse_kernels", 16)
@@ -243,6 +243,7 @@ def test_prefill_then_decode_equals_one_full_pass(lse_kernels, monkeypatch, devi
             matches(out, full[:, t], name=f"token {t}")
 
 
+@pytest.mark.slow  # ~37 s on 2 CPU cores; tests/kernels/test_infllm_v2_varlen.py checks the same packs in CI
 def test_varlen_equals_per_sequence_runs(device, dtype, matches):
     """The varlen kernels on a pack of two sparse sequences (>= dense_len 64), dense ones and an empty one: outputs
     and gradients match per-sequence references (tests/kernels/test_infllm_v2_varlen.py checks more)."""

@@ -79,7 +79,8 @@ def decode_steps(cfg, lengths, steps, device, seed, capacity=CAPACITY):
 
 
 @pytest.mark.parametrize("cfg,lengths,splits", [(SMALL, [50, 61, 3], 3), (COARSE, [57, 90, 64], 4),
-                                                (EARLY, [9, 30, 2], 2)], ids=["exact", "coarse", "early"])
+                                                pytest.param(EARLY, [9, 30, 2], 2, marks=pytest.mark.slow)],
+                         ids=["exact", "coarse", "early"])  # early: ~27 s on 2 CPU cores, out of CI
 def test_triton_static_decode_matches_the_reference_over_steps(cfg, lengths, splits, device, dtype, tol):
     """8 steps: rows cross dense_len, block and kernel boundaries at different steps. Picks equal exactly, on fp32
     inputs (in bf16 a near-tie may flip a pick); attention in `dtype`: fp32 through the public call, bf16 (CUDA
