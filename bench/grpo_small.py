@@ -449,6 +449,9 @@ def main(argv=None) -> int:
                         help="several GRPO runs from the same SFT models: arms separated by ';', each a comma-"
                              "separated list of GRPO-stage overrides, e.g. \"stages.1.train.lr=5e-6;"
                              "stages.1.train.lr=1e-5,stages.1.train.seed=2\" (default: one run, the blueprint's)")
+    parser.add_argument("--sft-steps", type=int, default=None, metavar="N",
+                        help="SFT steps for every model instead of the number the budget gives (a less-trained "
+                             "SFT model samples further below its greedy answers: run 6b's +17.4 came from such one)")
     args = parser.parse_args(argv)
     try:
         arms = parse_arms(args.arms)
@@ -465,6 +468,8 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in MODELS for m in models):
         parser.error(f"--models: choose from {', '.join(MODELS)}")
+    if args.sft_steps is not None and args.sft_steps < 1:
+        parser.error(f"--sft-steps: a positive number of steps, not {args.sft_steps}")
     device = pick_device(args.device, "--device")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,8 +514,8 @@ def main(argv=None) -> int:
 
     # the same SFT steps for every model (run 2 gave dense 1,413 and hybrid 1,088), from the slower one's step time
     step_s = {m: sft_step_seconds(bp, device) for m, (_, bp) in loaded.items()}
-    steps = int(min(scale["sft_max_steps"],
-                    max(scale["sft_min_steps"], 0.9 * scale["sft_share"] * budget / max(step_s.values()))))
+    steps = args.sft_steps or int(min(scale["sft_max_steps"],
+                                      max(scale["sft_min_steps"], 0.9 * scale["sft_share"] * budget / max(step_s.values()))))
     results["sft_steps"] = steps
     for m, (resolved, bp) in loaded.items():
         log(f"{m}: SFT {steps} steps ({step_s[m] * 1000:.0f} ms a step)")
