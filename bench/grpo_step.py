@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     if not models or any(m not in BLUEPRINTS for m in models):
         ap.error(f"--models: a comma-separated subset of {','.join(BLUEPRINTS)}, not {args.models!r}")
     if args.quick:
-        args.new_tokens, args.prompts, args.repeats = 4, 2, 1
+        args.new_tokens, args.prompts, args.repeats = 4, 1, 1
 
     import torch
 
