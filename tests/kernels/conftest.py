@@ -13,3 +13,17 @@ def nan_poisoned_outputs(monkeypatch):
         poison = float("nan") if dtype is None or dtype.is_floating_point else -12345
         return torch.full(tuple(shape), poison, device=device, dtype=dtype)
     monkeypatch.setattr(infllm_v2_ops, "_empty", nan_empty)
+
+
+@pytest.fixture(params=[
+    pytest.param(("test_schema", "test_autograd_registration", "test_faketensor"), id="schema-fake"),
+    # about half of an opcheck's time in the interpreter; test_custom_ops' torch.compile test covers AOT dispatch
+    # of the fixed-length ops in CI
+    pytest.param(("test_aot_dispatch_dynamic",), id="aot-dispatch", marks=pytest.mark.slow)])
+def opcheck(request):
+    """torch.library.opcheck(op, args) asserting every check passed: schema, autograd registration and fake
+    tensors in CI, AOT dispatch with dynamic shapes in the slow run (-m slow)."""
+    def check(op, args):
+        results = torch.library.opcheck(op, args, test_utils=request.param)
+        assert set(results.values()) == {"SUCCESS"}, results
+    return check

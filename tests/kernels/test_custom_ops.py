@@ -1,6 +1,7 @@
 """The Triton kernels as torch custom ops (hyloom::*): torch.library.opcheck on each op (schema, fake shapes,
-autograd registration, AOT dispatch with dynamic shapes), and a tiny hybrid on the Triton path traced by
-torch.compile with fullgraph=True (no graph break) giving the eager outputs and gradients.
+autograd registration; AOT dispatch with dynamic shapes in the slow run: the `opcheck` fixture), and a tiny hybrid
+on the Triton path traced by torch.compile with fullgraph=True (no graph break) giving the eager outputs and
+gradients.
 
 fp32 and tiny shapes: on CPU the kernels run in Triton's interpreter (see tests/conftest.py)."""
 import dataclasses
@@ -30,13 +31,8 @@ def randn(*shape, device, grad=False, seed=0):
     return torch.randn(*shape, generator=gen).to(device).requires_grad_(grad)
 
 
-def opcheck(op, args):
-    results = torch.library.opcheck(op, args)
-    assert set(results.values()) == {"SUCCESS"}, results
-
-
 @pytest.mark.parametrize("case", ["state", "plain", "varlen"])
-def test_lightning_ops_pass_opcheck(device, case):
+def test_lightning_ops_pass_opcheck(device, case, opcheck):
     T, H, D = 80, 2, 16
     B = 1 if case == "varlen" else 2
     q, k, v = (randn(B, T, H, D, device=device, grad=True, seed=i) for i in range(3))
@@ -51,7 +47,7 @@ def test_lightning_ops_pass_opcheck(device, case):
     opcheck(lightning_ops.lightning_bwd, (*plain, g, do, dht, states.detach(), 0.25, case == "state", cu))
 
 
-def test_infllm_v2_ops_pass_opcheck(device):
+def test_infllm_v2_ops_pass_opcheck(device, opcheck):
     B, T, H, Hkv, D = 1, 48, 2, 1, 16
     q = randn(B, T, H, D, device=device, grad=True)
     k, v = (randn(B, T, Hkv, D, device=device, grad=True, seed=i) for i in (1, 2))

@@ -118,19 +118,15 @@ def test_varlen_of_nothing_and_bad_offsets(device):
             infllm_v2_attn(q, k, v, SMALL, cu_seqlens=torch.tensor(bad, device=device), backend="triton")
 
 
-def test_varlen_ops_pass_opcheck(device):
+def test_varlen_ops_pass_opcheck(device, opcheck):
     small = dataclasses.replace(SMALL, dense_len=32)  # few tokens, a sparse and a dense sequence: fast
     q, k, v, cu = packed([9, 0, 40], 2, 1, 16, seed=8, device=device, requires_grad=True)
     cfg = list(dataclasses.astuple(small))
-    opcheck = torch.library.opcheck
-    results = opcheck(ops.select_op, (q.detach(), k.detach(), cfg, 0.25, 0, cu))
-    assert set(results.values()) == {"SUCCESS"}, results
+    opcheck(ops.select_op, (q.detach(), k.detach(), cfg, 0.25, 0, cu))
     idx = ops.select_op(q.detach(), k.detach(), cfg, 0.25, 0, cu)
     local = [small.init_blocks, small.window // small.block_size]
-    results = opcheck(ops.sparse_fwd_op, (q, k, v, idx, small.block_size, 0.25, 0, local, cu, small.dense_len))
-    assert set(results.values()) == {"SUCCESS"}, results
+    opcheck(ops.sparse_fwd_op, (q, k, v, idx, small.block_size, 0.25, 0, local, cu, small.dense_len))
     o, lse = ops.sparse_fwd_op(q, k, v, idx, small.block_size, 0.25, 0, local, cu, small.dense_len)
     plain = [x.detach() for x in (q, k, v)]
-    results = opcheck(ops.sparse_bwd_op, (*plain, idx, o.detach(), lse.detach(), torch.randn_like(o),
-                                          small.block_size, 0.25, 0, local, cu, small.dense_len))
-    assert set(results.values()) == {"SUCCESS"}, results
+    opcheck(ops.sparse_bwd_op, (*plain, idx, o.detach(), lse.detach(), torch.randn_like(o), small.block_size, 0.25,
+                                0, local, cu, small.dense_len))
