@@ -64,7 +64,7 @@ def one_model(name: str, args, device) -> dict:
     from hyloom.plugins.rl import grpo
     from hyloom.plugins.rl.rollout import sample_completions
     from hyloom.plugins.rl.trainer import GrpoTrainer
-    from hyloom.train import param_groups
+    from hyloom.train import make_optimizer
 
     blueprint = load_blueprint(str(BLUEPRINTS[name]))
     cfg = blueprint.stages[1].train
@@ -75,7 +75,7 @@ def one_model(name: str, args, device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     prompts = torch.randint(1, model.spec.vocab_size, (prompts_n, PROMPT), generator=gen, device=device).tolist()
     ctx = (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=device)
     env = SimpleNamespace(world=1, rank=0)
 
     def rollout():

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from hyloom.blueprint import Loaded, validate
 from hyloom.model import build_model
 from hyloom.plugins.train import lm
+from hyloom.train import make_optimizer
 
 # d_model, layers, query heads × head dim, the dense model's KV heads, its SwiGLU hidden size, vocabulary
 SIZES = {
@@ -422,7 +423,7 @@ def run_row(row, kind, model_dict, device, compiled, checkpointed, B, T, peak, *
         row["params"] = sum(p.numel() for p in model.parameters())
         row["flops_per_token"] = 6 * matmul_params(model) + mixing_flops_per_token(spec, T)
         # the optimizer as the lm trainer has it
-        opt = lm.make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
+        opt = make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
         row.update(train_row(model, loss_of, opt, batch, device, warmup=warmup, steps=steps))
         row["mfu"] = round(row["flops_per_token"] * row["tok_s"] / peak, 4) if peak else None
         row["peak_bf16_tflops"] = peak and round(peak / 1e12, 1)  # runs merged into one record measure their own

@@ -195,6 +195,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
+def make_optimizer(model, *, lr, betas, weight_decay, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused implementation (one kernel for all parameters) on CUDA: a small
+    model's step is otherwise a few hundred kernel launches (the GRPO update, bench/grpo_step.py)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
+
+
 def rng_state() -> dict:
     """The host RNGs a trainer saves in its checkpoint, so a resumed run draws what the whole run drew."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -251,6 +257,8 @@ def resume_training(point: Path | None, model, resolved: dict, opt, steps: int,
         raise SetupError(f"{point} is at step {state['step']}, and {steps_setting} is {steps}: nothing left to train. "
                          f"Raise {steps_setting} to continue the run")
     opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
+        group["fused"] = opt.defaults["fused"]
     set_rng_state(state["rng"])
     return state
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hyloom.plugins.train.schedule import learning_rate
-from hyloom.train import (RunDir, SetupError, TrainingError, param_groups, resume_point, resume_training,
+from hyloom.train import (RunDir, SetupError, TrainingError, make_optimizer, resume_point, resume_training,
                           rng_state)
 
 
@@ -59,7 +59,7 @@ def fit_loop(cfg, *, name: str, model, trains, data, run, resolved: dict, train_
     loader = TokenLoader(data.dir, "train", seq_len=seq_len, batch_size=micro, rank=env.rank, world_size=env.world,
                          seed=cfg.seed)
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=env.device)
     start, point = 0, resume_point(out, run.resume)
     state = resume_training(point, model, resolved, opt, cfg.steps, steps_setting="steps")
     if state is not None:

@@ -26,7 +26,7 @@ from hyloom.plugins.rl.config import GrpoConfig
 from hyloom.plugins.rl.prompts import PromptSetError, load_prompt_set
 from hyloom.plugins.rl.rollout import completion_logits, sample_completions
 from hyloom.plugins.rl.verifiers import build_verifier
-from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, param_groups, resume_point, resume_training,
+from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, make_optimizer, resume_point, resume_training,
                           rng_state)
 
 COMPLETIONS = "completions.jsonl"
@@ -223,7 +223,7 @@ class GrpoTrainer:
             print(f"hyloom: warning: the longest prompt plus max_new_tokens is {longest} tokens, more than "
                   f"model.max_seq_len ({run.blueprint.model.max_seq_len})", file=sys.stderr, flush=True)
 
-        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=env.device)
         order = PromptOrder(len(train), cfg.seed)
         start = 0
         point = resume_point(out, run.resume)

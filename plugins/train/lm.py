@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from hyloom.blueprint import BlueprintError, Problem
 from hyloom.plugins.train.config import LMTrainerConfig
 from hyloom.plugins.train.schedule import SCHEDULE_KEYS, learning_rate
-from hyloom.train import (RunDir, TrainingError, TrainRun, param_groups, resume_point, resume_training, rng_state,
+from hyloom.train import (RunDir, TrainingError, TrainRun, make_optimizer, resume_point, resume_training, rng_state,
                           saved_blueprint)
 
 
@@ -87,11 +87,6 @@ COMPILE_BACKEND = "inductor"
 def use_compile(setting, device: torch.device) -> bool:
     """`train.compile`: true, false, or auto (on CUDA only: on CPU compiling costs more than it wins)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
-
-
-def make_optimizer(model, *, lr, betas, weight_decay, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; the fused (one kernel for all parameters) implementation on CUDA."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
 
 
 def compile_blocks(model) -> None:
@@ -181,8 +176,6 @@ class LMTrainer:
         state = resume_training(point, model, run.resolved, opt, cfg.steps)
         if state is not None:
             start = state["step"]
-            for group in opt.param_groups:  # the saved groups name the implementation of the run that saved them
-                group["fused"] = opt.defaults["fused"]
             loader.load_state_dict(state["loader"])
         if env.main:
             out.forget_after(start)
