@@ -450,8 +450,8 @@ def main(argv=None) -> int:
                              "separated list of GRPO-stage overrides, e.g. \"stages.1.train.lr=5e-6;"
                              "stages.1.train.lr=1e-5,stages.1.train.seed=2\" (default: one run, the blueprint's)")
     parser.add_argument("--sft-steps", type=int, default=None, metavar="N",
-                        help="SFT steps for every model instead of the number the budget gives (a less-trained "
-                             "SFT model samples further below its greedy answers: run 6b's +17.4 came from such one)")
+                        help="SFT steps for every model instead of the number the budget gives (run 11: 300 steps "
+                             "left a model that had not learned the format; docs/results/grpo.md)")
     args = parser.parse_args(argv)
     try:
         arms = parse_arms(args.arms)
