@@ -3,6 +3,7 @@ experiment's models (issue 15 §3), with the top operators of one update from to
 
     python bench/grpo_step.py --out DIR                # one GPU, ~1 minute
     python bench/grpo_step.py --out /tmp/s --quick     # CPU smoke run: a few rows
+    python bench/grpo_step.py --out DIR --compile      # the updates through compiled blocks (GRPO's compile: true)
 
 The models are blueprints/experiments/grpo-dense.yaml and grpo-hybrid.yaml (7.5M parameters, random weights, fp32
 weights under bf16 autocast as the trainer runs on a GPU). A step is the trainer's own pieces on the experiment's
@@ -64,12 +65,15 @@ def one_model(name: str, args, device) -> dict:
     from hyloom.plugins.rl import grpo
     from hyloom.plugins.rl.rollout import sample_completions
     from hyloom.plugins.rl.trainer import GrpoTrainer
+    from hyloom.plugins.train.lm import compile_blocks
     from hyloom.train import make_optimizer
 
     blueprint = load_blueprint(str(BLUEPRINTS[name]))
     cfg = blueprint.stages[1].train
     torch.manual_seed(0)
     model = build_model(blueprint, device=device)
+    if args.compile:  # as the trainer's `compile: true`: the updates run compiled blocks, the rollout does not
+        compile_blocks(model, dynamic=True)
     trainer = GrpoTrainer(cfg)
     G, prompts_n = cfg.group_size, args.prompts
     gen = torch.Generator(device=device).manual_seed(0)
@@ -93,7 +97,7 @@ def one_model(name: str, args, device) -> dict:
                         args.repeats)
     table = profile_table(lambda: trainer._update(model, opt, roll, old, None, adv_NT, 0, env, ctx), device)
     tokens = int(roll.mask_NT.sum())
-    return {"model": name, "parameters": model.num_parameters(), "rows": len(roll.finished_N),
+    return {"model": name, "compiled": args.compile, "parameters": model.num_parameters(), "rows": len(roll.finished_N),
             "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "updates_per_step": cfg.updates_per_step,
             "rollout_s": round(rollout_s, 4), "old_logprobs_s": round(old_s, 4), "update_s": round(update_s, 4),
             "rollout_tokens_per_s": round(tokens / rollout_s, 1), "update_profile": table}
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=40, help="completion tokens (runs 9-10: 35-52)")
     ap.add_argument("--prompts", type=int, default=64, help="prompts per step (each sampled G = 8 times)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each phase (the median is kept)")
+    ap.add_argument("--compile", action="store_true", help="compile each block for the updates (the trainer's "
+                    "`compile: true`); the warm-up pays the compilation")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     if not models or any(m not in BLUEPRINTS for m in models):
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if device.type != "cuda" else name.split()[-1].lower()
-    path = out / f"grpo-step-{tag}-{datetime.date.today():%Y%m%d}.json"
+    path = out / f"grpo-step-{tag}-{datetime.date.today():%Y%m%d}{'-compiled' if args.compile else ''}.json"
     for m in models:
         row = one_model(m, args, device)
         log(f"{m:6s} rows {row['rows']} new {row['new_tokens']}: rollout {row['rollout_s'] * 1000:.0f} ms, old "

@@ -89,7 +89,7 @@ def use_compile(setting, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_blocks(model) -> None:
+def compile_blocks(model, dynamic: bool = False) -> None:
     """torch.compile each block on its own (regional compilation, as torchtitan does): blocks of one kind share
     one compiled graph, so compiling takes seconds whatever the depth. Only passes with gradients (training
     steps) run compiled; evaluation and decoding (caches, changing lengths) run the blocks as written. Wrapped
@@ -107,8 +107,9 @@ def compile_blocks(model) -> None:
         if getattr(block, "_compiled", False):
             continue
         plain = block.forward
-        # static shapes: a run trains at one length, and a new one gets kernels specialised to it
-        compiled = torch.compile(plain, backend=COMPILE_BACKEND, dynamic=False)
+        # static shapes: a run trains at one length, and a new one gets kernels specialised to it; GRPO's rows
+        # and lengths change every micro-batch, so it asks for symbolic shapes (dynamic=True)
+        compiled = torch.compile(plain, backend=COMPILE_BACKEND, dynamic=dynamic)
 
         def forward(*args, _plain=plain, _compiled=compiled, **kwargs):
             return (_compiled if torch.is_grad_enabled() else _plain)(*args, **kwargs)

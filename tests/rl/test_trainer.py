@@ -41,8 +41,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("rl-data")
 
 
-def blueprint(folder: Path, cache: Path, **train) -> str:
-    data = {"model": MODEL,
+def blueprint(folder: Path, cache: Path, model: dict = MODEL, **train) -> str:
+    data = {"model": model,
             "data": {"source": {"type": "arithmetic", "count": 300, "steps": 2},
                      "tokenizer": {"type": "bpe", "vocab_size": 320}, "seq_len": 48, "cache_dir": str(cache)},
             "train": {**GRPO, "out_dir": str(folder / "run"), **train}}
@@ -126,6 +126,30 @@ def test_micro_batches_give_the_same_update(tmp_path, cache):
     # Adam's first step hides a uniform scale of the gradient; its norm (before clipping) does not
     norms = [RunDir(tmp_path / name / "run").metrics()[-1]["grad_norm"] for name in ("big", "micro")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[0] > 0
+
+
+def test_compiled_updates_give_the_eager_weights(tmp_path, cache, monkeypatch, capsys):
+    """`compile: true` compiles each block for the updates (aot_eager on CPU: tracing and autograd, no code
+    generation) with symbolic shapes: micro-batches of several row counts and lengths share one graph, none
+    broken, and the weights after a step equal the eager run's. Attention blocks only: on CPU Lightning runs its
+    PyTorch reference, whose Python loop over chunks specialises on the length (on a GPU its Triton kernels are
+    opaque custom ops)."""
+    from torch._dynamo.utils import counters
+
+    from hyloom.plugins.train import lm
+    monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
+    dense = {**MODEL, "position": {"type": "rope"}, "layout": "AA"}
+    run(blueprint(tmp_path / "eager", cache, model=dense, steps=1, eval_prompts=None, micro_batch=5))
+    torch._dynamo.reset()
+    counters.clear()
+    run(blueprint(tmp_path / "compiled", cache, model=dense, steps=1, eval_prompts=None, micro_batch=5,
+                  compile=True))
+    assert ", compiled" in capsys.readouterr().out
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+    a, b = weights(tmp_path / "eager" / "run"), weights(tmp_path / "compiled" / "run")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
 def test_bad_input_is_refused_with_exit_2(tmp_path, cache, capsys):
