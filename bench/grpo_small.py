@@ -514,8 +514,8 @@ def main(argv=None) -> int:
 
     # the same SFT steps for every model (run 2 gave dense 1,413 and hybrid 1,088), from the slower one's step time
     step_s = {m: sft_step_seconds(bp, device) for m, (_, bp) in loaded.items()}
-    steps = args.sft_steps or int(min(scale["sft_max_steps"],
-                                      max(scale["sft_min_steps"], 0.9 * scale["sft_share"] * budget / max(step_s.values()))))
+    fitted = 0.9 * scale["sft_share"] * budget / max(step_s.values())
+    steps = args.sft_steps or int(min(scale["sft_max_steps"], max(scale["sft_min_steps"], fitted)))
     results["sft_steps"] = steps
     for m, (resolved, bp) in loaded.items():
         log(f"{m}: SFT {steps} steps ({step_s[m] * 1000:.0f} ms a step)")
