@@ -10,7 +10,9 @@ weights under bf16 autocast as the trainer runs on a GPU). A step is the trainer
 shapes: 64 prompts x G = 8 of 36 tokens, completions of `--new-tokens` tokens (EOS never drawn), the old log-probs
 (`_old_logprobs`) and `updates_per_step` = 4 mini-batch updates (`_update`) with random advantages. Each phase is
 timed `--repeats` times after a warm-up; medians go to grpo-step-<device>-<yyyymmdd>.json with the profiler's
-operator table of one update (self CUDA time on a GPU, self CPU time otherwise).
+operator table of one update (self CUDA time on a GPU, self CPU time otherwise). A second rollout of half the
+tokens splits the rollout into a cost per decode step and a fixed cost (prefill, the new cache, its first eager
+step and the graph capture).
 """
 
 from __future__ import annotations
@@ -82,13 +84,17 @@ def one_model(name: str, args, device) -> dict:
     opt = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, device=device)
     env = SimpleNamespace(world=1, rank=0)
 
-    def rollout():
+    def rollout(new_tokens: int):
         model.eval()
         with ctx():
-            return sample_completions(model, [p for p in prompts for _ in range(G)], max_new_tokens=args.new_tokens,
+            return sample_completions(model, [p for p in prompts for _ in range(G)], max_new_tokens=new_tokens,
                                       temperature=1.0, eos_id=-1, pad_id=0, generator=gen)
 
-    rollout_s, roll = timed(rollout, device, args.repeats)
+    # a rollout of half the tokens splits the time into a cost per decode step and a fixed one (prefill, a new
+    # cache, its first eager step and the CUDA graph capture)
+    half_s, _ = timed(lambda: rollout(max(1, args.new_tokens // 2)), device, args.repeats)
+    rollout_s, roll = timed(lambda: rollout(args.new_tokens), device, args.repeats)
+    per_step_s = (rollout_s - half_s) / (args.new_tokens - max(1, args.new_tokens // 2))
     adv_BG = grpo.group_advantages(torch.randn(prompts_n, G, generator=torch.Generator().manual_seed(1)))
     adv_NT = grpo.token_advantages(adv_BG.to(device), roll.mask_NT)
     model.train()
@@ -99,7 +105,9 @@ def one_model(name: str, args, device) -> dict:
     tokens = int(roll.mask_NT.sum())
     return {"model": name, "compiled": args.compile, "parameters": model.num_parameters(), "rows": len(roll.finished_N),
             "prompt_tokens": PROMPT, "new_tokens": args.new_tokens, "updates_per_step": cfg.updates_per_step,
-            "rollout_s": round(rollout_s, 4), "old_logprobs_s": round(old_s, 4), "update_s": round(update_s, 4),
+            "rollout_s": round(rollout_s, 4), "rollout_step_ms": round(1000 * per_step_s, 3),
+            "rollout_fixed_s": round(rollout_s - args.new_tokens * per_step_s, 4),
+            "old_logprobs_s": round(old_s, 4), "update_s": round(update_s, 4),
             "rollout_tokens_per_s": round(tokens / rollout_s, 1), "update_profile": table}
 
 
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     path = out / f"grpo-step-{tag}-{datetime.date.today():%Y%m%d}{'-compiled' if args.compile else ''}.json"
     for m in models:
         row = one_model(m, args, device)
-        log(f"{m:6s} rows {row['rows']} new {row['new_tokens']}: rollout {row['rollout_s'] * 1000:.0f} ms, old "
+        log(f"{m:6s} rows {row['rows']} new {row['new_tokens']}: rollout {row['rollout_s'] * 1000:.0f} ms ("
+            f"{row['rollout_step_ms']:.2f} ms a step + {row['rollout_fixed_s'] * 1000:.0f} ms fixed), old "
             f"log-probs {row['old_logprobs_s'] * 1000:.0f} ms, {row['updates_per_step']} updates "
             f"{row['update_s'] * 1000:.0f} ms")
         print(row["update_profile"], flush=True)
