@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# `python -m pytest` from the repository root puts the root on sys.path, where our kernels/ folder shadows Hugging
+# Face's `kernels` distribution (transformers 5.25+ imports it). The tests use hyloom as installed, like a user: the
+# root comes off the path here, and PYTHONSAFEPATH (Python 3.11+) keeps it off in the processes the tests start.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
 _forced = os.environ.get("HYLOOM_TEST_DEVICE", "")
 if _forced not in ("", "cpu", "cuda"):
     raise pytest.UsageError(f"HYLOOM_TEST_DEVICE must be cpu or cuda, not {_forced!r}")
