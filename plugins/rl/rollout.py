@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+DONE_CHECK_EVERY = 8  # decode steps between checks that every row has ended
+
 
 @dataclass
 class Rollout:
@@ -83,14 +85,14 @@ def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, 
     mask = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
     logps = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    longest = 0
     step = batch or N
     for lo in range(0, N, step):
         rows = slice(lo, min(lo + step, N))
         ids, valid = prompt_NP[rows], valid_NP[rows]
         pad_cols = int((~valid).all(0).long().cumprod(0).sum())  # columns that are padding in every row here
         ids, valid = ids[:, pad_cols:], valid[:, pad_cols:]
-        logits, cache = model.prefill(ids, valid)
+        # the whole length up front: a cache that grows mid-rollout reallocates and recaptures its decode graphs
+        logits, cache = model.prefill(ids, valid, capacity=ids.shape[1] + max_new_tokens)
         logits = logits[:, -1]  # prefill may return every position or only the last
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
@@ -99,11 +101,13 @@ def sample_completions(model, prompts: list[list[int]], *, max_new_tokens: int, 
             token = torch.where(live, token, torch.full_like(token, pad_id))
             tokens[rows, t], mask[rows, t], logps[rows, t] = token, live, torch.where(live, logp, 0.0)
             done |= token == eos_id
-            longest = max(longest, t + 1)
-            if t == max_new_tokens - 1 or bool(done.all()):
+            # asking the device whether every row is done waits for it: only every few steps, so that the host
+            # queues the next steps meanwhile (the steps after the last EOS only write padding)
+            if t == max_new_tokens - 1 or (t % DONE_CHECK_EVERY == DONE_CHECK_EVERY - 1 and bool(done.all())):
                 break
             logits = model.decode_step(token, cache)
         finished[rows] = done
+    longest = int(mask.sum(1).max()) if N else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return Rollout(prompt_NP, valid_NP, tokens[:, :longest], mask[:, :longest].float(), logps[:, :longest],

@@ -257,6 +257,41 @@ def test_sampler_logprobs_equal_the_training_forward(layout):
         torch.testing.assert_close(picked, roll.logp_NT[row, :n], atol=1e-5, rtol=0)
 
 
+def test_rollout_allocates_its_cache_once_and_stops_soon_after_every_row_ended(monkeypatch):
+    """The cache holds prompt + max_new_tokens from the prefill on (growing it mid-rollout would recapture the
+    decode graphs); once every row has drawn EOS the rollout stops at the next check and is trimmed to the
+    longest row."""
+    from hyloom.blueprint import blueprint_model
+    from hyloom.model import ModelCache
+
+    torch.manual_seed(0)
+    model = build_model(blueprint_model().model_validate({"model": {**MODEL, "layout": "LA"}}))
+    draws, real_draw = [], rollout_module._draw
+
+    end = 20  # every row ends with its 20th token, past the 16 slots a cache sized for the prompt would have
+
+    def eos_at_end(logits, temperature, generator):
+        token, logp = real_draw(logits, temperature, generator)
+        draws.append(token)
+        return (torch.full_like(token, 3) if len(draws) == end else torch.where(token == 3, 4, token)), logp
+
+    grown, real_reserve = [], ModelCache.reserve
+
+    def reserve(cache, tokens):
+        grown.extend([tokens] if cache.capacity and tokens > cache.capacity else [])
+        real_reserve(cache, tokens)
+
+    monkeypatch.setattr(rollout_module, "_draw", eos_at_end)
+    monkeypatch.setattr(ModelCache, "reserve", reserve)
+    roll = rollout_module.sample_completions(model, [[5, 6, 7], [8, 9]], max_new_tokens=40, temperature=1.0,
+                                             eos_id=3, generator=torch.Generator().manual_seed(1))
+    assert grown == []
+    every = rollout_module.DONE_CHECK_EVERY
+    assert len(draws) == -(-end // every) * every
+    assert roll.tokens_NT.shape[1] == end and roll.finished_N.all() and (roll.tokens_NT[:, -1] == 3).all()
+    assert roll.mask_NT.sum().item() == 2 * end
+
+
 def test_sft_documents_continue_the_grpo_prompt(cache):
     """The arithmetic data source writes the prompt exactly as the trainer shows it, then the worked solution, so
     the boxed answer is what the math verifier reads."""
