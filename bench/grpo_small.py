@@ -185,14 +185,14 @@ def sweep_accuracy(work: Path, eval_prompts: dict, levels: list[int], count: int
     return out
 
 
-def pick_levels(sweep: dict) -> tuple[int, int]:
+def pick_levels(sweep: dict, floor: float = FLOOR_ACCURACY) -> tuple[int, int]:
     """(easier, harder) levels for RL: `harder` is the first level where some model's sampled accuracy falls below
     FLOOR_ACCURACY, `easier` the level before it, where every model is still at or above it. When no level falls
     below the floor (run 2's sweep ended at 6 operations with 0.83 / 0.61), both are the hardest level measured:
     the sweep was too short. When the easiest level is already below it, both are that level.
     `sweep`: {model: {str(level): {"accuracy": ...}}}."""
     levels = sorted({int(k) for s in sweep.values() for k in s})
-    below = [k for k in levels if min(s[str(k)]["accuracy"] for s in sweep.values()) < FLOOR_ACCURACY]
+    below = [k for k in levels if min(s[str(k)]["accuracy"] for s in sweep.values()) < floor]
     if not below:
         return levels[-1], levels[-1]
     harder = below[0]
@@ -379,7 +379,7 @@ def summary(results: dict) -> str:
                 lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
         if "levels" in results:
             lines.append(f"RL difficulty: {levels_text(results['levels'])} operations (the hardest level with every "
-                         f"model's sampled accuracy >= {FLOOR_ACCURACY}, and the next; SFT saw "
+                         f"model's sampled accuracy >= {results.get('floor_accuracy', FLOOR_ACCURACY)}, and the next; SFT saw "
                          f"{results.get('sft_operations', '?')})")
     runs = [(m, a) for m, v in models.items() for a in arm_entries(v)]
     several = any("arms" in v for v in models.values())
@@ -452,7 +452,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=None, metavar="N",
                         help="SFT steps for every model instead of the number the budget gives (run 11: 300 steps "
                              "left a model that had not learned the format; docs/results/grpo.md)")
+    parser.add_argument("--floor", type=float, default=FLOOR_ACCURACY, metavar="ACC",
+                        help="RL's easier level is the hardest whose sampled SFT accuracy is at least ACC, its harder "
+                             "level the next one (pick_levels)")
     args = parser.parse_args(argv)
+    if not 0 < args.floor <= 1:
+        parser.error(f"--floor: a sampled accuracy in (0, 1], not {args.floor}")
     try:
         arms = parse_arms(args.arms)
     except ValueError as exc:
@@ -490,7 +495,7 @@ def main(argv=None) -> int:
                 parser.error(f"--arms: arm {a['name']!r} changes more than the GRPO stage")
     loaded = {m: (arm_loaded[0][m], loaded[m][1]) for m in models}  # the first arm's GRPO stage for a single run
     results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
-               "python": platform.python_version(), "floor_accuracy": FLOOR_ACCURACY, "overrides": args.set,
+               "python": platform.python_version(), "floor_accuracy": args.floor, "overrides": args.set,
                "models": {}}
     if len(arms) > 1:
         results["arms"] = arms
@@ -530,9 +535,9 @@ def main(argv=None) -> int:
         log(f"{m}: difficulty sweep")
         got = sweep_accuracy(work / m, eval_prompts, scale["sweep"], scale["sweep_prompts"], str(device))
         results["sweep"][m] = {str(k): v for k, v in got.items()}
-    levels = pick_levels(results["sweep"])
+    levels = pick_levels(results["sweep"], args.floor)
     if levels[0] == levels[1]:
-        log(f"warning: the sweep has no pair of levels on both sides of sampled accuracy {FLOOR_ACCURACY}; "
+        log(f"warning: the sweep has no pair of levels on both sides of sampled accuracy {args.floor}; "
             f"RL on {levels[0]} operations alone")
     longest = max(s[str(levels[1])]["solution_tokens_max"] for s in results["sweep"].values())
     prompt = max(s[str(levels[1])]["prompt_tokens_max"] for s in results["sweep"].values())
