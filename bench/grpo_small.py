@@ -378,8 +378,9 @@ def summary(results: dict) -> str:
             for key, what in (("accuracy", "sampled"), ("greedy_accuracy", "greedy")):
                 lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
         if "levels" in results:
+            floor = results.get("floor_accuracy", FLOOR_ACCURACY)
             lines.append(f"RL difficulty: {levels_text(results['levels'])} operations (the hardest level with every "
-                         f"model's sampled accuracy >= {results.get('floor_accuracy', FLOOR_ACCURACY)}, and the next; SFT saw "
+                         f"model's sampled accuracy >= {floor}, and the next; SFT saw "
                          f"{results.get('sft_operations', '?')})")
     runs = [(m, a) for m, v in models.items() for a in arm_entries(v)]
     several = any("arms" in v for v in models.values())

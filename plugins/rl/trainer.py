@@ -26,7 +26,7 @@ from hyloom.plugins.rl.config import GrpoConfig
 from hyloom.plugins.rl.prompts import PromptSetError, load_prompt_set
 from hyloom.plugins.rl.rollout import completion_logits, sample_completions
 from hyloom.plugins.rl.verifiers import build_verifier
-from hyloom.plugins.train.lm import compile_blocks
+from hyloom.plugins.train.lm import compile_blocks, use_compile
 from hyloom.train import (RunDir, SetupError, TrainingError, TrainRun, make_optimizer, resume_point, resume_training,
                           rng_state)
 
@@ -238,7 +238,7 @@ class GrpoTrainer:
             self._summary(model, env, len(train), len(held), point, start)
         env.barrier()
 
-        if cfg.compile:
+        if use_compile(cfg.compile, env.device):
             compile_blocks(model, dynamic=True)
         net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
@@ -474,7 +474,7 @@ class GrpoTrainer:
         terms = " + ".join(f"{v.weight:g} x {n}" for n, v in zip(self.scorer.names, cfg.verifiers))
         print(f"model    {model.num_parameters():,} parameters on {env.device} "
               f"({env.world} process{'es' if env.world > 1 else ''}), {'bf16 autocast' if bf16 else 'fp32'}"
-              f"{', compiled' if cfg.compile else ''}")
+              f"{', compiled' if use_compile(cfg.compile, env.device) else ''}")
         dropped = f" ({self.dropped:,} more left out: also held out)" if self.dropped else ""
         print(f"prompts  {n_train:,} for training ({cfg.prompts.type}){dropped}, {n_held:,} held out")
         print(f"reward   {terms}")

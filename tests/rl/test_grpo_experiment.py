@@ -79,6 +79,9 @@ def test_rl_levels_straddle_the_floor_on_the_gpu_runs_sweeps():
     # exactly at the floor still counts as solved; everything below it: the easiest level alone
     assert bench.pick_levels(table({"dense": [0.5, 0.4, 0.39]})) == (2, 3)
     assert bench.pick_levels(table({"dense": [0.3, 0.0]})) == (1, 1)
+    # --floor moves the pair: run 13's sweep (sampled 0.95 0.84 0.70 0.60 ...) at 0.7 trained on 3..4
+    run13 = table({"hybrid": [0.95, 0.84, 0.70, 0.60, 0.41, 0.38, 0.27, 0.22]})
+    assert bench.pick_levels(run13, floor=0.7) == (3, 4) and bench.pick_levels(run13) == (5, 6)
     assert bench.levels_text((4, 5)) == "4..5" and bench.levels_text((6, 6)) == "6"
 
 
