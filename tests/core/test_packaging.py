@@ -1,5 +1,6 @@
 """The distribution: a wheel and an editable install both import as `hyloom`, never as bare folders."""
 
+import json
 import re
 import subprocess
 import sys
@@ -11,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # prints the folders that the bare names core, plugins and kernels import from. Another project may own one of those
 # names (Hugging Face's `kernels`, which transformers 5.25+ requires), so the check is that none of them is ours.
-BARE_ORIGINS = ("import importlib.util\n"
+BARE_ORIGINS = ("import importlib.util, json\n"
                 "specs = [importlib.util.find_spec(m) for m in ('core', 'plugins', 'kernels')]\n"
-                "print([p for s in specs if s for p in (s.submodule_search_locations or [s.origin])])\n")
+                "print(json.dumps([p for s in specs if s for p in (s.submodule_search_locations or [s.origin])]))\n")
 
 
 def test_every_package_folder_is_listed_in_pyproject():
@@ -51,7 +52,7 @@ def test_wheel_installs_only_hyloom(tmp_path):
     assert out.returncode == 0, out.stderr
     n_params, origins = out.stdout.splitlines()
     assert int(n_params) > 0
-    assert not [p for p in eval(origins) if p.startswith(str(site))]
+    assert not [p for p in json.loads(origins) if p.startswith(str(site))]
 
 
 def test_editable_install_has_no_bare_modules(tmp_path):
@@ -59,4 +60,4 @@ def test_editable_install_has_no_bare_modules(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     ours = [str(ROOT / folder) for folder in ("core", "plugins", "kernels")]
-    assert not [p for p in eval(out.stdout) if p.startswith(tuple(ours))]
+    assert not [p for p in json.loads(out.stdout) if p.startswith(tuple(ours))]
