@@ -29,10 +29,11 @@ class Rollout:
     def lengths_N(self) -> torch.Tensor:
         return self.mask_NT.sum(1)
 
-    def completion_ids(self, row: int, eos_id: int) -> list[int]:
-        """Row `row`'s sampled ids without the EOS (what the verifiers read, decoded)."""
-        ids = self.tokens_NT[row, :int(self.mask_NT[row].sum())].tolist()
-        return ids[:-1] if ids and ids[-1] == eos_id and bool(self.finished_N[row]) else ids
+    def completion_ids(self, eos_id: int) -> list[list[int]]:
+        """Every row's sampled ids without the EOS (what the verifiers read, decoded), copied to the host at once
+        (row by row it would wait for the device three times a row)."""
+        rows = zip(self.tokens_NT.tolist(), self.lengths_N.long().tolist(), self.finished_N.tolist())
+        return [ids[:n - 1] if ended and n and ids[n - 1] == eos_id else ids[:n] for ids, n, ended in rows]
 
     def rows(self, index: torch.Tensor) -> "Rollout":
         """The rollout of rows `index`, trimmed to the longest prompt and completion among them."""

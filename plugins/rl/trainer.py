@@ -155,7 +155,7 @@ def score_prompts(model, tokenizer, records: list[dict], scorer: Scorer, *, temp
         roll = sample_completions(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                   eos_id=tokenizer.eos_id, generator=gen, batch=batch)
         model.train(was_training)
-        texts = [tokenizer.decode(roll.completion_ids(i, tokenizer.eos_id)) for i in range(len(mine))]
+        texts = [tokenizer.decode(ids) for ids in roll.completion_ids(tokenizer.eos_id)]
         rewards, accurate = scorer(mine, texts)
         total = scorer.total(rewards)
         lengths = roll.lengths_N.cpu()
@@ -280,7 +280,7 @@ class GrpoTrainer:
                                           batch=cfg.rollout_batch)
             model.train()
             rollout_end = time.perf_counter()
-            texts = [tokenizer.decode(roll.completion_ids(i, eos)) for i in range(len(roll.finished_N))]
+            texts = [tokenizer.decode(ids) for ids in roll.completion_ids(eos)]
             expanded = [r for r in records for _ in range(G)]
             rewards, accurate = self.scorer(expanded, texts)
             total = self.scorer.total(rewards)
@@ -458,12 +458,13 @@ class GrpoTrainer:
     # ---- reporting ---------------------------------------------------------------------------------------------
 
     def _log_completions(self, out: RunDir, step, records, texts, rewards, total, roll) -> None:
+        lengths, finished = roll.lengths_N.long().tolist(), roll.finished_N.tolist()
         with open(out.path / COMPLETIONS, "a") as f:
             for i in range(min(self.cfg.completions_logged, len(texts))):
                 row = {"step": step, "prompt": records[i]["prompt"], "completion": texts[i],
                        "reward": float(total[i]),
                        "rewards": {n: float(rewards[i, k]) for k, n in enumerate(self.scorer.names)},
-                       "length": int(roll.mask_NT[i].sum()), "finished": bool(roll.finished_N[i])}
+                       "length": lengths[i], "finished": finished[i]}
                 if "answer" in records[i]:
                     row["answer"] = records[i]["answer"]
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -292,6 +292,17 @@ def test_rollout_allocates_its_cache_once_and_stops_soon_after_every_row_ended(m
     assert roll.mask_NT.sum().item() == 2 * end
 
 
+def test_completion_ids_drop_only_a_final_eos():
+    """What the verifiers read: each row's sampled tokens up to its length, without the EOS that ended it; a row cut
+    at max_new_tokens keeps every token."""
+    eos, pad = 3, 0
+    tokens = torch.tensor([[7, 8, eos, pad], [9, eos, pad, pad], [5, 6, 7, 8]])
+    mask = (torch.arange(4) < torch.tensor([[3], [2], [4]])).float()
+    roll = rollout_module.Rollout(torch.ones(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.bool), tokens,
+                                  mask, torch.zeros(3, 4), torch.tensor([True, True, False]), 0.0)
+    assert roll.completion_ids(eos) == [[7, 8], [9], [5, 6, 7, 8]]
+
+
 def test_sft_documents_continue_the_grpo_prompt(cache):
     """The arithmetic data source writes the prompt exactly as the trainer shows it, then the worked solution, so
     the boxed answer is what the math verifier reads."""
