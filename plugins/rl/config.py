@@ -214,8 +214,10 @@ class GrpoConfig(BaseModel):
     log_every: PositiveInt = Field(1, description="steps between metrics.jsonl lines")
     max_seconds: PositiveFloat | None = Field(None, description="stop (evaluate, save) at the first step that ends "
                                                                 "past this many seconds of training; null: no limit")
-    reward_workers: PositiveInt = Field(8, description="threads scoring completions (python_tests runs one "
-                                                       "sandbox process per completion)")
+    reward_workers: PositiveInt = Field(8, description="threads scoring completions when a verifier waits on "
+                                                       "something (python_tests: one sandbox process per "
+                                                       "completion); verifiers that only compute run on the "
+                                                       "trainer's thread")
     seed: int = 0
     out_dir: str = Field("runs/grpo", description="run directory: checkpoints, metrics.jsonl, completions.jsonl, "
                                                   "rewards.png")

@@ -63,7 +63,10 @@ class Scorer:
         first = cfg.verifiers[0].verifier
         # a plugin verifier without a `correct` setting counts a positive reward as correct
         self.correct = getattr(first, "correct", None)
-        self.workers = cfg.reward_workers
+        # threads only when some verifier waits (a sandbox process, a service): verifiers that only compute hold
+        # the GIL, and a pool around them only adds its overhead (2.7x the math verifier's time on 512 completions)
+        blocking = any(getattr(v, "blocking", False) for v in self.verifiers)
+        self.workers = cfg.reward_workers if blocking else 1
 
     def _one(self, item):
         record, text = item

@@ -176,6 +176,7 @@ def extract_code(completion: str) -> str:
 
 
 class PythonTestsVerifier:
+    blocking = True  # waits on a sandbox process: the trainer scores completions on reward_workers threads
     def __init__(self, cfg: PythonTestsConfig):
         self.cfg = cfg
         self.limits = Limits(wall_s=cfg.timeout_s, cpu_s=cfg.cpu_s, memory_mb=cfg.memory_mb,

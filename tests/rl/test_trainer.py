@@ -303,6 +303,28 @@ def test_completion_ids_drop_only_a_final_eos():
     assert roll.completion_ids(eos) == [[7, 8], [9], [5, 6, 7, 8]]
 
 
+def test_only_verifiers_that_wait_are_scored_on_threads(monkeypatch):
+    """A thread pool around verifiers that only compute would add its overhead and no parallelism (the GIL);
+    python_tests waits on a sandbox process per completion, so its completions are scored on reward_workers threads."""
+    from hyloom.plugins.rl.config import GrpoConfig
+
+    pools = []
+
+    class Counting(trainer_module.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(trainer_module, "ThreadPoolExecutor", Counting)
+    record = {"prompt": "2 + 2", "answer": "4", "tests": ["assert f() == 4"]}
+    compute = trainer_module.Scorer(GrpoConfig(verifiers=[{"verifier": {"type": "math"}}, DIGIT]))
+    rewards, accurate = compute([record] * 3, ["\\boxed{4}", "\\boxed{5}", "x"])
+    assert pools == [] and accurate.tolist() == [True, False, False]
+    waiting = trainer_module.Scorer(GrpoConfig(verifiers=[{"verifier": {"type": "python_tests"}}], reward_workers=3))
+    rewards, accurate = waiting([record] * 2, ["def f():\n    return 4", "def f():\n    return 5"])
+    assert pools == [3] and accurate.tolist() == [True, False]
+
+
 def test_sft_documents_continue_the_grpo_prompt(cache):
     """The arithmetic data source writes the prompt exactly as the trainer shows it, then the worked solution, so
     the boxed answer is what the math verifier reads."""
