@@ -23,7 +23,11 @@ everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a
    (max_seconds; the models' shares are equal, fixed before the first one starts). Held-out accuracy is the
    share of correct completions sampled at temperature 1 (one per problem, 512 problems of the same mix:
    JustRL's avg@k with k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same
-   problems is measured before and after, and each level's accuracy after GRPO on the sweep's own problems.
+   problems is measured before and after, and each level's accuracy after GRPO on the sweep's own problems (the
+   RL levels and the one after them: did RL teach past its own levels?).
+
+--levels LO,HI sets the RL levels instead of the picker: with `--set data.source.steps=4` (SFT on 1..4 only) and
+`--levels 4,5`, RL trains past the range SFT saw, where what it gains is new behaviour rather than sharpening.
 
 Arms (--arms SPEC): several GRPO runs from the same SFT models, so that a comparison of GRPO settings is not also
 one of SFT models (runs 4-6 each trained their own, for a step count set by measured speed, and picked their own
@@ -198,6 +202,20 @@ def pick_levels(sweep: dict, floor: float = FLOOR_ACCURACY) -> tuple[int, int]:
     harder = below[0]
     easier = max((k for k in levels if k < harder), default=harder)
     return easier, harder
+
+
+def parse_levels(spec: str | None, sweep: list[int]) -> tuple[int, int] | None:
+    """--levels "LO,HI" (or one level "K") as a pair of levels the sweep measures; None when not given."""
+    if spec is None:
+        return None
+    try:
+        parts = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"LO,HI as two numbers of operations, not {spec!r}") from None
+    lo, hi = parts[0], parts[-1]
+    if len(parts) > 2 or not sweep[0] <= lo <= hi <= sweep[-1]:
+        raise ValueError(f"LO <= HI within the sweep's {sweep[0]}..{sweep[-1]} operations, not {spec!r}")
+    return lo, hi
 
 
 def levels_text(levels) -> str:
@@ -379,8 +397,9 @@ def summary(results: dict) -> str:
                 lines.append(f"  {m + ', ' + what:<46}" + "  ".join(f"{s[str(k)][key]:>5.2f}" for k in levels))
         if "levels" in results:
             floor = results.get("floor_accuracy", FLOOR_ACCURACY)
-            lines.append(f"RL difficulty: {levels_text(results['levels'])} operations (the hardest level with every "
-                         f"model's sampled accuracy >= {floor}, and the next; SFT saw "
+            why = ("set by --levels" if results.get("forced_levels") else
+                   f"the hardest level with every model's sampled accuracy >= {floor}, and the next")
+            lines.append(f"RL difficulty: {levels_text(results['levels'])} operations ({why}; SFT saw "
                          f"{results.get('sft_operations', '?')})")
     runs = [(m, a) for m, v in models.items() for a in arm_entries(v)]
     several = any("arms" in v for v in models.values())
@@ -456,9 +475,16 @@ def main(argv=None) -> int:
     parser.add_argument("--floor", type=float, default=FLOOR_ACCURACY, metavar="ACC",
                         help="RL's easier level is the hardest whose sampled SFT accuracy is at least ACC, its harder "
                              "level the next one (pick_levels)")
+    parser.add_argument("--levels", default=None, metavar="LO,HI",
+                        help="RL on LO..HI operations whatever the sweep says (instead of --floor), e.g. 4,5 after "
+                             "SFT on 1..4 (--set data.source.steps=4): RL past the range SFT saw")
     args = parser.parse_args(argv)
     if not 0 < args.floor <= 1:
         parser.error(f"--floor: a sampled accuracy in (0, 1], not {args.floor}")
+    try:
+        forced = parse_levels(args.levels, SCALES[args.scale]["sweep"])
+    except ValueError as exc:
+        parser.error(f"--levels: {exc}")
     try:
         arms = parse_arms(args.arms)
     except ValueError as exc:
@@ -496,7 +522,8 @@ def main(argv=None) -> int:
                 parser.error(f"--arms: arm {a['name']!r} changes more than the GRPO stage")
     loaded = {m: (arm_loaded[0][m], loaded[m][1]) for m in models}  # the first arm's GRPO stage for a single run
     results = {"scale": args.scale, "device": str(device), "budget_seconds": budget, "torch": torch.__version__,
-               "python": platform.python_version(), "floor_accuracy": args.floor, "overrides": args.set,
+               "python": platform.python_version(), "floor_accuracy": args.floor, "forced_levels": forced,
+               "overrides": args.set,
                "models": {}}
     if len(arms) > 1:
         results["arms"] = arms
@@ -536,8 +563,8 @@ def main(argv=None) -> int:
         log(f"{m}: difficulty sweep")
         got = sweep_accuracy(work / m, eval_prompts, scale["sweep"], scale["sweep_prompts"], str(device))
         results["sweep"][m] = {str(k): v for k, v in got.items()}
-    levels = pick_levels(results["sweep"], args.floor)
-    if levels[0] == levels[1]:
+    levels = forced or pick_levels(results["sweep"], args.floor)
+    if forced is None and levels[0] == levels[1]:
         log(f"warning: the sweep has no pair of levels on both sides of sampled accuracy {args.floor}; "
             f"RL on {levels[0]} operations alone")
     longest = max(s[str(levels[1])]["solution_tokens_max"] for s in results["sweep"].values())
@@ -561,8 +588,8 @@ def main(argv=None) -> int:
         g = run_grpo(arm_loaded[arm][m], run, results["models"][m]["sft"]["steps"], levels, results["max_new_tokens"],
                      share, str(device), sft_run=None if arm == 0 else work / m / "sft")
         log(f"{who}: accuracy by level after GRPO")
-        got = sweep_accuracy(run, eval_prompts, list(range(levels[0], levels[1] + 1)), scale["sweep_prompts"],
-                             str(device), folder="grpo")
+        after = [k for k in range(levels[0], levels[1] + 2) if k in scale["sweep"]]  # and one level past them
+        got = sweep_accuracy(run, eval_prompts, after, scale["sweep_prompts"], str(device), folder="grpo")
         g["by_level"] = {str(k): v for k, v in got.items()}
         if arm == 0:
             results["models"][m]["grpo"] = g

@@ -85,6 +85,19 @@ def test_rl_levels_straddle_the_floor_on_the_gpu_runs_sweeps():
     assert bench.levels_text((4, 5)) == "4..5" and bench.levels_text((6, 6)) == "6"
 
 
+def test_levels_option_forces_the_rl_levels_within_the_sweep():
+    bench = script()
+    sweep = list(range(1, 9))
+    assert bench.parse_levels(None, sweep) is None
+    assert bench.parse_levels("4,5", sweep) == (4, 5) and bench.parse_levels("5", sweep) == (5, 5)
+    for bad in ("5,4", "0,1", "8,9", "4,5,6", "four", ""):
+        with pytest.raises(ValueError, match="LO"):
+            bench.parse_levels(bad, sweep)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", "/nonexistent/never-written", "--levels", "9,10"])
+    assert exit_.value.code == 2
+
+
 def test_figures_and_summary_from_a_results_file(tmp_path):
     bench = script()
     curve = [{"step": s, "entropy": 1.0 - 0.1 * s, "response_length_mean": 30.0 + s, "clipped": 0.0,
@@ -122,7 +135,8 @@ def test_toy_run_end_to_end(tmp_path):
         assert 0 <= g["greedy_accuracy_before"] <= 1 and 0 <= g["greedy_accuracy_after"] <= 1
     lo, hi = results["levels"]
     assert 1 <= lo <= hi <= 4 and hi - lo <= 1
-    assert set(results["models"]["dense"]["grpo"]["by_level"]) == {str(k) for k in range(lo, hi + 1)}
+    # the RL levels and the next one, where the toy sweep (1..4) has it
+    assert set(results["models"]["dense"]["grpo"]["by_level"]) == {str(k) for k in range(lo, min(hi + 1, 4) + 1)}
     assert (tmp_path / "out" / "accuracy.png").exists() and (tmp_path / "out" / "summary.txt").exists()
 
 
