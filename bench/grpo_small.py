@@ -5,19 +5,17 @@
 For each of blueprints/experiments/grpo-dense.yaml and grpo-hybrid.yaml (the same 7.5M-parameter trunk; attention
 everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a user would run them:
 
-1. `sft`: next-token training on generated arithmetic problems of 1..8 operations written as prompt + worked
+1. `sft`: next-token training on generated arithmetic problems of 1..4 operations written as prompt + worked
    solution + \\boxed{answer}. Both models get the same number of steps, set from the time budget and the slower
-   model's step time (a few optimizer steps are timed first), at most sft_max_steps.
-2. Difficulty: each SFT model answers held-out problems of 1..8 operations (the range SFT saw), sampled at
-   temperature 1 (the policy GRPO trains) and greedy. RL draws its problems from two levels (pick_levels): the
-   hardest where every model still solves at least FLOOR_ACCURACY of them, and the next one, where some model
-   falls below it. A group of G completions teaches only when its rewards differ; run 3 trained on the first
-   level below the floor alone (5 operations, ~3% solved) and 98% (dense) / 75% (hybrid) of its groups got one
-   reward for all G (mean over the run; at ~3% that is all wrong). The easier level keeps rewarded groups in every
-   batch, the harder one holds what there is to learn. Run 3's SFT stopped at 4 operations and accuracy fell off a
-   cliff at 5 (its models wrote four lines whatever the prompt asked): RL cannot teach a format the policy never
-   samples, so SFT now covers every level RL and the sweep use, and its step cap keeps it from mastering the hard
-   ones (run 2: 0.83 at 6 operations), leaving RL accuracy to gain on problems the policy sometimes solves.
+   model's step time (a few optimizer steps are timed first), at most sft_max_steps (900; --sft-steps fixes it).
+2. Difficulty: each SFT model answers held-out problems of 1..8 operations, sampled at temperature 1 (the policy
+   GRPO trains) and greedy. RL draws its problems from two levels (pick_levels): the hardest where every model
+   still solves at least FLOOR_ACCURACY of them, and the next one, where some model falls below it; --levels sets
+   them instead. After SFT on 1..4 that is 4..5: accuracy falls off a cliff one operation past SFT's range (the
+   models write four lines whatever the prompt asks; 1-5% of 5-operation problems right), and GRPO teaches the
+   fifth line from the few samples that write it (runs 14-16 in docs/results/grpo.md). The easier level keeps
+   rewarded groups in every batch. Runs 4-13 SFT'd on 1..8 and RL'd inside that range, where GRPO only sharpened
+   the samples toward the greedy answers (+5 points after 600 steps, flat).
 3. `grpo`: the blueprint's GRPO stage (G = 8, 64 prompts a step, 4 mini-batch updates, constant LR after warmup)
    on problems of those levels (each problem's level drawn uniformly), stopped by its share of the budget
    (max_seconds; the models' shares are equal, fixed before the first one starts). Held-out accuracy is the
@@ -25,9 +23,6 @@ everywhere vs Lightning with 1:3 attention), the blueprint's two stages run as a
    JustRL's avg@k with k = 1) at step 0 (= the SFT model) and every 10 steps; greedy accuracy on the same
    problems is measured before and after, and each level's accuracy after GRPO on the sweep's own problems (the
    RL levels and the one after them: did RL teach past its own levels?).
-
---levels LO,HI sets the RL levels instead of the picker: with `--set data.source.steps=4` (SFT on 1..4 only) and
-`--levels 4,5`, RL trains past the range SFT saw, where what it gains is new behaviour rather than sharpening.
 
 Arms (--arms SPEC): several GRPO runs from the same SFT models, so that a comparison of GRPO settings is not also
 one of SFT models (runs 4-6 each trained their own, for a step count set by measured speed, and picked their own
@@ -71,9 +66,8 @@ FLOOR_ACCURACY = 0.40  # sampled held-out accuracy every SFT model keeps on the 
 SCALES = {
     "full": {
         "overrides": [], "model_overrides": {"dense": [], "hybrid": []},
-        # run 2 (1,413 / 1,088 SFT steps on 1..6 operations): sampled accuracy 0.83 / 0.61 at 6 operations, too
-        # strong for RL to show much; the cap keeps SFT from growing with a larger GPU share
-        "sft_share": 0.12, "sft_min_steps": 200, "sft_max_steps": 1500, "reserve_share": 0.04,
+        # the cap keeps SFT the same on a larger GPU share: runs 14-16 (SFT on 1..4) ran 900 steps
+        "sft_share": 0.12, "sft_min_steps": 200, "sft_max_steps": 900, "reserve_share": 0.04,
         "grpo_overhead": 13.0,  # seconds per model outside max_seconds: setup, checkpoint, greedy, levels after
         "sweep": [1, 2, 3, 4, 5, 6, 7, 8], "sweep_prompts": 128,
     },

@@ -210,3 +210,23 @@ def test_figures_and_summary_of_arms_from_a_results_file(tmp_path):
     text = (tmp_path / "summary.txt").read_text()
     assert "  2. lr=2e-5: stages.1.train.lr=2e-5" in text
     assert "hybrid, lr=2e-5" in text and "0.300 -> 0.500 (+20.0)" in text and "0.300 -> 0.400 (+10.0)" in text
+
+
+def test_compare_draws_every_models_curve_of_several_results(tmp_path, capsys):
+    compare = load_bench("grpo_compare")
+
+    def results(path, before, after):
+        curve = [{"step": 0, "accuracy": before}, {"step": 10, "accuracy": after}]
+        path.write_text(json.dumps({"models": {"dense": {"grpo": {"eval_curve": curve}},
+                                               "hybrid": {"sft": {"steps": 5}}}}))  # no GRPO run: left out
+        return path
+
+    one, two = results(tmp_path / "a.json", 0.3, 0.5), results(tmp_path / "b.json", 0.2, 0.6)
+    assert compare.main(["--out", str(tmp_path / "c.png"), f"seed 1={one}", f"={two}"]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert capsys.readouterr().out.splitlines() == ["dense seed 1: 0.300 -> 0.500 in 10 steps",
+                                                     "dense: 0.200 -> 0.600 in 10 steps"]
+    for bad in ([str(one)], [f"x={tmp_path / 'missing.json'}"]):
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(["--out", str(tmp_path / "d.png"), *bad])
+        assert exit_.value.code == 2
