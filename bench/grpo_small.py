@@ -36,7 +36,9 @@ GRPO stage alone in WORK/MODEL-armk, starting from WORK/MODEL/sft through the st
 Writes into --out after every phase (a timeout keeps what finished): results.json (plan, SFT, difficulty sweep,
 per model: GRPO curves, before/after accuracy, rollout tokens/s, the checkpoint GRPO started from and a checksum of
 its weights; with several arms `grpo` is the first arm and `arms` lists every arm: name, overrides and the same
-fields), accuracy.png, dynamics.png (entropy and response length), sweep.png and summary.txt. Runs (checkpoints) go
+fields), accuracy.png, dynamics.png (entropy and response length), sweep.png, summary.txt, and each GRPO run's
+completions log as completions-RUN.jsonl (RUN: the model, or MODEL-armK; `--set
+stages.1.train.completions_logged=64` logs more of each sampled step). Runs (checkpoints) go
 to --work (default: OUT/runs).
 """
 
@@ -585,6 +587,9 @@ def main(argv=None) -> int:
         after = [k for k in range(levels[0], levels[1] + 2) if k in scale["sweep"]]  # and one level past them
         got = sweep_accuracy(run, eval_prompts, after, scale["sweep_prompts"], str(device), folder="grpo")
         g["by_level"] = {str(k): v for k, v in got.items()}
+        log_file = run / "grpo" / "completions.jsonl"  # what the rewards were given for: with the results
+        if log_file.exists():
+            shutil.copyfile(log_file, out / f"completions-{run.name}.jsonl")
         if arm == 0:
             results["models"][m]["grpo"] = g
         if len(arms) > 1:

@@ -138,6 +138,9 @@ def test_toy_run_end_to_end(tmp_path):
     # the RL levels and the next one, where the toy sweep (1..4) has it
     assert set(results["models"]["dense"]["grpo"]["by_level"]) == {str(k) for k in range(lo, min(hi + 1, 4) + 1)}
     assert (tmp_path / "out" / "accuracy.png").exists() and (tmp_path / "out" / "summary.txt").exists()
+    for m in ("dense", "hybrid"):  # the completions logs come with the results
+        rows = [json.loads(line) for line in (tmp_path / "out" / f"completions-{m}.jsonl").read_text().splitlines()]
+        assert rows and rows[0]["step"] == 1 and "completion" in rows[0]  # the first step, sampled
 
 
 def test_arms_parse_into_named_grpo_overrides():
@@ -188,6 +191,9 @@ def test_arms_toy_run_end_to_end(tmp_path):
         assert rows[0] == rows[1]
     text = (tmp_path / "out" / "summary.txt").read_text()
     assert all(f"{m}, lr={lr}" in text for m in ("dense", "hybrid") for lr in ("1e-4", "3e-4"))
+    assert {p.name for p in (tmp_path / "out").glob("completions-*.jsonl")} == {
+        "completions-dense.jsonl", "completions-hybrid.jsonl", "completions-dense-arm2.jsonl",
+        "completions-hybrid-arm2.jsonl"}
     assert (tmp_path / "out" / "accuracy.png").exists()
 
 
