@@ -472,8 +472,8 @@ def main(argv=None) -> int:
                         help="RL's easier level is the hardest whose sampled SFT accuracy is at least ACC, its harder "
                              "level the next one (pick_levels)")
     parser.add_argument("--levels", default=None, metavar="LO,HI",
-                        help="RL on LO..HI operations whatever the sweep says (instead of --floor), e.g. 4,5 after "
-                             "SFT on 1..4 (--set data.source.steps=4): RL past the range SFT saw")
+                        help="RL on LO..HI operations whatever the sweep says (instead of --floor), e.g. 4,5: "
+                             "one operation past SFT's 1..4")
     args = parser.parse_args(argv)
     if not 0 < args.floor <= 1:
         parser.error(f"--floor: a sampled accuracy in (0, 1], not {args.floor}")
