@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
-from experiment import autocast, make_log, timed_train_steps  # noqa: E402
+from experiment import autocast, make_log, run_main, timed_train_steps  # noqa: E402
 
 log = make_log("grpo-small")
 
@@ -605,4 +605,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "grpo_small")

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
-from experiment import autocast, make_log, sync, write_json  # noqa: E402
+from experiment import autocast, make_log, run_main, sync, write_json  # noqa: E402
 
 log = make_log("grpo-step")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     from hyloom import __version__
     from hyloom.train import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     record = {"bench": "grpo-step", "device": name, "torch": torch.__version__, "hyloom": __version__,
               "python": platform.python_version(), "date": datetime.date.today().isoformat(),
@@ -157,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "grpo_step")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/experiment.py, also when loaded by path
-from experiment import autocast, make_log, write_json  # noqa: E402
+from experiment import autocast, make_log, run_main, write_json  # noqa: E402
 
 log = make_log("rollout")
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from hyloom import __version__
     from hyloom.train import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     plan = QUICK if args.quick else FULL
     longest = PROMPT + max(plan["new_tokens"])
     record = {"bench": "rollout", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -127,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "rollout")
