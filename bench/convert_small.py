@@ -133,6 +133,8 @@ def calibrate(teacher_bp, student_bp, device, longest: int, eval_batch: int, ste
     out["teacher_forward_longest_s"] = forward_time(teacher, eval_batch, longest, 1)
     del teacher
     student = build_model(student_bp, device=device)  # all twins: the align stage's model
+    if use_compile(student_bp.stages[2].train.compile, device):  # as the distill trainer runs it
+        compile_blocks(student)
     out["student_step_s"] = step_time(student, conv_batch)
     student.eval()
     out["student_forward_longest_s"] = forward_time(student, eval_batch, longest, 1)

@@ -4,7 +4,7 @@ without torch."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
@@ -35,6 +35,9 @@ class DistillConfig(_ConversionTrainerConfig):
     min_lr_ratio: float = Field(0.3, ge=0, le=1, description="final LR as a share of the peak")
     temperature: PositiveFloat = Field(1.0, description="both distributions are softened by it; the loss is "
                                                         "scaled by its square so gradients keep their size")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile each student block for the "
+                                                                "training steps (as the lm trainer); auto: on "
+                                                                "CUDA only")
     transfer: bool | None = Field(None, description="start the student from the teacher's weights (SPEC §6 step 0); "
                                                     "null: only when the stage does not start from an earlier "
                                                     "stage's or an init checkpoint")

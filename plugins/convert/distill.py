@@ -17,6 +17,7 @@ from hyloom.plugins.convert.config import DistillConfig
 from hyloom.plugins.convert.loop import fit_loop
 from hyloom.plugins.convert.teacher import check_fits, check_tokenizer, load_teacher, teacher_spec
 from hyloom.plugins.convert.transfer import transfer
+from hyloom.plugins.train.lm import compile_blocks, use_compile
 
 
 def forward_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
@@ -57,6 +58,9 @@ class DistillTrainer:
         if transferring:
             transfer(teacher, model)
         model.requires_grad_(True)
+        compiled = use_compile(cfg.compile, env.device)
+        if compiled:  # only passes with gradients run compiled: held-out evaluations stay eager
+            compile_blocks(model)
 
         def step(net, batch_BT1):
             ids = batch_BT1[:, :-1]
@@ -76,6 +80,6 @@ class DistillTrainer:
         start = "the teacher's weights (transfer)" if transferring else f"{getattr(run, 'init', None) or 'its weights'}"
         summary = [f"teacher  {cfg.teacher} ({teacher.num_parameters():,} parameters), frozen",
                    f"student  layout {''.join(model.spec.layout)}, from {start}; every weight trains on the forward "
-                   f"KL to the teacher (temperature {cfg.temperature:g})"]
+                   f"KL to the teacher (temperature {cfg.temperature:g}){', compiled' if compiled else ''}"]
         return fit_loop(cfg, name="distill", model=model, trains=model, data=data, run=run, resolved=run.resolved,
                         train_step=step, evaluate=evaluate, summary=summary)
