@@ -14,6 +14,12 @@ TEACHER = Field(description="the Transformer being converted: a hyloom checkpoin
                             "checkpoint) or a Hugging Face Llama/Qwen3 directory (config.json + safetensors)")
 
 
+GATE_INIT = Field("random", description="how a kept attention layer's output gate starts when the teacher has "
+                                         "none: random (SPEC §6: sigmoid ≈ 0.5 with noise scales the copied "
+                                         "output) or neutral (zero gate weights and o_proj doubled: the layer "
+                                         "starts as exactly the teacher's)")
+
+
 class _ConversionTrainerConfig(TrainingSettings):
     """What both stages share with the `lm` trainer (the optimizer, schedule, run directory, cadences, and
     torchrun: batch_size is global, shared among the processes), less weight decay."""
@@ -38,6 +44,7 @@ class DistillConfig(_ConversionTrainerConfig):
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each student block for the "
                                                                 "training steps (as the lm trainer); auto: on "
                                                                 "CUDA only")
+    gate_init: Literal["random", "neutral"] = GATE_INIT
     transfer: bool | None = Field(None, description="start the student from the teacher's weights (SPEC §6 step 0); "
                                                     "null: only when the stage does not start from an earlier "
                                                     "stage's or an init checkpoint")
@@ -55,6 +62,7 @@ class SelectConfig(BaseModel):
                                                        "0.25 of 28 is 7)")
     attention: str | None = Field(None, description="the model.mixers symbol of the kept attention layers (null: "
                                                     "the one attention symbol there)")
+    gate_init: Literal["random", "neutral"] = GATE_INIT
     batch_size: PositiveInt = Field(8, description="sequences the measuring selectors run at once")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="auto (CUDA when there is one), cpu, cuda or cuda:N; under torchrun: auto, "

@@ -56,7 +56,7 @@ class DistillTrainer:
         check_tokenizer(cfg.teacher, data.dir)
         teacher = load_teacher(cfg.teacher, device=env.device, dtype=next(model.parameters()).dtype)
         if transferring:
-            transfer(teacher, model)
+            transfer(teacher, model, cfg.gate_init)
         model.requires_grad_(True)
         compiled = use_compile(cfg.compile, env.device)
         if compiled:  # only passes with gradients run compiled: held-out evaluations stay eager

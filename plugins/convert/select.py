@@ -116,7 +116,8 @@ class SelectTrainer:
                 if not any(name.startswith(f"layers.{i}.mixer.") for i in kept):
                     tensor.copy_(mine[name])
             for i in kept:
-                copy_attention(teacher.layers[i].mixer, hybrid.layers[i].mixer, hybrid.spec.init_std)
+                copy_attention(teacher.layers[i].mixer, hybrid.layers[i].mixer, hybrid.spec.init_std,
+                               cfg.gate_init)
         resolved = copy.deepcopy(run.resolved)
         resolved["model"] = hybrid_section
         path = out.save(0, hybrid, resolved, {"step": 0}, keep=1,

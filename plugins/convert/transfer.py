@@ -1,8 +1,9 @@
 """Weight transfer, Transformer teacher → hybrid student (SPEC §6 step 0).
 
 Everything outside the mixers (embedding, norms, FFNs, head) is copied. A kept attention layer copies the
-teacher's attention exactly; its output gate, when the teacher has none, starts fresh (HyPE takes its RoPE away
-through the position policy, not here). A Lightning twin starts from the teacher layer's W_q, W_k, W_v, W_o and
+teacher's attention exactly; its output gate, when the teacher has none, starts fresh, random as SPEC §6 has it or
+neutral (the layer then starts as exactly the teacher's; HyPE takes its RoPE away through the position policy,
+not here). A Lightning twin starts from the teacher layer's W_q, W_k, W_v, W_o and
 QK-norm, with each K/V head repeated for the query heads that shared it (GQA → MHA); its output norm and gate
 start fresh. `check_fits` (teacher.py) has refused every student these copies do not fit.
 """
@@ -27,14 +28,19 @@ def repeat_kv(weight_KD: torch.Tensor, kv_heads: int, heads: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def copy_attention(src: GroupedQKV, dst: GroupedQKV, init_std: float) -> None:
-    """dst computes what src computes (given the same position encoding); a gate src lacks starts fresh."""
+def copy_attention(src: GroupedQKV, dst: GroupedQKV, init_std: float, gate: str = "random") -> None:
+    """dst computes what src computes (given the same position encoding); a gate src lacks starts fresh: random
+    (SPEC §6; sigmoid ≈ 0.5 with per-channel noise scales the copied output) or neutral (zero weights, o_proj
+    doubled: 2 · sigmoid(0) = 1, so the layer starts as exactly the teacher's)."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
         if getattr(dst, name) is not None:
             getattr(dst, name).weight.copy_(getattr(src, name).weight)
     if dst.g_proj is not None:
         if src.g_proj is not None:
             dst.g_proj.weight.copy_(src.g_proj.weight)
+        elif gate == "neutral":
+            dst.g_proj.weight.zero_()
+            dst.o_proj.weight.mul_(2)
         else:
             nn.init.normal_(dst.g_proj.weight, std=init_std)
 
@@ -60,8 +66,9 @@ def twin_from_attention(src: GroupedQKV, dst: Lightning, init_std: float) -> Non
 
 
 @torch.no_grad()
-def transfer(teacher, student) -> None:
-    """Fill `student` (in place) from `teacher`; both are HybridLMs that `check_fits` accepted."""
+def transfer(teacher, student, gate: str = "random") -> None:
+    """Fill `student` (in place) from `teacher`; both are HybridLMs that `check_fits` accepted. `gate`: how a kept
+    attention layer's fresh output gate starts (copy_attention)."""
     own = {k for k in student.state_dict() if ".mixer." not in k}
     theirs = teacher.state_dict()
     for name, tensor in student.state_dict().items():
@@ -73,7 +80,7 @@ def transfer(teacher, student) -> None:
         if isinstance(dst, Lightning):
             twin_from_attention(src, dst, init_std)
         elif isinstance(dst, GroupedQKV):
-            copy_attention(src, dst, init_std)
+            copy_attention(src, dst, init_std, gate)
         else:  # check_fits refuses this first; here so a caller that skipped it hears why
             raise TypeError(f"layer {i}: no weight transfer into {type(dst).__name__}")
 

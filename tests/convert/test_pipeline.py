@@ -83,6 +83,17 @@ def test_the_hybrid_keeps_the_teachers_attention_and_the_aligned_twins(pipeline,
         assert torch.equal(hybrid[key], aligned[key]), key
 
 
+def test_a_neutral_gate_starts_the_kept_layers_as_the_teachers(tmp_path, cache, teacher_dir):
+    """select's gate_init: neutral gives each kept layer a zero gate and o_proj doubled (2 · sigmoid(0) = 1)."""
+    out = tmp_path / "run"
+    assert main(args(out, cache, teacher_dir, "stages.1.train.gate_init=neutral")) == 0
+    kept = json.loads((out / "select" / "selection.json").read_text())["kept"][0]
+    hybrid, teacher = load_safetensors(RunDir(out / "select").latest()), load_safetensors(teacher_dir)
+    prefix = f"layers.{kept}.mixer."
+    assert not hybrid[prefix + "g_proj.weight"].any()
+    assert torch.equal(hybrid[prefix + "o_proj.weight"], 2 * teacher[prefix + "o_proj.weight"])
+
+
 def test_resume_auto_after_a_crash_between_stages(tmp_path, cache, teacher_dir, pipeline, monkeypatch, capsys):
     out = tmp_path / "run"
 

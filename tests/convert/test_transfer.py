@@ -32,6 +32,22 @@ def test_with_every_layer_kept_the_student_is_the_teacher(teacher_dir):
     torch.testing.assert_close(student_model(x), teacher(x), rtol=0, atol=1e-5)
 
 
+def test_a_neutral_gate_keeps_the_teachers_function_and_a_random_one_does_not(teacher_dir):
+    """Kept attention layers gain an output gate the teacher lacks. gate "neutral" (zero gate weights, o_proj
+    doubled) starts each such layer as exactly the teacher's: with every layer kept and the teacher's RoPE, the
+    student's logits are the teacher's; the SPEC's random gate (sigmoid ≈ 0.5 with noise) changes them."""
+    teacher = load_teacher(teacher_dir, device="cpu")
+    gated = {**TEACHER, "mixers": {"A": {**TEACHER["mixers"]["A"], "gate": True}}}
+    x = ids()
+    for gate, equal in (("neutral", True), ("random", False)):
+        s = build(gated, seed=7)
+        transfer(teacher, s, gate)
+        assert torch.allclose(s(x), teacher(x), rtol=0, atol=1e-5) == equal, gate
+        if equal:
+            assert all(not block.mixer.g_proj.weight.any() for block in s.layers)
+            assert torch.equal(s.layers[0].mixer.o_proj.weight, 2 * teacher.layers[0].mixer.o_proj.weight)
+
+
 def test_twins_start_from_the_teacher_projections_and_kept_layers_copy_it(teacher_dir):
     teacher = load_teacher(teacher_dir, device="cpu")
     s = build(student("LAL"), seed=7)
