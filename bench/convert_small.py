@@ -14,6 +14,10 @@ and one forward at the longest evaluation length are timed; the teacher gets the
 conversions (their tokens a fixed share of the teacher's: --align-share, --distill-share), the selections and
 the evaluations are reserved. Everything is offline.
 
+--student NAME=KEY=VALUE[;KEY=VALUE...] (repeatable) adds a conversion of the same teacher after those two:
+HALO's blueprint with these overrides, e.g. a recipe change measured against halo on one teacher, where two runs
+would also differ in their teachers. Each extra conversion takes its share of the budget from the teacher.
+
 Writes into --out after every phase (a timeout keeps what is done): results.json, curves.png (teacher, align
 and distill curves), selection.png (HALO's per-layer scores, the layers each selector kept), recall.png (the
 table of loss and retrieval accuracy by length) and summary.txt (tables and whether the goals are met).
@@ -78,6 +82,29 @@ SCALES = {
         "loss_sequences": 1, "eval_batch": 2, "min_steps": 20, "max_steps": 400,
     },
 }
+
+
+def parse_student(spec: str) -> tuple[str, list[str]]:
+    """--student "NAME=KEY=VALUE[;KEY=VALUE...]": another conversion of the same teacher, HALO's blueprint with
+    these overrides (a selector of its own included: stages.1.train.selector={type: even})."""
+    name, sep, rest = spec.partition("=")
+    overrides = [o.strip() for o in rest.split(";") if o.strip()]
+    if not sep or not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"NAME=KEY=VALUE[;KEY=VALUE...] with NAME of letters, digits, - and _, not {spec!r}")
+    if name in ("teacher", *STUDENTS):
+        raise ValueError(f"{name!r} is taken (teacher, {', '.join(STUDENTS)}): name the extra conversion otherwise")
+    if not overrides or not all("=" in o for o in overrides):
+        raise ValueError(f"{name}: overrides KEY=VALUE separated by ';', not {rest!r}")
+    return name, overrides
+
+
+def students_of(results: dict) -> dict[str, list[str]]:
+    """{conversion name: its overrides}: halo and even, then the run's extra ones (--student)."""
+    return results.get("students", STUDENTS)
+
+
+def colour(results: dict, name: str) -> str:
+    return COLORS.get(name) or f"C{list(students_of(results)).index(name)}"  # extras: C2, C3, ...
 
 
 def load(path: Path, overrides: list[str]):
@@ -169,15 +196,17 @@ def select_estimate(cal: dict, student_bp, scale: dict) -> float:
     return runs * (decoding * prompts + 2 * sequences) * per_sequence + 10
 
 
-def plan_steps(left: float, cal: dict, shares: tuple[float, float], batches: tuple[int, int], reserve: float) -> int:
-    """Teacher steps that fit in `left` seconds after `reserve`, with both conversions: each trains
+def plan_steps(left: float, cal: dict, shares: tuple[float, float], batches: tuple[int, int], reserve: float,
+               conversions: int = 2) -> int:
+    """Teacher steps that fit in `left` seconds after `reserve`, with `conversions` conversions: each trains
     sum(shares) of the teacher's tokens at the conversion batch, a step costing a teacher forward and a student
     step (x1.25: the distillation loss, held-out evaluations). x1.2 on the teacher's timed steps: the trainer's
     own work (data, clipping, logging, held-out evaluations, the checkpoint). Run 3 (a GPU shared three ways) took
     1.35 x and 1.25 x its timed steps where the plan had 1.1 and 1.15, and ended 5.5 s past its 500 s budget."""
     teacher_batch, conv_batch = batches
     conv_step = 1.25 * (cal["teacher_forward_s"] + cal["student_step_s"])
-    per_teacher_step = 1.2 * cal["teacher_step_s"] + 2 * sum(shares) * teacher_batch / conv_batch * conv_step
+    per_teacher_step = (1.2 * cal["teacher_step_s"]
+                        + conversions * sum(shares) * teacher_batch / conv_batch * conv_step)
     return int((left - reserve) / per_teacher_step)
 
 
@@ -242,7 +271,7 @@ def goals(results: dict) -> dict:
     models, train_len = results["models"], results["train_len"]
     teacher = headline(models.get("teacher", {}), train_len)
     out = {}
-    for name in STUDENTS:
+    for name in students_of(results):
         student = models.get(name, {})
         mine = headline(student, train_len)
         if teacher.get("loss") is None or mine.get("loss") is None:
@@ -281,15 +310,15 @@ def figures(results: dict, out: Path) -> None:
         axes[0].plot([r["tokens"] / 1e6 for r in held], [r["eval_loss"] for r in held], "o--",
                      color=COLORS["teacher"], label="held-out")
     axes[0].set(xlabel="tokens (M)", ylabel="next-token loss (nats)", title="teacher")
-    for name in STUDENTS:
-        stages = models.get(name, {}).get("stages", {})
+    for name in students_of(results):
+        stages, c = models.get(name, {}).get("stages", {}), colour(results, name)
         a = stages.get("align", {}).get("curve") or []
-        axes[1].plot([r["step"] for r in a], [r["loss"] for r in a], color=COLORS[name], lw=1, label=f"{name}: train")
+        axes[1].plot([r["step"] for r in a], [r["loss"] for r in a], color=c, lw=1, label=f"{name}: train")
         held = [r for r in a if r.get("eval_loss") is not None]
-        axes[1].plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o--", color=COLORS[name],
+        axes[1].plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o--", color=c,
                      label=f"{name}: held-out")
         d = [r for r in stages.get("distill", {}).get("curve") or [] if r.get("eval_lm_loss") is not None]
-        axes[2].plot([r["step"] for r in d], [r["eval_lm_loss"] for r in d], "o-", color=COLORS[name],
+        axes[2].plot([r["step"] for r in d], [r["eval_lm_loss"] for r in d], "o-", color=c,
                      label=f"{name}: student")
         if d:
             axes[2].plot([r["step"] for r in d], [r["eval_teacher_lm_loss"] for r in d], ":", color=COLORS["teacher"],
@@ -305,7 +334,7 @@ def figures(results: dict, out: Path) -> None:
     plt.close(fig)
 
     # selection.png: HALO's per-layer score, R_i and C_i; the layers each selector kept
-    selections = {n: models[n]["selection"] for n in STUDENTS if models.get(n, {}).get("selection")}
+    selections = {n: models[n]["selection"] for n in students_of(results) if models.get(n, {}).get("selection")}
     if selections:
         halo = selections.get("halo")
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -324,7 +353,7 @@ def figures(results: dict, out: Path) -> None:
         top = max([r.get("score") or 0.0 for r in halo["layers"]] if halo else [1.0]) or 1.0
         for k, (name, sel) in enumerate(selections.items()):
             axes[0].scatter(sel["kept"], [top * (1.08 + 0.08 * k)] * len(sel["kept"]), marker="v",
-                            color=COLORS[name], label=f"{name} keeps {sel['kept']}")
+                            color=colour(results, name), label=f"{name} keeps {sel['kept']}")
         axes[0].set(xlabel="layer", ylabel="HALO score", title="HALO score per layer (blue: kept)", xticks=x)
         axes[0].legend(fontsize=7)
         axes[1].set(xlabel="layer swapped for its twin", title="HALO: recall R_i and quality C_i", xticks=x)
@@ -385,7 +414,7 @@ def summary(results: dict) -> str:
         lines.append(f"  {name:8}{m.get('parameters', 0):>12,}{m.get('layout', ''):>15}"
                      f"{tokens or 0:>13,}{'' if share is None else f'{share:.3f}':>8}"
                      f"{seconds if seconds is not None else float('nan'):>9.1f}")
-    for name in STUDENTS:
+    for name in students_of(results):
         sel = models.get(name, {}).get("selection")
         if sel:
             lines.append(f"  {name} keeps layers {sel['kept']} of {sel['n_layers']} as attention")
@@ -507,7 +536,17 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override of the conversion blueprint, for both conversions (repeatable), e.g. "
                         "stages.2.train.batch_size=8; the step counts still follow the token shares")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE...]",
+                   help="another conversion of the same teacher, after halo and even (repeatable): HALO's blueprint "
+                        "with these overrides (and --set's), e.g. \"halo-decay=stages.2.train.min_lr_ratio=0.01\"; "
+                        "the teacher's steps shrink to leave it its share of the budget")
     args = p.parse_args(argv)
+    try:
+        students = {**STUDENTS, **dict(parse_student(spec) for spec in args.student)}
+    except ValueError as exc:
+        p.error(f"--student: {exc}")
+    if len(students) < len(STUDENTS) + len(args.student):
+        p.error("--student: two extra conversions share a name")
     if not (0 < args.align_share and 0 < args.distill_share and args.align_share + args.distill_share <= 1):
         p.error("--align-share and --distill-share: positive shares of the teacher's tokens, together at most 1")
     if args.teacher_steps is not None and args.teacher_steps < 1:
@@ -533,7 +572,7 @@ def main(argv=None) -> int:
     log(f"scale {args.scale} on {device}, budget {args.budget_seconds:.0f} s, runs in {work}")
 
     teacher_bp = load(TEACHER_BP, scale["teacher"])
-    student_bps = {n: load(STUDENT_BP, scale["student"] + args.set + extra) for n, extra in STUDENTS.items()}
+    student_bps = {n: load(STUDENT_BP, scale["student"] + args.set + extra) for n, extra in students.items()}
     for name, bp in student_bps.items():  # one prepared folder, one tokenizer: the teacher's
         if bp.data.model_dump() != teacher_bp.data.model_dump():
             raise SystemExit(f"convert_small: the {name} blueprint's data section differs from the teacher's")
@@ -545,7 +584,7 @@ def main(argv=None) -> int:
         "scale": args.scale, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "versions": {"hyloom": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "train_len": train_len, "overrides": args.set,
+        "train_len": train_len, "overrides": args.set, "students": students,
         "eval": {k: scale[k] for k in ("lengths", "depths", "cases", "loss_sequences", "eval_batch")},
         "data": {"dir": str(prepared.dir), "seconds": round(time.perf_counter() - began, 1),
                  "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]}
@@ -559,11 +598,13 @@ def main(argv=None) -> int:
     log("calibration: " + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()))
     batches = (teacher_bp.train.batch_size, student_bps["halo"].stages[2].train.batch_size)
     align_batch = student_bps["halo"].stages[0].train.batch_size
-    evals = 3 * eval_estimate(cal, scale)
-    selects = select_estimate(cal, student_bps["halo"], scale) + 10  # even: no measurement, a model load
-    reserve = evals + selects + 0.05 * args.budget_seconds + 6 * 7  # 7 model builds, loads and saves
+    evals = (1 + len(students)) * eval_estimate(cal, scale)
+    # halo measures (as would a kl selector, ~as long); even and fixed only load a model
+    selects = sum(select_estimate(cal, bp, scale) if bp.stages[1].train.selector.type in ("halo", "kl") else 10
+                  for bp in student_bps.values())
+    reserve = evals + selects + 0.05 * args.budget_seconds + 6 * (1 + 3 * len(students))  # builds, loads, saves
     left = args.budget_seconds - (time.perf_counter() - began)
-    fit = plan_steps(left, cal, (args.align_share, args.distill_share), batches, reserve)
+    fit = plan_steps(left, cal, (args.align_share, args.distill_share), batches, reserve, len(students))
     steps = args.teacher_steps or max(scale["min_steps"], min(scale["max_steps"], fit))
     align_steps = conversion_steps(steps, args.align_share, (batches[0], align_batch))
     distill_steps = conversion_steps(steps, args.distill_share, batches)
@@ -584,7 +625,7 @@ def main(argv=None) -> int:
     teacher["eval_seconds"] = round(time.perf_counter() - t, 1)
     finish_phase(results, out, "teacher", began)
 
-    for name, extra in STUDENTS.items():  # the two conversions, the same but for the selector
+    for name, extra in students.items():  # halo and even, the same but for the selector; then any extra ones
         entry, checkpoint = convert(name, scale["student"] + args.set + extra, (align_steps, distill_steps), device,
                                     work, teacher["train"]["tokens"])
         results["models"][name] = entry

@@ -90,6 +90,26 @@ def test_the_plan_keeps_conversions_within_their_share():
     assert sum(bench.SHARES) <= 0.0995  # the defaults: within the 10% of the teacher's tokens
 
 
+def test_extra_students_parse_and_take_their_share_of_the_plan():
+    bench = script()
+    assert bench.parse_student("halo-decay=stages.2.train.min_lr_ratio=0.01") == (
+        "halo-decay", ["stages.2.train.min_lr_ratio=0.01"])
+    assert bench.parse_student("e2=stages.1.train.selector={type: even, pin: [0]}; stages.2.train.lr=2e-3") == (
+        "e2", ["stages.1.train.selector={type: even, pin: [0]}", "stages.2.train.lr=2e-3"])
+    for bad in ("halo=stages.2.train.lr=1e-3", "teacher=a=b", "x y=a=b", "nothing", "x=", "x=novalue"):
+        with pytest.raises(ValueError):
+            bench.parse_student(bad)
+    cal = {"teacher_step_s": 0.1, "teacher_forward_s": 0.02, "student_step_s": 0.05}
+    two = bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100)
+    assert two == bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100, conversions=2)
+    assert bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100, conversions=3) < two
+    for argv, said in ((["--student", "halo=a=b"], "is taken"),
+                       (["--student", "x=a=b", "--student", "x=c=d"], "share a name")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--out", "/nonexistent/never-written", *argv])
+        assert exit_.value.code == 2
+
+
 def _retrieval(prefix, lengths, score):
     rows = [{"length": n, "depth": 0.5, "score": score} for n in lengths]
     return {"metrics": {f"{prefix}/acc@{n}": score for n in lengths}, "rows": rows}
@@ -150,6 +170,20 @@ def test_figures_and_summary_from_a_results_file(tmp_path):
     assert "    3   -0.8000 +-0.0300  " in text  # HALO's R_i of layer 3 with the standard error of its drop
 
 
+def test_an_extra_student_is_drawn_summarised_and_judged(tmp_path):
+    bench = script()
+    data = results(2.08, 0.6, 2.09, 0.5)
+    data["models"]["halo-decay"] = _model(2.05, 0.7, [128, 512, 2048], 0.095, [1])
+    data["students"] = {**bench.STUDENTS, "halo-decay": ["stages.2.train.min_lr_ratio=0.01"]}
+    data["goals"] = bench.goals(data)
+    assert data["goals"]["halo-decay_loss_within_5pct"]["met"]
+    bench.figures(json.loads(json.dumps(data)), tmp_path)
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "selection.png").exists()
+    assert bench.colour(data, "halo-decay") == "C2" and bench.colour(data, "even") == "C1"
+    text = bench.summary(data)
+    assert "halo-decay keeps layers [1] of 4" in text and "goal halo-decay_loss_within_5pct: MET" in text
+
+
 def test_halo_recall_is_a_continuous_probe_and_its_selection_fits_the_budget():
     bench = script()
     sel = resolved("convert-100m.yaml")["stages"][1]["train"]["selector"]
@@ -173,11 +207,15 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # a fresh data cache
     out = tmp_path / "out"
     assert script().main(["--scale", "toy", "--device", "cpu", "--teacher-steps", "20", "--budget-seconds", "60",
-                          "--out", str(out), "--work", str(tmp_path / "runs")]) == 0
+                          "--out", str(out), "--work", str(tmp_path / "runs"),
+                          "--student", "even-neutral=stages.1.train.selector={type: even};"
+                                       "stages.1.train.gate_init=neutral"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "recall.png", "results.json", "selection.png",
                                                      "summary.txt"]
     data = json.loads((out / "results.json").read_text())
-    assert data["phases"] == ["data", "teacher", "halo", "even"]
+    assert data["phases"] == ["data", "teacher", "halo", "even", "even-neutral"]
+    extra = data["models"]["even-neutral"]
+    assert extra["layout"] == data["models"]["even"]["layout"] and "gate_init=neutral" in extra["overrides"][-1]
     assert data["models"]["teacher"]["train"]["tokens"] == 20 * 8 * 128
     for name in ("halo", "even"):
         m = data["models"][name]
