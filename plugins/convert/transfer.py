@@ -1,11 +1,11 @@
 """Weight transfer, Transformer teacher → hybrid student (SPEC §6 step 0).
 
 Everything outside the mixers (embedding, norms, FFNs, head) is copied. A kept attention layer copies the
-teacher's attention exactly; its output gate, when the teacher has none, starts fresh, random as SPEC §6 has it or
-neutral (the layer then starts as exactly the teacher's; HyPE takes its RoPE away through the position policy,
-not here). A Lightning twin starts from the teacher layer's W_q, W_k, W_v, W_o and
-QK-norm, with each K/V head repeated for the query heads that shared it (GQA → MHA); its output norm and gate
-start fresh. `check_fits` (teacher.py) has refused every student these copies do not fit.
+teacher's attention exactly; its output gate, when the teacher has none, starts fresh: random as SPEC §6 has it,
+or neutral, when the layer then starts as exactly the teacher's (HyPE takes its RoPE away through the position
+policy, not here). A Lightning twin starts from the teacher layer's W_q, W_k, W_v, W_o and QK-norm, with each K/V
+head repeated for the query heads that shared it (GQA → MHA); its output norm and gate start fresh. `check_fits`
+(teacher.py) has refused every student these copies do not fit.
 """
 
 from __future__ import annotations
