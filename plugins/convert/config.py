@@ -41,6 +41,9 @@ class DistillConfig(_ConversionTrainerConfig):
     min_lr_ratio: float = Field(0.3, ge=0, le=1, description="final LR as a share of the peak")
     temperature: PositiveFloat = Field(1.0, description="both distributions are softened by it; the loss is "
                                                         "scaled by its square so gradients keep their size")
+    lm_weight: float = Field(0.0, ge=0, le=1, description="weight w of the next-token loss on the data: the "
+                                                          "student trains on (1 − w)·KL + w·CE (0: the KL "
+                                                          "alone, SPEC §6)")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each student block for the "
                                                                 "training steps (as the lm trainer); auto: on "
                                                                 "CUDA only")

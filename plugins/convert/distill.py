@@ -1,10 +1,11 @@
 """The `distill` trainer (SPEC §6 stage 2): the whole student learns the teacher's next-token distributions.
 
 Loss: forward KL(teacher ‖ student) over the vocabulary at every position, both softened by the temperature τ
-and scaled by τ² (so the gradients keep their size as τ changes), averaged over positions. Every student weight
-trains; the teacher is frozen beside it on the same device (bf16 autocast on CUDA). The student is the stage's
-model: an earlier stage's checkpoint, or (in a first stage) the blueprint's model made from the teacher by
-weight transfer. The next-token loss of both is logged alongside.
+and scaled by τ² (so the gradients keep their size as τ changes), averaged over positions; `lm_weight` w mixes in
+the next-token loss on the data, (1 − w)·KL + w·CE, as distillation toolkits offer. Held-out evaluations report
+the KL alone. Every student weight trains; the teacher is frozen beside it on the same device (bf16 autocast on
+CUDA). The student is the stage's model: an earlier stage's checkpoint, or (in a first stage) the blueprint's
+model made from the teacher by weight transfer. The next-token loss of both is logged alongside.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class DistillTrainer:
             with torch.no_grad():
                 teacher_logits = teacher(ids)
             logits = net(ids)  # net: the student, in DDP under torchrun (the teacher is not: it does not train)
-            kl = forward_kl(logits, teacher_logits, cfg.temperature)
-            return kl, {"lm_loss": next_token_loss(logits, batch_BT1).item()}
+            kl, ce = forward_kl(logits, teacher_logits, cfg.temperature), next_token_loss(logits, batch_BT1)
+            loss = kl if cfg.lm_weight == 0 else (1 - cfg.lm_weight) * kl + cfg.lm_weight * ce
+            return loss, {"kl": kl.item(), "lm_loss": ce.item()}
 
         def evaluate(batch_BT1):
             ids = batch_BT1[:, :-1]
@@ -78,8 +80,9 @@ class DistillTrainer:
                 "teacher_lm_loss": next_token_loss(teacher_logits, batch_BT1).item()}
 
         start = "the teacher's weights (transfer)" if transferring else f"{getattr(run, 'init', None) or 'its weights'}"
+        mixed = f", mixed with the next-token loss (weight {cfg.lm_weight:g})" if cfg.lm_weight else ""
         summary = [f"teacher  {cfg.teacher} ({teacher.num_parameters():,} parameters), frozen",
                    f"student  layout {''.join(model.spec.layout)}, from {start}; every weight trains on the forward "
-                   f"KL to the teacher (temperature {cfg.temperature:g}){', compiled' if compiled else ''}"]
+                   f"KL to the teacher (temperature {cfg.temperature:g}){mixed}{', compiled' if compiled else ''}"]
         return fit_loop(cfg, name="distill", model=model, trains=model, data=data, run=run, resolved=run.resolved,
                         train_step=step, evaluate=evaluate, summary=summary)

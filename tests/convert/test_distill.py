@@ -175,3 +175,15 @@ def test_compiled_distillation_gives_the_eager_losses(tmp_path, cache, teacher_d
     torch._dynamo.reset()
     assert len(losses["eager"]) == 3
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=0)
+
+
+def test_lm_weight_mixes_the_next_token_loss_into_the_training_loss(tmp_path, cache, teacher_dir, capsys):
+    """w = 0 trains on the KL alone; otherwise every step's loss is (1 − w)·KL + w·CE, and the held-out loss stays
+    the KL."""
+    for w in (0.0, 0.5):
+        run(blueprint(tmp_path / str(w), cache, teacher_dir, steps=4, eval_every=4, save_every=4, lm_weight=w))
+        assert ("next-token loss (weight 0.5)" in capsys.readouterr().out) == (w > 0)
+        rows = RunDir(tmp_path / str(w) / "run").metrics()
+        for r in rows:
+            assert r["loss"] == pytest.approx((1 - w) * r["kl"] + w * r["lm_loss"], rel=1e-5)
+        assert rows[-1]["eval_loss"] != pytest.approx(rows[-1]["eval_lm_loss"], rel=1e-3)
