@@ -197,8 +197,9 @@ def select_estimate(cal: dict, student_bp, scale: dict) -> float:
 
 
 def plan_steps(left: float, cal: dict, shares: tuple[float, float], batches: tuple[int, int], reserve: float,
-               conversions: int = 2) -> int:
-    """Teacher steps that fit in `left` seconds after `reserve`, with `conversions` conversions: each trains
+               conversions: float = 2) -> int:
+    """Teacher steps that fit in `left` seconds after `reserve`, with `conversions` conversions (see
+    conversion_weight: a conversion with a larger distill batch counts for more than one): each trains
     sum(shares) of the teacher's tokens at the conversion batch, a step costing a teacher forward and a student
     step (x1.25: the distillation loss, held-out evaluations). x1.2 on the teacher's timed steps: the trainer's
     own work (data, clipping, logging, held-out evaluations, the checkpoint). Run 3 (a GPU shared three ways) took
@@ -208,6 +209,13 @@ def plan_steps(left: float, cal: dict, shares: tuple[float, float], batches: tup
     per_teacher_step = (1.2 * cal["teacher_step_s"]
                         + conversions * sum(shares) * teacher_batch / conv_batch * conv_step)
     return int((left - reserve) / per_teacher_step)
+
+
+def conversion_weight(student_bps: dict, conv_batch: int) -> float:
+    """The conversions' cost in units of one at `conv_batch`: every conversion runs the same steps (those of the
+    token shares at conv_batch), so one whose distill batch is k times larger costs about k times as much (runs 19-20
+    gave a conversion of 3x the batch no share of the budget, and the call's time limit killed it)."""
+    return sum(bp.stages[2].train.batch_size / conv_batch for bp in student_bps.values())
 
 
 def conversion_steps(teacher_steps: int, share: float, batches: tuple[int, int]) -> int:
@@ -604,7 +612,8 @@ def main(argv=None) -> int:
                   for bp in student_bps.values())
     reserve = evals + selects + 0.05 * args.budget_seconds + 6 * (1 + 3 * len(students))  # builds, loads, saves
     left = args.budget_seconds - (time.perf_counter() - began)
-    fit = plan_steps(left, cal, (args.align_share, args.distill_share), batches, reserve, len(students))
+    fit = plan_steps(left, cal, (args.align_share, args.distill_share), batches, reserve,
+                     conversion_weight(student_bps, batches[1]))
     steps = args.teacher_steps or max(scale["min_steps"], min(scale["max_steps"], fit))
     align_steps = conversion_steps(steps, args.align_share, (batches[0], align_batch))
     distill_steps = conversion_steps(steps, args.distill_share, batches)

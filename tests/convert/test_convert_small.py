@@ -103,6 +103,9 @@ def test_extra_students_parse_and_take_their_share_of_the_plan():
     two = bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100)
     assert two == bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100, conversions=2)
     assert bench.plan_steps(300, cal, (0.03, 0.07), (64, 32), 100, conversions=3) < two
+    # a conversion distilling at 3x the batch runs the same steps, so it costs three
+    bps = {n: bench.load(bench.STUDENT_BP, [f"stages.2.train.batch_size={b}"]) for n, b in (("a", 16), ("b", 48))}
+    assert bench.conversion_weight(bps, 16) == 4
     for argv, said in ((["--student", "halo=a=b"], "is taken"),
                        (["--student", "x=a=b", "--student", "x=c=d"], "share a name")):
         with pytest.raises(SystemExit) as exit_:
